@@ -1,0 +1,37 @@
+"""tracklane: experiment tracking for MLflow and OICM servers that never slows your training loop."""
+
+from ._client import TrackingClient
+from ._entities import ActiveRun, Experiment, Metric, Run, RunData, RunInfo
+from ._exceptions import (
+    ConfigurationError,
+    DeliveryError,
+    InvalidInputError,
+    NoActiveRunError,
+    NotFoundError,
+    RejectedEvent,
+    ServerError,
+    ServerUnavailableError,
+    TrackingError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ActiveRun",
+    "ConfigurationError",
+    "DeliveryError",
+    "Experiment",
+    "InvalidInputError",
+    "Metric",
+    "NoActiveRunError",
+    "NotFoundError",
+    "RejectedEvent",
+    "Run",
+    "RunData",
+    "RunInfo",
+    "ServerError",
+    "ServerUnavailableError",
+    "TrackingClient",
+    "TrackingError",
+    "__version__",
+]

@@ -1,0 +1,146 @@
+"""Events and how they are packed into ``runs/log-batch`` requests.
+
+An event is a plain tuple ``(kind, run_id, key, value, timestamp_ms, step)``: the cheapest thing
+the hot path can build. The worker groups a window of events by run, keeps the last value of a
+tag set twice, and cuts requests that stay inside every server limit (see ``_limits``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from ._limits import (
+    MAX_BATCH_REQUEST_BYTES,
+    MAX_ENTITIES_PER_BATCH,
+    MAX_METRICS_PER_BATCH,
+    MAX_PARAMS_TAGS_PER_BATCH,
+)
+
+METRIC, PARAM, TAG = 0, 1, 2
+KIND_NAMES = ("metric", "param", "tag")
+
+#: (kind, run_id, key, value, timestamp_ms, step); value is a float for metrics, str otherwise.
+Event = tuple[int, str, str, Any, int, int]
+
+# Room left in a request for the envelope ({"run_id": ..., "metrics": [...]}) and per-entity
+# JSON syntax; keeps every request under the server's byte limit without encoding twice.
+_REQUEST_BUDGET = MAX_BATCH_REQUEST_BYTES - 10_000
+_METRIC_OVERHEAD = 64
+_TEXT_OVERHEAD = 32
+
+
+def _json_value(value: float) -> float | str:
+    # orjson writes NaN and the infinities as null, and a null metric value makes the server
+    # refuse the whole batch; the server accepts these strings instead.
+    if value != value:
+        return "NaN"
+    return "Infinity" if value > 0 else "-Infinity"
+
+
+@dataclass(slots=True)
+class Batch:
+    """One log-batch request's worth of a single run's events."""
+
+    run_id: str
+    metrics: list[Event] = field(default_factory=list)
+    params: list[Event] = field(default_factory=list)
+    tags: list[Event] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.metrics) + len(self.params) + len(self.tags)
+
+    @property
+    def has_text(self) -> bool:
+        """Params or tags: their order against other requests matters (last tag value wins)."""
+        return bool(self.params or self.tags)
+
+    def events(self) -> list[Event]:
+        return [*self.metrics, *self.params, *self.tags]
+
+    def encode(self) -> bytes:
+        return orjson.dumps(
+            {
+                "run_id": self.run_id,
+                "metrics": [
+                    {
+                        "key": e[2],
+                        "value": e[3] if e[3] - e[3] == 0 else _json_value(e[3]),
+                        "timestamp": e[4],
+                        "step": e[5],
+                    }
+                    for e in self.metrics
+                ],
+                "params": [{"key": e[2], "value": e[3]} for e in self.params],
+                "tags": [{"key": e[2], "value": e[3]} for e in self.tags],
+            }
+        )
+
+    def halves(self) -> tuple[Batch, Batch]:
+        """Split in two, for finding the events a server refused by bisection."""
+        events = self.events()
+        mid = len(events) // 2
+        return batch_of(self.run_id, events[:mid]), batch_of(self.run_id, events[mid:])
+
+
+def batch_of(run_id: str, events: Iterable[Event]) -> Batch:
+    batch = Batch(run_id)
+    lists = (batch.metrics, batch.params, batch.tags)
+    for e in events:
+        lists[e[0]].append(e)
+    return batch
+
+
+def pack(events: Iterable[Event]) -> Iterator[Batch]:
+    """Cut ``events`` (in logging order) into requests within the server's limits.
+
+    Requests of one run come out in order; a param or tag key appears once per window, with the
+    value of its last call, so the order of requests within a window cannot reorder them.
+    """
+    per_run: dict[str, tuple[list[Event], dict[str, Event], dict[str, Event]]] = {}
+    for e in events:
+        slot = per_run.get(e[1])
+        if slot is None:
+            slot = per_run[e[1]] = ([], {}, {})
+        if e[0] == METRIC:
+            slot[0].append(e)
+        else:
+            text = slot[e[0]]
+            text.pop(e[2], None)  # re-insert so the last call also decides the position
+            text[e[2]] = e  # type: ignore[index]
+    for run_id, (metrics, params, tags) in per_run.items():
+        yield from _cut(run_id, metrics, list(params.values()), list(tags.values()))
+
+
+def _cut(run_id: str, metrics: list[Event], params: list[Event], tags: list[Event]) -> Iterator[Batch]:
+    batch = Batch(run_id)
+    size = 0
+    for kind_list, events, cap in (
+        ("params", params, MAX_PARAMS_TAGS_PER_BATCH),
+        ("tags", tags, MAX_PARAMS_TAGS_PER_BATCH),
+    ):
+        for e in events:
+            cost = len(e[2]) + len(e[3]) * 2 + _TEXT_OVERHEAD  # *2: worst-case JSON escaping
+            target: list[Event] = getattr(batch, kind_list)
+            if len(target) >= cap or len(batch) >= MAX_ENTITIES_PER_BATCH or size + cost > _REQUEST_BUDGET:
+                yield batch
+                batch, size = Batch(run_id), 0
+                target = getattr(batch, kind_list)
+            target.append(e)
+            size += cost
+    for e in metrics:
+        cost = len(e[2]) + _METRIC_OVERHEAD
+        if (
+            len(batch.metrics) >= MAX_METRICS_PER_BATCH
+            or len(batch) >= MAX_ENTITIES_PER_BATCH
+            or size + cost > _REQUEST_BUDGET
+        ):
+            yield batch
+            batch, size = Batch(run_id), 0
+        batch.metrics.append(e)
+        size += cost
+    if len(batch):
+        yield batch

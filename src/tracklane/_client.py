@@ -1,0 +1,282 @@
+"""``TrackingClient``: the synchronous face, with the OICM TrackingClient's API.
+
+Logging calls go straight to the engine's hot path on the caller's thread. Everything that
+talks to the server runs on a background thread's event loop (``LoopThread``) and is waited for
+here, with a bound.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import logging
+import os
+import sys
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any, Coroutine, TypeVar
+
+from ._config import EngineConfig, check_overflow, resolve_server
+from ._engine import USER_TAG_VALUE, Engine, _tag_names
+from ._entities import ActiveRun, Experiment, Metric, Run
+from ._exceptions import ConfigurationError
+from ._loop_thread import LoopThread
+from ._rest import RestBackend
+from ._validation import check_status
+
+logger = logging.getLogger("tracklane")
+T = TypeVar("T")
+
+
+class TrackingClient:
+    """Log experiments, runs, params, metrics and tags to an MLflow or OICM tracking server.
+
+    Logging calls cost microseconds and never do I/O on your thread: events are buffered and sent
+    in batches by a background worker. ``end_run`` (or leaving ``with tc.start_run()``) and
+    ``flush`` wait until the server has them; interpreter exit flushes too, for at most
+    ``exit_timeout`` seconds.
+
+    Args:
+        api_host: ``https://HOST/api/tracking`` for OICM, any other http(s) URL for a plain MLflow
+            server. Defaults to ``$OIP_TRACKING_SERVER``.
+        api_key: sent as ``Authorization: Bearer``; defaults to ``$OIP_WORKLOAD_ACCESS_KEY``.
+        max_buffer: events held in memory before ``overflow`` applies.
+        overflow: what a logging call does when the buffer is full: ``"spill"``/``"block"`` wait
+            for the worker (bounded by ``block_timeout``), ``"drop_newest"``/``"drop_oldest"``
+            drop and count.
+        exit_timeout: the longest interpreter exit waits for undelivered events.
+
+    Raises:
+        ConfigurationError: no server given, or an OICM host without an API key.
+    """
+
+    def __init__(
+        self,
+        api_host: str | None = None,
+        api_key: str | None = None,
+        path_to_storage: str | None = None,
+        offline_mode: bool | None = None,
+        *,
+        verify_ssl: bool = True,
+        max_buffer: int = 100_000,
+        overflow: str | None = None,
+        block_timeout: float | None = None,
+        flush_interval: float = 0.5,
+        retry_window: float = 30.0,
+        exit_timeout: float = 10.0,
+        request_timeout: float = 30.0,
+    ) -> None:
+        server = resolve_server(
+            api_host, api_key, verify_ssl=verify_ssl, request_timeout=request_timeout
+        )
+        if server is None:
+            raise ConfigurationError(
+                "No tracking server: pass api_host= (e.g. 'http://127.0.0.1:5000') or set "
+                "OIP_TRACKING_SERVER."
+            )
+        if not verify_ssl:
+            logger.warning(
+                "tracklane: TLS certificate verification is off (verify_ssl=False); use this only "
+                "with a server you trust on a network you trust."
+            )
+        config = EngineConfig(
+            max_buffer=max_buffer,
+            overflow=check_overflow(overflow or os.environ.get("TRACKLANE_OVERFLOW", "spill")),
+            block_timeout=block_timeout,
+            flush_interval=flush_interval,
+            retry_window=retry_window,
+            exit_timeout=exit_timeout,
+            journal_dir=path_to_storage,
+        )
+        self._server = server
+        self._engine = Engine(RestBackend(server, retry_window=retry_window), config)
+        self._thread = LoopThread()
+        self._thread.run(self._attach())
+        self._exit_hook = functools.partial(_flush_at_exit, self._engine, self._thread)
+        atexit.register(self._exit_hook)
+        self._closed = False
+
+    async def _attach(self) -> None:
+        import asyncio
+
+        self._engine.attach(asyncio.get_running_loop())
+
+    def __repr__(self) -> str:
+        return f"TrackingClient(api_host={self._server.api_host!r})"
+
+    def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        if self._closed:
+            coro.close()
+            raise ConfigurationError("This TrackingClient is closed; create a new one.")
+        return self._thread.run(coro, timeout)
+
+    # -- experiments -----------------------------------------------------------------------------
+
+    def set_experiment(self, experiment_name: str, workspace_id: str | None = None) -> Experiment:
+        """Make ``experiment_name`` the active experiment, creating it if missing.
+
+        Raises TrackingError while a run is active or when the experiment is deleted.
+        """
+        return self._call(self._engine.set_experiment(experiment_name, workspace_id))
+
+    def create_experiment(
+        self,
+        experiment_name: str,
+        workspace_id: str | None = None,
+        tags: list[str] | None = None,
+    ) -> Experiment:
+        """Create an experiment (or return the one with that name), adding tag names to it."""
+        return self._call(self._engine.create_experiment(experiment_name, workspace_id, tags or ()))
+
+    def get_experiment_by_name(self, name: str) -> Experiment | None:
+        """The experiment called ``name``, or None."""
+        return self._call(self._engine.get_experiment_by_name(name))
+
+    def delete_experiment(self, experiment_id: str) -> None:
+        """Mark an experiment deleted (its lifecycle stage becomes ``deleted``)."""
+        self._call(self._engine.delete_experiment(experiment_id))
+
+    def set_experiment_tags(self, tag_names: list[str]) -> None:
+        """Add tag names to the active experiment; existing ones are kept, none duplicated."""
+        self._call(self._engine.set_experiment_tags(tag_names))
+
+    # -- runs ------------------------------------------------------------------------------------
+
+    def start_run(
+        self,
+        run_id: str | None = None,
+        run_name: str | None = None,
+        tags: list[str] | None = None,
+    ) -> ActiveRun:
+        """Start a run, continue the run named ``run_name``, or attach to ``run_id``.
+
+        Use as ``with tc.start_run(...):``; the block ends the run. Raises NotFoundError for an
+        unknown ``run_id``, TrackingError with no experiment set or a run already active.
+        """
+        run = self._call(self._engine.start_run(run_id, run_name, tags))
+        return ActiveRun(run, self.end_run)
+
+    def end_run(self, status: str = "FINISHED") -> None:
+        """Deliver the active run's events, then end it as FINISHED, FAILED or KILLED.
+
+        No active run: does nothing. Raises DeliveryError if the server refused events of it.
+        """
+        self._call(self._engine.end_run(check_status(status)))
+
+    def active_run(self) -> ActiveRun | None:
+        """The active run, or None."""
+        run = self._engine.active
+        return None if run is None else ActiveRun(run, self.end_run)
+
+    def last_active_run(self) -> ActiveRun | None:
+        """The active run, else the run most recently ended by this client, else None."""
+        run = self._engine.active or self._engine.last_run
+        return None if run is None else ActiveRun(run, self.end_run)
+
+    def get_run(self, run_id: str) -> Run:
+        """The run as the server stores it, including everything logged before this call."""
+        return self._call(self._engine.get_run(run_id))
+
+    def get_metric_history(self, run_id: str, key: str) -> list[Metric]:
+        """Every point of metric ``key`` of a run, including those logged before this call."""
+        return self._call(self._engine.get_metric_history(run_id, key))
+
+    # -- logging: validate, stamp, enqueue; no I/O ----------------------------------------------
+
+    def log_metric(
+        self, key: str, value: float, step: int | None = None, timestamp: int | None = None
+    ) -> None:
+        """Log one metric point (timestamp in ms, default now). Raises InvalidInputError."""
+        self._engine.log_metric(key, value, step, timestamp)
+
+    def log_metrics(
+        self, metrics: Mapping[str, float], step: int | None = None, timestamp: int | None = None
+    ) -> None:
+        """Log several metrics at one step and time. Raises InvalidInputError for bad entries
+        (after logging the good ones)."""
+        self._engine.log_metrics(metrics, step, timestamp)
+
+    def log_param(self, key: str, value: Any) -> None:
+        """Log a param, stored as ``str(value)``. Raises InvalidInputError if it changes."""
+        self._engine.log_params({key: value})
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log several params. Raises InvalidInputError for bad entries (after the good ones)."""
+        self._engine.log_params(params)
+
+    def set_tag(self, key: str, value: Any) -> None:
+        """Set a run tag; the last value set wins."""
+        self._engine.set_tags({key: value})
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """Set several run tags."""
+        self._engine.set_tags(tags)
+
+    def set_run_tags(self, tag_names: list[str]) -> None:
+        """Add tag names to the active run, the OICM way (name as key, ``_OI_USER_TAG`` value)."""
+        self._engine.set_tags(dict.fromkeys(_tag_names(tag_names, "run"), USER_TAG_VALUE))
+
+    # -- delivery --------------------------------------------------------------------------------
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every event logged before this call is delivered; False on timeout.
+
+        Raises DeliveryError listing events the server refused since the last flush.
+        """
+        try:
+            self._call(self._engine.flush(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def close(self, timeout: float | None = None) -> None:
+        """Flush (at most ``timeout`` s, default ``exit_timeout``), end an active run FINISHED,
+        and stop the worker. Idempotent."""
+        if self._closed:
+            return
+        atexit.unregister(self._exit_hook)
+        self._closed = True
+        _flush_at_exit(self._engine, self._thread, timeout=timeout, status="FINISHED")
+
+    def __enter__(self) -> TrackingClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _flush_at_exit(
+    engine: Engine,
+    thread: LoopThread,
+    timeout: float | None = None,
+    status: str | None = None,
+) -> None:
+    """The interpreter-exit flush: bounded by ``exit_timeout``; ends a still-active run FAILED if
+    the process is dying of an uncaught exception, FINISHED otherwise."""
+    if not thread.alive:
+        return
+    if status is None:
+        dying = getattr(sys, "last_value", None) or getattr(sys, "last_exc", None)
+        status = "FAILED" if dying is not None else "FINISHED"
+    wait = engine.config.exit_timeout if timeout is None else timeout
+    try:
+        left = thread.run(engine.shutdown(wait, status), timeout=wait + 2.0)
+    except KeyboardInterrupt:
+        logger.warning("tracklane: exit flush interrupted; undelivered events were not sent.")
+        return
+    except Exception as exc:  # never turn a clean exit into a traceback
+        logger.warning("tracklane: exit flush failed: %s", exc)
+        return
+    finally:
+        thread.stop()
+    if left:
+        logger.warning(
+            "tracklane: %d event(s) could not be delivered within the exit wait of %.1fs.",
+            left,
+            wait,
+        )

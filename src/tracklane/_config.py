@@ -1,0 +1,128 @@
+"""Client settings: where the server is, how to authenticate, and the engine's bounds.
+
+Everything a client needs is resolved here once, at construction, from arguments with environment
+fallbacks; nothing is ever written back to the environment, so two clients in one process stay
+independent.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from ._exceptions import ConfigurationError
+
+#: A host ending in this path is the OICM platform's tracking service.
+OICM_SUFFIX = "/api/tracking"
+OVERFLOW_POLICIES = ("spill", "block", "drop_newest", "drop_oldest")
+
+
+class Secret:
+    """An API key that never shows itself in a repr, a log line or an exception."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __reduce__(self) -> tuple[type[Secret], tuple[str]]:
+        raise TypeError("an API key is not pickled; build the client again in the other process")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Where REST calls go and what they carry."""
+
+    api_host: str
+    api_key: Secret | None = None
+    verify_ssl: bool = True
+    workload_id: str | None = None
+    request_timeout: float = 30.0
+
+    @property
+    def is_oicm(self) -> bool:
+        return self.api_host.endswith(OICM_SUFFIX)
+
+    @property
+    def platform_url(self) -> str:
+        """The OICM web UI's root (``api_host`` without ``/api/tracking``)."""
+        return self.api_host[: -len(OICM_SUFFIX)] if self.is_oicm else self.api_host
+
+    def rest_base(self, workspace_id: str | None) -> str:
+        """Root of MLflow's REST API for this server (and, on OICM, this workspace)."""
+        if not self.is_oicm:
+            return f"{self.api_host}/api/2.0/mlflow"
+        if not workspace_id:
+            raise ConfigurationError(
+                "This is an OICM host, where experiments live in a workspace: pass "
+                "workspace_id= to set_experiment() or create_experiment()."
+            )
+        return f"{self.api_host}/v1/workspaces/{workspace_id}/mlflow/api/2.0/mlflow"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Bounds of the buffer and of every wait the engine makes."""
+
+    max_buffer: int = 100_000
+    batch_size: int = 1000
+    flush_interval: float = 0.5
+    max_in_flight: int = 2
+    retry_window: float = 30.0
+    exit_timeout: float = 10.0
+    overflow: str = "spill"
+    block_timeout: float | None = None
+    journal_dir: str | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def resolve_server(
+    api_host: str | None,
+    api_key: str | None,
+    *,
+    verify_ssl: bool = True,
+    request_timeout: float = 30.0,
+) -> ServerConfig | None:
+    """Build the server settings from arguments, else ``OIP_TRACKING_SERVER`` and
+    ``OIP_WORKLOAD_ACCESS_KEY``; ``None`` when no server is configured at all."""
+    host = api_host if api_host is not None else os.environ.get("OIP_TRACKING_SERVER")
+    key = api_key if api_key is not None else os.environ.get("OIP_WORKLOAD_ACCESS_KEY")
+    if not host:
+        return None
+    host = host.rstrip("/")
+    parts = urlsplit(host)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigurationError(
+            f"api_host {host!r} is not an http(s) URL. Pass the tracking server's address, e.g. "
+            "'http://127.0.0.1:5000' for MLflow or 'https://HOST/api/tracking' for OICM."
+        )
+    config = ServerConfig(
+        api_host=host,
+        api_key=Secret(key) if key else None,
+        verify_ssl=verify_ssl,
+        workload_id=os.environ.get("OIP_WORKLOAD_ID") or None,
+        request_timeout=request_timeout,
+    )
+    if config.is_oicm and config.api_key is None:
+        raise ConfigurationError(
+            "The OICM platform needs an API key: pass api_key= or set OIP_WORKLOAD_ACCESS_KEY "
+            "(OICM: user menu -> API Keys -> Generate API key)."
+        )
+    return config
+
+
+def check_overflow(policy: str) -> str:
+    if policy not in OVERFLOW_POLICIES:
+        raise ConfigurationError(
+            f"overflow={policy!r} is not one of {', '.join(map(repr, OVERFLOW_POLICIES))}."
+        )
+    return policy

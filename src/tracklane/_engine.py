@@ -1,0 +1,644 @@
+"""The engine both client faces share: the hot path, the buffer, the worker, and run lifecycle.
+
+Threads and loops: logging calls (``log_metric`` ...) run on the caller's thread and only
+validate, stamp and append to a ``collections.deque``: an atomic append under the GIL, so no lock
+is taken per event. Everything else (draining, sending, lifecycle calls) is a coroutine on the
+one event loop the engine is attached to: a background thread's loop for ``TrackingClient``,
+the caller's own loop for ``AsyncTrackingClient``. Ordering is kept by the deque alone: a flush
+puts a marker behind the events logged before it and waits for the worker to reach it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Protocol
+
+from ._batching import KIND_NAMES, METRIC, PARAM, TAG, Batch, Event, pack
+from ._config import EngineConfig
+from ._entities import Experiment, Metric, Run, RunData, RunInfo
+from ._exceptions import (
+    DeliveryError,
+    InvalidInputError,
+    NoActiveRunError,
+    NotFoundError,
+    RejectedEvent,
+    ServerError,
+    ServerUnavailableError,
+    TrackingError,
+)
+from ._limits import MAX_EXPERIMENT_TAG_VALUE_LENGTH, MAX_PARAM_VALUE_LENGTH, MAX_TAG_VALUE_LENGTH
+from ._validation import check_key, check_step, check_timestamp, metric_value, text_value
+
+logger = logging.getLogger("tracklane")
+
+#: The value OICM stores for a tag given by name only (``set_run_tags(["baseline"])``).
+USER_TAG_VALUE = "_OI_USER_TAG"
+_KNOWN_KEYS_CAP = 100_000
+_RUN_STATE_ERROR = re.compile(r"active' state|deleted|RESOURCE_DOES_NOT_EXIST", re.I)
+
+
+class Backend(Protocol):
+    """What the engine needs from a store: a tracking server, or the local journal."""
+
+    workspace_id: str | None
+
+    @property
+    def describe(self) -> str: ...
+    async def get_experiment_by_name(self, name: str) -> Experiment | None: ...
+    async def get_experiment(self, experiment_id: str) -> Experiment: ...
+    async def create_experiment(self, name: str, tags: Mapping[str, str]) -> str: ...
+    async def delete_experiment(self, experiment_id: str) -> None: ...
+    async def set_experiment_tag(self, experiment_id: str, key: str, value: str) -> None: ...
+    async def create_run(
+        self, experiment_id: str, run_name: str, start_time: int, tags: Mapping[str, str]
+    ) -> Run: ...
+    async def get_run(self, run_id: str) -> Run: ...
+    async def search_runs_by_name(self, experiment_id: str, run_name: str) -> list[Run]: ...
+    async def update_run(self, run_id: str, status: str, end_time: int | None) -> None: ...
+    async def log_batch(self, body: bytes, deadline: float | None = None) -> None: ...
+    async def get_metric_history(self, run_id: str, key: str) -> list[Metric]: ...
+    async def aclose(self) -> None: ...
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Engine:
+    """Buffer, delivery and lifecycle for one client instance. See the module docstring."""
+
+    def __init__(self, backend: Backend, config: EngineConfig) -> None:
+        self.backend = backend
+        self.config = config
+        self._buf: deque[Any] = deque()
+        self._max = config.max_buffer
+        self._wake_at = config.batch_size
+        self._wake_pending = False
+        self._notify: Callable[[], None] = _nothing
+        self._room = threading.Condition()
+        self._waiting_for_room = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        self._worker: asyncio.Task[None] | None = None
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._closing = False
+        self._known_keys: set[str] = set()
+        # Context: what the faces call "the active experiment / run".
+        self.experiment: Experiment | None = None
+        self.run: RunInfo | None = None
+        self.active: Run | None = None
+        self._run_id: str | None = None  # read on the hot path; written only on the loop
+        self.last_run: Run | None = None
+        self._params: dict[str, dict[str, str]] = {}
+        # Outcomes.
+        self._rejected: list[RejectedEvent] = []
+        self._warned: set[str] = set()
+        self.delivered = 0
+        self.dropped = 0
+        self.rejected_total = 0
+
+    # -- attaching to a loop ---------------------------------------------------------------------
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start the worker on ``loop``; must be called from that loop's thread."""
+        self._loop = loop
+        self._wake = asyncio.Event()
+        wake = self._wake
+
+        def notify() -> None:
+            loop.call_soon_threadsafe(wake.set)
+
+        self._notify = notify
+        self._worker = loop.create_task(self._work(), name="tracklane-worker")
+
+    @property
+    def attached(self) -> bool:
+        return self._worker is not None and not self._worker.done()
+
+    # -- the hot path: any thread, no I/O, no lock, no logging ----------------------------------
+
+    def _active_run_id(self) -> str:
+        run_id = self._run_id
+        if run_id is None:
+            raise NoActiveRunError(
+                "No active run: call start_run() first, e.g. `with tc.start_run(run_name=...):`."
+            )
+        return run_id
+
+    def _key(self, key: object, what: str) -> str:
+        if key in self._known_keys:
+            return key  # type: ignore[return-value]
+        check_key(key, what)
+        if len(self._known_keys) >= _KNOWN_KEYS_CAP:
+            self._known_keys.clear()
+        self._known_keys.add(key)  # type: ignore[arg-type]
+        return key  # type: ignore[return-value]
+
+    def _put(self, event: Event) -> None:
+        buf = self._buf
+        if len(buf) >= self._max:
+            self._overflow(event)
+            return
+        buf.append(event)
+        # Wake the worker once per batch, not per event: a wake-up costs a syscall.
+        if len(buf) >= self._wake_at and not self._wake_pending:
+            self._wake_pending = True
+            self._notify()
+
+    def log_metric(
+        self, key: str, value: Any, step: int | None = None, timestamp: int | None = None
+    ) -> None:
+        run_id = self._active_run_id()
+        key = self._key(key, "metric")
+        self._put(
+            (
+                METRIC,
+                run_id,
+                key,
+                metric_value(key, value),
+                now_ms() if timestamp is None else check_timestamp(key, timestamp),
+                0 if step is None else check_step(key, step),
+            )
+        )
+
+    def log_metrics(
+        self, metrics: Mapping[str, Any], step: int | None = None, timestamp: int | None = None
+    ) -> None:
+        run_id = self._active_run_id()
+        ts = now_ms() if timestamp is None else check_timestamp("<log_metrics>", timestamp)
+        st = 0 if step is None else check_step("<log_metrics>", step)
+        events, errors = [], []
+        for key, value in _items(metrics, "log_metrics"):
+            try:
+                key = self._key(key, "metric")
+                events.append((METRIC, run_id, key, metric_value(key, value), ts, st))
+            except InvalidInputError as exc:
+                errors.append(str(exc))
+        self._put_all(events, errors)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        run_id = self._active_run_id()
+        logged = self._params.setdefault(run_id, {})
+        events, errors = [], []
+        for key, value in _items(params, "log_params"):
+            try:
+                key = self._key(key, "param")
+                text = text_value(key, value, "param", MAX_PARAM_VALUE_LENGTH)
+                before = logged.get(key)
+                if before is not None and before != text:
+                    raise InvalidInputError(
+                        f"param {key!r} is already {before!r} in run {run_id}; params cannot "
+                        f"change (got {text!r}). Log the new value under another key, or as a "
+                        "metric or tag if it varies."
+                    )
+                logged[key] = text
+                events.append((PARAM, run_id, key, text, 0, 0))
+            except InvalidInputError as exc:
+                errors.append(str(exc))
+        self._put_all(events, errors)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        run_id = self._active_run_id()
+        events, errors = [], []
+        for key, value in _items(tags, "set_tags"):
+            try:
+                key = self._key(key, "tag")
+                text = text_value(key, value, "tag", MAX_TAG_VALUE_LENGTH)
+                events.append((TAG, run_id, key, text, 0, 0))
+            except InvalidInputError as exc:
+                errors.append(str(exc))
+        self._put_all(events, errors)
+
+    def _put_all(self, events: list[Event], errors: list[str]) -> None:
+        # A bad entry must not cost the good ones of the same call: enqueue those, then raise.
+        for event in events:
+            self._put(event)
+        if errors:
+            logged = f" The other {len(events)} entr{'y was' if len(events) == 1 else 'ies were'} logged." if events else ""
+            raise InvalidInputError("; ".join(errors) + logged)
+
+    # -- a full buffer ---------------------------------------------------------------------------
+
+    def _overflow(self, event: Event) -> None:
+        policy = self.config.overflow
+        if policy == "drop_newest":
+            self._count_drop(event)
+        elif policy == "drop_oldest":
+            try:
+                oldest = self._buf.popleft()
+            except IndexError:
+                oldest = None
+            if isinstance(oldest, tuple):
+                self._count_drop(oldest)
+                self._buf.append(event)
+            else:  # a flush marker or a race with the worker: keep order, drop the new one
+                if oldest is not None:
+                    self._buf.appendleft(oldest)
+                self._count_drop(event)
+        else:  # "block", and "spill" (the worker moves the backlog to the journal meanwhile)
+            self._wait_for_room(event)
+
+    def _wait_for_room(self, event: Event) -> None:
+        if self._on_loop_thread():
+            # Blocking here would stop the very loop that drains the buffer.
+            self._buf.append(event)
+            return
+        deadline = None if self.config.block_timeout is None else time.monotonic() + self.config.block_timeout
+        with self._room:
+            self._waiting_for_room += 1
+            try:
+                while len(self._buf) >= self._max:
+                    self._notify()
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        self._count_drop(event)
+                        return
+                    self._room.wait(0.05 if left is None else min(left, 0.05))
+            finally:
+                self._waiting_for_room -= 1
+        self._buf.append(event)
+
+    def _count_drop(self, event: Event) -> None:
+        self.dropped += 1
+        self.warn_once(
+            f"drop:{event[1]}",
+            "tracklane's buffer is full (%d events) and overflow=%r: dropping events of run %s. "
+            "stats()['dropped'] counts them; a larger max_buffer or overflow='spill' keeps them.",
+            self._max,
+            self.config.overflow,
+            event[1],
+        )
+
+    def _on_loop_thread(self) -> bool:
+        loop = self._loop
+        if loop is None:
+            return False
+        try:
+            return asyncio.get_running_loop() is loop
+        except RuntimeError:
+            return False
+
+    def has_room(self) -> bool:
+        return len(self._buf) < self._max
+
+    async def wait_for_room(self) -> None:
+        """Backpressure for async callers: return once the buffer is below its bound again."""
+        while len(self._buf) >= self._max:
+            self._notify()
+            await asyncio.sleep(0.001)
+
+    def warn_once(self, topic: str, message: str, *args: Any) -> None:
+        if topic not in self._warned:
+            self._warned.add(topic)
+            logger.warning(message, *args)
+
+    # -- the worker: runs on the loop -------------------------------------------------------------
+
+    async def _work(self) -> None:
+        assert self._wake is not None
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.config.flush_interval)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await self._drain()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # never let the worker die: it is the only way events leave
+                logger.exception("tracklane worker: unexpected error while draining; continuing")
+
+    async def _drain(self) -> None:
+        while True:
+            self._wake_pending = False
+            chunk, marker = self._take(self.config.batch_size)
+            if chunk:
+                for batch in pack(chunk):
+                    await self._dispatch(batch)
+            if marker is not None:
+                await self._settle()
+                if not marker.done():
+                    marker.set_result(None)
+            elif not chunk:
+                return
+
+    def _take(self, limit: int) -> tuple[list[Event], asyncio.Future[None] | None]:
+        buf, out = self._buf, []
+        marker = None
+        for _ in range(limit):
+            try:
+                item = buf.popleft()
+            except IndexError:
+                break
+            if type(item) is tuple:
+                out.append(item)
+            else:
+                marker = item
+                break
+        if self._waiting_for_room:
+            with self._room:
+                self._room.notify_all()
+        return out, marker
+
+    async def _dispatch(self, batch: Batch) -> None:
+        if batch.has_text:
+            await self._settle()  # a tag's last value must arrive last
+        while len(self._inflight) >= self.config.max_in_flight:
+            await asyncio.wait(self._inflight, return_when=asyncio.FIRST_COMPLETED)
+        task = asyncio.get_running_loop().create_task(self._deliver(batch))
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+        if batch.has_text:
+            await self._settle()
+
+    async def _settle(self) -> None:
+        while self._inflight:
+            await asyncio.wait(set(self._inflight))
+
+    async def _deliver(self, batch: Batch) -> None:
+        """Send ``batch``; on a 400, bisect to isolate the refused events and deliver the rest."""
+        while True:
+            try:
+                await self.backend.log_batch(batch.encode())
+                self.delivered += len(batch)
+                return
+            except ServerUnavailableError as exc:
+                # Outage: keep the events and try again; the journal issue turns this into spill.
+                self.warn_once("outage", "tracklane: %s Retrying; events stay buffered.", exc)
+                if self._closing:
+                    raise
+            except ServerError as exc:
+                message = str(exc)
+                if len(batch) == 1 or isinstance(exc, NotFoundError) or _RUN_STATE_ERROR.search(message):
+                    self._reject(batch.events(), message)
+                    return
+                first, second = batch.halves()
+                await self._deliver(first)
+                await self._deliver(second)
+                return
+
+    def _reject(self, events: Iterable[Event], reason: str) -> None:
+        events = list(events)
+        self.rejected_total += len(events)
+        self._rejected.extend(
+            RejectedEvent(e[1], KIND_NAMES[e[0]], e[2], e[3], reason) for e in events
+        )
+        self.warn_once(
+            "rejected",
+            "tracklane: the server refused %d event(s) (first: %s %r: %s); the next flush() or "
+            "end_run() raises DeliveryError listing them.",
+            len(events),
+            KIND_NAMES[events[0][0]],
+            events[0][2],
+            reason,
+        )
+
+    # -- flush -----------------------------------------------------------------------------------
+
+    async def flush(self) -> None:
+        """Return once every event logged before the call is settled (delivered or refused).
+
+        Raises DeliveryError listing events the server refused since the last flush.
+        """
+        marker: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._buf.append(marker)
+        assert self._wake is not None
+        self._wake.set()
+        await marker
+        self.raise_rejected()
+
+    def raise_rejected(self) -> None:
+        if self._rejected:
+            rejected, self._rejected = self._rejected, []
+            raise DeliveryError(rejected)
+
+    def pending(self) -> int:
+        """Events accepted but not yet settled: buffered and in flight (approximate)."""
+        return sum(1 for item in self._buf if type(item) is tuple) + 0
+
+    # -- experiments -----------------------------------------------------------------------------
+
+    async def set_experiment(self, name: str, workspace_id: str | None) -> Experiment:
+        if self.run is not None:
+            raise TrackingError(
+                f"Run {self.run.run_id} is still active: end it (end_run() or leave its `with` "
+                f"block) before switching to experiment {name!r}."
+            )
+        self._use_workspace(workspace_id)
+        experiment = await self.backend.get_experiment_by_name(name)
+        if experiment is None:
+            experiment_id = await self._create_experiment(name, {})
+            experiment = await self.backend.get_experiment(experiment_id)
+        elif experiment.lifecycle_stage == "deleted":
+            raise TrackingError(
+                f"Experiment {name!r} (id {experiment.experiment_id}) is deleted. Restore it on the "
+                "server, or choose another name: a deleted experiment's name stays taken."
+            )
+        self.experiment = experiment
+        return experiment
+
+    def _use_workspace(self, workspace_id: str | None) -> None:
+        if workspace_id is not None:
+            self.backend.workspace_id = workspace_id
+
+    def _require_experiment(self, what: str) -> Experiment:
+        if self.experiment is None:
+            raise TrackingError(f"No active experiment: call set_experiment(...) before {what}.")
+        return self.experiment
+
+    async def _create_experiment(self, name: str, tags: Mapping[str, str]) -> str:
+        try:
+            return await self.backend.create_experiment(name, tags)
+        except ServerError as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        found = await self.backend.get_experiment_by_name(name)  # created meanwhile elsewhere
+        if found is None:
+            raise TrackingError(f"Experiment {name!r} exists but cannot be read back.")
+        return found.experiment_id
+
+    async def create_experiment(
+        self, name: str, workspace_id: str | None, tag_names: Iterable[str]
+    ) -> Experiment:
+        self._use_workspace(workspace_id)
+        names = _tag_names(tag_names, "experiment")
+        existing = await self.backend.get_experiment_by_name(name)
+        if existing is None:
+            experiment_id = await self._create_experiment(name, dict.fromkeys(names, USER_TAG_VALUE))
+        else:
+            experiment_id = existing.experiment_id
+            for tag in names:
+                if tag not in existing.tags:
+                    await self.backend.set_experiment_tag(experiment_id, tag, USER_TAG_VALUE)
+        return await self.backend.get_experiment(experiment_id)
+
+    async def set_experiment_tags(self, tag_names: Iterable[str]) -> None:
+        experiment = self._require_experiment("set_experiment_tags()")
+        names = _tag_names(tag_names, "experiment")
+        for tag in names:
+            if tag not in experiment.tags:
+                await self.backend.set_experiment_tag(experiment.experiment_id, tag, USER_TAG_VALUE)
+        self.experiment = await self.backend.get_experiment(experiment.experiment_id)
+
+    async def get_experiment_by_name(self, name: str) -> Experiment | None:
+        return await self.backend.get_experiment_by_name(name)
+
+    async def delete_experiment(self, experiment_id: str) -> None:
+        await self.backend.delete_experiment(str(experiment_id))
+        if self.experiment is not None and self.experiment.experiment_id == str(experiment_id):
+            self.experiment = None
+
+    # -- runs ------------------------------------------------------------------------------------
+
+    async def start_run(
+        self, run_id: str | None, run_name: str | None, tag_names: Iterable[str] | None
+    ) -> Run:
+        """Create, resume by name, or attach by id (the OICM client's rules) and make it active."""
+        if self.run is not None:
+            raise TrackingError(
+                f"Run {self.run.run_id} is already active: end it (end_run() or leave its `with` "
+                "block) before starting another."
+            )
+        names = _tag_names(tag_names or (), "run")
+        run: Run | None = None
+        if run_id is not None:
+            if run_name is not None:
+                logger.warning(
+                    "start_run: both run_id and run_name given; attaching to run %s and ignoring "
+                    "run_name %r.",
+                    run_id,
+                    run_name,
+                )
+            try:
+                run = await self.backend.get_run(str(run_id))
+            except NotFoundError:
+                raise NotFoundError(
+                    f"start_run: no run with id {run_id!r} on {self.backend.describe}. Check the id, "
+                    "or pass run_name= to create a new run."
+                ) from None
+            if run.info.lifecycle_stage == "deleted":
+                raise TrackingError(f"start_run: run {run_id} is deleted; it cannot take new data.")
+        else:
+            experiment = self._require_experiment("start_run()")
+            if run_name is not None:
+                matches = await self.backend.search_runs_by_name(experiment.experiment_id, run_name)
+                if len(matches) > 1:
+                    logger.warning(
+                        "start_run: %d runs named %r in experiment %r; continuing the first listed "
+                        "(the most recently started), %s.",
+                        len(matches),
+                        run_name,
+                        experiment.name,
+                        matches[0].info.run_id,
+                    )
+                run = matches[0] if matches else None
+            if run is None:
+                name = run_name if run_name is not None else f"run-{secrets.token_hex(4)}"
+                run = await self.backend.create_run(
+                    experiment.experiment_id, name, now_ms(), dict.fromkeys(names, USER_TAG_VALUE)
+                )
+                names = []
+        if run.info.status != "RUNNING":
+            await self.backend.update_run(run.info.run_id, "RUNNING", None)
+        self.run = RunInfo(**{**run.info.__dict__, "status": "RUNNING", "end_time": None})
+        self.active = Run(self.run, run.data)
+        self._params[run.info.run_id] = dict(run.data.params)
+        self._run_id = run.info.run_id
+        new_tags = [t for t in names if t not in run.data.tags]
+        if new_tags:
+            self.set_tags(dict.fromkeys(new_tags, USER_TAG_VALUE))
+        return run
+
+    async def end_run(self, status: str = "FINISHED") -> None:
+        """Flush the run's events, then mark it ``status`` with an end time. No run: no-op.
+
+        Raises DeliveryError afterwards if the server refused some of its events.
+        """
+        run = self.run
+        if run is None:
+            return
+        failure: DeliveryError | None = None
+        try:
+            await self.flush()
+        except DeliveryError as exc:
+            failure = exc
+        finally:
+            data = self.active.data if self.active is not None else RunData()
+            self._run_id = None
+            self.run = self.active = None
+        end = now_ms()
+        await self.backend.update_run(run.run_id, status, end)
+        self.last_run = Run(RunInfo(**{**run.__dict__, "status": status, "end_time": end}), data)
+        self._params.pop(run.run_id, None)
+        if failure is not None:
+            raise failure
+
+    async def get_run(self, run_id: str) -> Run:
+        await self.flush()  # read your writes
+        return await self.backend.get_run(str(run_id))
+
+    async def get_metric_history(self, run_id: str, key: str) -> list[Metric]:
+        await self.flush()
+        return await self.backend.get_metric_history(str(run_id), key)
+
+    # -- shutdown --------------------------------------------------------------------------------
+
+    async def shutdown(self, timeout: float, run_status: str | None = "FINISHED") -> int:
+        """Flush within ``timeout`` seconds, end a still-active run, stop the worker, close I/O.
+
+        Returns how many events could not be delivered in time (0 when everything arrived).
+        """
+        self._closing = True
+        undelivered = 0
+        try:
+            await asyncio.wait_for(self._finish(run_status), timeout)
+        except asyncio.TimeoutError:
+            undelivered = self.pending() + sum(1 for t in self._inflight if not t.done())
+        except TrackingError as exc:
+            logger.warning("tracklane: at shutdown: %s", exc)
+        finally:
+            for task in [self._worker, *self._inflight]:
+                if task is not None:
+                    task.cancel()
+            await self.backend.aclose()
+        return undelivered
+
+    async def _finish(self, run_status: str | None) -> None:
+        if self.run is not None and run_status is not None:
+            await self.end_run(run_status)
+        else:
+            await self.flush()
+
+
+def _nothing() -> None:
+    pass
+
+
+def _items(mapping: Mapping[str, Any], what: str) -> Iterable[tuple[Any, Any]]:
+    if not isinstance(mapping, Mapping):
+        raise InvalidInputError(
+            f"{what} takes a dict of key -> value, got {type(mapping).__name__}."
+        )
+    return mapping.items()
+
+
+def _tag_names(names: Iterable[str], what: str) -> list[str]:
+    if isinstance(names, str):
+        raise InvalidInputError(
+            f"{what} tags are a list of tag names, got the string {names!r}; pass [{names!r}]."
+        )
+    out = []
+    for name in names:
+        check_key(name, f"{what} tag")
+        text_value(name, USER_TAG_VALUE, f"{what} tag", MAX_EXPERIMENT_TAG_VALUE_LENGTH)
+        if name not in out:
+            out.append(name)
+    return out

@@ -1,0 +1,58 @@
+"""A daemon thread running the event loop that ``TrackingClient``'s engine lives on.
+
+Not anyio's blocking portal: the portal's worker is a ThreadPoolExecutor thread, and the
+interpreter joins those *before* atexit handlers run, so the exit flush (an atexit handler) would
+wait for a thread that waits for the exit flush. A daemon thread is never joined implicitly; every
+wait on it here has a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class LoopThread:
+    """Start a loop in a daemon thread; run coroutines on it from other threads, with bounds."""
+
+    def __init__(self, name: str = "tracklane") -> None:
+        self.name = name
+        self.pid = os.getpid()
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._main, args=(ready,), name=name, daemon=True)
+        self._thread.start()
+        ready.wait(5.0)
+
+    def _main(self, ready: threading.Event) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.call_soon(ready.set)
+        try:
+            self.loop.run_forever()
+        finally:
+            self.loop.close()
+
+    @property
+    def alive(self) -> bool:
+        return self.pid == os.getpid() and self._thread.is_alive() and not self.loop.is_closed()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run ``coro`` on the loop and wait for its result; raises TimeoutError after ``timeout``
+        (the coroutine is then cancelled)."""
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout)
+        except BaseException:
+            future.cancel()
+            raise
+
+    def stop(self, timeout: float = 2.0) -> None:
+        if self.alive:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            if threading.current_thread() is not self._thread:
+                self._thread.join(timeout)

@@ -1,0 +1,153 @@
+"""The server's validation rules, applied at the call site.
+
+A logging call that would be refused by the server raises :class:`InvalidInputError` on the line
+that made it, naming the key and the rule, instead of failing a whole batch later on the worker.
+These functions are on the hot path: each starts with the cheapest check that accepts the
+common case (a ``float`` value, an ``int`` step) and only then looks further.
+"""
+
+from __future__ import annotations
+
+import operator
+import posixpath
+from typing import Any
+
+from ._exceptions import InvalidInputError
+from ._limits import (
+    KEY_PATTERN,
+    MAX_KEY_LENGTH,
+    MAX_STEP,
+    MIN_STEP,
+)
+
+
+def check_key(key: object, what: str) -> str:
+    """Return ``key`` if the server would accept it as the key of a ``what`` (metric, param, tag)."""
+    if not isinstance(key, str):
+        raise InvalidInputError(
+            f"{what} key {key!r} is a {type(key).__name__}; keys must be strings. "
+            f"Pass str({key!r}) if that is the name you mean."
+        )
+    if len(key) > MAX_KEY_LENGTH:
+        raise InvalidInputError(
+            f"{what} key {key[:40]!r}... is {len(key)} characters long; the server allows at most "
+            f"{MAX_KEY_LENGTH}. Shorten the key."
+        )
+    if not KEY_PATTERN.match(key):
+        bad = sorted({c for c in key if not KEY_PATTERN.match(c)})
+        raise InvalidInputError(
+            f"{what} key {key!r} contains {''.join(bad)!r}; keys may only contain letters, digits, "
+            "underscores (_), dashes (-), periods (.), spaces ( ), colons (:) and slashes (/)."
+        )
+    norm = posixpath.normpath(key)
+    if norm != key or norm == "." or norm.startswith("..") or norm.startswith("/"):
+        raise InvalidInputError(
+            f"{what} key {key!r} is not a normalised relative path (the server refuses empty keys, "
+            "'.', leading '/' or '..', and doubled or trailing slashes). Use a key like 'train/loss'."
+        )
+    return key
+
+
+def metric_value(key: str, value: Any) -> float:
+    """Convert a metric value to ``float``: Python and NumPy numbers and any 0-d ``__float__`` scalar.
+
+    Bools and strings are refused even though Python could convert them: a ``True`` or ``"0.5"``
+    logged as a metric is almost always a bug the user wants to hear about.
+    """
+    tp = type(value)
+    if tp is float:
+        return value  # type: ignore[no-any-return]
+    if tp is int:
+        return _int_to_float(key, value)
+    if tp is bool or isinstance(value, (str, bytes, bytearray)) or "bool" in tp.__name__:
+        raise InvalidInputError(
+            f"metric {key!r}: value {value!r} is a {tp.__name__}; metric values must be real numbers. "
+            "Log it as a param or tag, or convert it with float() if a number is meant."
+        )
+    if isinstance(value, int):
+        return _int_to_float(key, value)
+    if getattr(value, "ndim", 0) != 0 or getattr(value, "shape", ()) not in ((), None):
+        raise InvalidInputError(
+            f"metric {key!r}: value has shape {getattr(value, 'shape', '?')}; a metric value must be a "
+            "single number (a 0-d scalar). Log each element under its own key, or call .item()."
+        )
+    if not hasattr(tp, "__float__"):
+        raise InvalidInputError(
+            f"metric {key!r}: value {value!r} of type {tp.__name__} is not a real number "
+            "(it has no __float__). Metric values must be int, float or a 0-d numeric scalar."
+        )
+    try:
+        return float(value)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise InvalidInputError(
+            f"metric {key!r}: value {value!r} cannot be converted to a float ({exc})."
+        ) from None
+
+
+def _int_to_float(key: str, value: int) -> float:
+    try:
+        return float(value)
+    except OverflowError:
+        raise InvalidInputError(
+            f"metric {key!r}: integer value {value} is too large for a 64-bit float."
+        ) from None
+
+
+def check_step(key: str, step: Any) -> int:
+    """Return ``step`` as an ``int`` in the server's 64-bit range; floats and bools are refused."""
+    if type(step) is int:
+        if MIN_STEP <= step <= MAX_STEP:
+            return step
+        raise InvalidInputError(f"metric {key!r}: step {step} is outside the 64-bit integer range.")
+    if isinstance(step, bool) or "bool" in type(step).__name__:
+        raise InvalidInputError(f"metric {key!r}: step {step!r} is a bool; steps must be integers.")
+    try:
+        as_int = operator.index(step)
+    except TypeError:
+        hint = f" Use int({step!r})." if isinstance(step, float) and step.is_integer() else ""
+        raise InvalidInputError(
+            f"metric {key!r}: step {step!r} is a {type(step).__name__}; steps must be integers.{hint}"
+        ) from None
+    return check_step(key, as_int)
+
+
+def check_timestamp(key: str, timestamp: Any) -> int:
+    """Return ``timestamp`` (milliseconds since the epoch) as a non-negative ``int``."""
+    if type(timestamp) is not int:
+        if isinstance(timestamp, bool) or isinstance(timestamp, float):
+            raise InvalidInputError(
+                f"metric {key!r}: timestamp {timestamp!r} must be an integer number of milliseconds "
+                "since the epoch, e.g. int(time.time() * 1000)."
+            )
+        try:
+            timestamp = operator.index(timestamp)
+        except TypeError:
+            raise InvalidInputError(
+                f"metric {key!r}: timestamp {timestamp!r} must be an integer number of milliseconds."
+            ) from None
+    if not 0 <= timestamp <= MAX_STEP:
+        raise InvalidInputError(
+            f"metric {key!r}: timestamp {timestamp} must be a non-negative number of milliseconds "
+            "since the epoch."
+        )
+    return timestamp  # type: ignore[no-any-return]
+
+
+def text_value(key: str, value: Any, what: str, limit: int) -> str:
+    """Stringify a param or tag value the way MLflow does (``str(value)``) and check its length."""
+    text = value if type(value) is str else str(value)
+    if len(text) > limit:
+        raise InvalidInputError(
+            f"{what} {key!r}: value is {len(text)} characters long; the server allows at most {limit}. "
+            "Shorten it, or store the full text elsewhere and log a reference."
+        )
+    return text
+
+
+def check_status(status: object) -> str:
+    """Return a terminal run status the server accepts."""
+    if status not in ("FINISHED", "FAILED", "KILLED"):
+        raise InvalidInputError(
+            f"run status {status!r} is not one of 'FINISHED', 'FAILED', 'KILLED'."
+        )
+    return str(status)
