@@ -108,9 +108,9 @@ def pack(events: Iterable[Event]) -> Iterator[Batch]:
         if e[0] == METRIC:
             slot[0].append(e)
         else:
-            text = slot[e[0]]
+            text = slot[1] if e[0] == PARAM else slot[2]
             text.pop(e[2], None)  # re-insert so the last call also decides the position
-            text[e[2]] = e  # type: ignore[index]
+            text[e[2]] = e
     for run_id, (metrics, params, tags) in per_run.items():
         yield from _cut(run_id, metrics, list(params.values()), list(tags.values()))
 

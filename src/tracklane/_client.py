@@ -12,9 +12,9 @@ import functools
 import logging
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from types import TracebackType
-from typing import Any, Coroutine, TypeVar
+from typing import Any, TypeVar
 
 from ._config import EngineConfig, check_overflow, resolve_server
 from ._engine import USER_TAG_VALUE, Engine, _tag_names
@@ -66,9 +66,7 @@ class TrackingClient:
         exit_timeout: float = 10.0,
         request_timeout: float = 30.0,
     ) -> None:
-        server = resolve_server(
-            api_host, api_key, verify_ssl=verify_ssl, request_timeout=request_timeout
-        )
+        server = resolve_server(api_host, api_key, verify_ssl=verify_ssl, request_timeout=request_timeout)
         if server is None:
             raise ConfigurationError(
                 "No tracking server: pass api_host= (e.g. 'http://127.0.0.1:5000') or set "

@@ -11,6 +11,7 @@ puts a marker behind the events logged before it and waits for the worker to rea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import secrets
@@ -62,7 +63,7 @@ class Backend(Protocol):
     async def get_run(self, run_id: str) -> Run: ...
     async def search_runs_by_name(self, experiment_id: str, run_name: str) -> list[Run]: ...
     async def update_run(self, run_id: str, status: str, end_time: int | None) -> None: ...
-    async def log_batch(self, body: bytes, deadline: float | None = None) -> None: ...
+    async def log_batch(self, batch: Batch, deadline: float | None = None) -> None: ...
     async def get_metric_history(self, run_id: str, key: str) -> list[Metric]: ...
     async def aclose(self) -> None: ...
 
@@ -132,14 +133,15 @@ class Engine:
             )
         return run_id
 
-    def _key(self, key: object, what: str) -> str:
+    def _key(self, key: Any, what: str) -> str:
+        # Keys repeat (the same few names every step): validate each once per client.
         if key in self._known_keys:
-            return key  # type: ignore[return-value]
+            return key  # type: ignore[no-any-return]
         check_key(key, what)
         if len(self._known_keys) >= _KNOWN_KEYS_CAP:
             self._known_keys.clear()
-        self._known_keys.add(key)  # type: ignore[arg-type]
-        return key  # type: ignore[return-value]
+        self._known_keys.add(key)
+        return key  # type: ignore[no-any-return]
 
     def _put(self, event: Event) -> None:
         buf = self._buf
@@ -152,9 +154,7 @@ class Engine:
             self._wake_pending = True
             self._notify()
 
-    def log_metric(
-        self, key: str, value: Any, step: int | None = None, timestamp: int | None = None
-    ) -> None:
+    def log_metric(self, key: str, value: Any, step: int | None = None, timestamp: int | None = None) -> None:
         run_id = self._active_run_id()
         key = self._key(key, "metric")
         self._put(
@@ -221,7 +221,11 @@ class Engine:
         for event in events:
             self._put(event)
         if errors:
-            logged = f" The other {len(events)} entr{'y was' if len(events) == 1 else 'ies were'} logged." if events else ""
+            logged = (
+                f" The other {len(events)} entr{'y was' if len(events) == 1 else 'ies were'} logged."
+                if events
+                else ""
+            )
             raise InvalidInputError("; ".join(errors) + logged)
 
     # -- a full buffer ---------------------------------------------------------------------------
@@ -304,10 +308,8 @@ class Engine:
     async def _work(self) -> None:
         assert self._wake is not None
         while True:
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.config.flush_interval)
-            except asyncio.TimeoutError:
-                pass
             self._wake.clear()
             try:
                 await self._drain()
@@ -367,7 +369,7 @@ class Engine:
         """Send ``batch``; on a 400, bisect to isolate the refused events and deliver the rest."""
         while True:
             try:
-                await self.backend.log_batch(batch.encode())
+                await self.backend.log_batch(batch)
                 self.delivered += len(batch)
                 return
             except ServerUnavailableError as exc:
@@ -388,9 +390,7 @@ class Engine:
     def _reject(self, events: Iterable[Event], reason: str) -> None:
         events = list(events)
         self.rejected_total += len(events)
-        self._rejected.extend(
-            RejectedEvent(e[1], KIND_NAMES[e[0]], e[2], e[3], reason) for e in events
-        )
+        self._rejected.extend(RejectedEvent(e[1], KIND_NAMES[e[0]], e[2], e[3], reason) for e in events)
         self.warn_once(
             "rejected",
             "tracklane: the server refused %d event(s) (first: %s %r: %s); the next flush() or "
@@ -624,9 +624,7 @@ def _nothing() -> None:
 
 def _items(mapping: Mapping[str, Any], what: str) -> Iterable[tuple[Any, Any]]:
     if not isinstance(mapping, Mapping):
-        raise InvalidInputError(
-            f"{what} takes a dict of key -> value, got {type(mapping).__name__}."
-        )
+        raise InvalidInputError(f"{what} takes a dict of key -> value, got {type(mapping).__name__}.")
     return mapping.items()
 
 

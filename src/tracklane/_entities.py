@@ -33,7 +33,10 @@ class Metric:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Metric:
         return cls(
-            d["key"], metric_from_json(d["value"]), int(d.get("timestamp", 0)), int(d.get("step", 0))
+            d["key"],
+            metric_from_json(d["value"]),
+            int(d.get("timestamp", 0)),
+            int(d.get("step", 0)),
         )
 
 

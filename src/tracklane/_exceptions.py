@@ -65,9 +65,7 @@ class DeliveryError(TrackingError):
 
     def __init__(self, rejected: Sequence[RejectedEvent]) -> None:
         self.rejected = list(rejected)
-        shown = "; ".join(
-            f"{r.kind} {r.key!r} of run {r.run_id}: {r.reason}" for r in self.rejected[:5]
-        )
+        shown = "; ".join(f"{r.kind} {r.key!r} of run {r.run_id}: {r.reason}" for r in self.rejected[:5])
         more = f" (and {len(self.rejected) - 5} more)" if len(self.rejected) > 5 else ""
         super().__init__(
             f"The server refused {len(self.rejected)} logged event(s): {shown}{more}. "

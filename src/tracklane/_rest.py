@@ -17,10 +17,10 @@ from typing import Any
 import aiohttp
 import orjson
 
+from ._batching import Batch
 from ._config import ServerConfig
 from ._entities import Experiment, Metric, Run
 from ._exceptions import (
-    ConfigurationError,
     NotFoundError,
     ServerError,
     ServerUnavailableError,
@@ -82,7 +82,7 @@ class RestBackend:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=self.config.request_timeout),
-                connector=aiohttp.TCPConnector(limit=8, ssl=None if self.config.verify_ssl else False),
+                connector=aiohttp.TCPConnector(limit=8, ssl=self.config.verify_ssl),
             )
         return self._session
 
@@ -147,17 +147,13 @@ class RestBackend:
 
     async def get_experiment_by_name(self, name: str) -> Experiment | None:
         try:
-            reply = await self.request(
-                "GET", "experiments/get-by-name", query={"experiment_name": name}
-            )
+            reply = await self.request("GET", "experiments/get-by-name", query={"experiment_name": name})
         except NotFoundError:
             return None
         return Experiment.from_json(reply["experiment"])
 
     async def get_experiment(self, experiment_id: str) -> Experiment:
-        reply = await self.request(
-            "GET", "experiments/get", query={"experiment_id": experiment_id}
-        )
+        reply = await self.request("GET", "experiments/get", query={"experiment_id": experiment_id})
         return Experiment.from_json(reply["experiment"])
 
     async def create_experiment(self, name: str, tags: Mapping[str, str]) -> str:
@@ -209,9 +205,9 @@ class RestBackend:
             payload["end_time"] = end_time
         await self.request("POST", "runs/update", payload=payload)
 
-    async def log_batch(self, body: bytes, deadline: float | None = None) -> None:
-        """Send one pre-encoded log-batch request (see ``_batching``)."""
-        await self.request("POST", "runs/log-batch", body=body, deadline=deadline)
+    async def log_batch(self, batch: Batch, deadline: float | None = None) -> None:
+        """Send one log-batch request (``batch`` is already cut to the server's limits)."""
+        await self.request("POST", "runs/log-batch", body=batch.encode(), deadline=deadline)
 
     async def get_metric_history(self, run_id: str, key: str) -> list[Metric]:
         points: list[Metric] = []
@@ -258,6 +254,3 @@ def _error_from_reply(status: int, raw: bytes, endpoint: str) -> ServerError:
         )
     cls = NotFoundError if status == 404 or code == "RESOURCE_DOES_NOT_EXIST" else ServerError
     return cls(f"{endpoint}: HTTP {status} {code}: {message}", status=status, error_code=code)
-
-
-__all__ = ["RestBackend", "ConfigurationError"]

@@ -114,7 +114,7 @@ def check_step(key: str, step: Any) -> int:
 def check_timestamp(key: str, timestamp: Any) -> int:
     """Return ``timestamp`` (milliseconds since the epoch) as a non-negative ``int``."""
     if type(timestamp) is not int:
-        if isinstance(timestamp, bool) or isinstance(timestamp, float):
+        if isinstance(timestamp, (bool, float)):
             raise InvalidInputError(
                 f"metric {key!r}: timestamp {timestamp!r} must be an integer number of milliseconds "
                 "since the epoch, e.g. int(time.time() * 1000)."
@@ -147,7 +147,5 @@ def text_value(key: str, value: Any, what: str, limit: int) -> str:
 def check_status(status: object) -> str:
     """Return a terminal run status the server accepts."""
     if status not in ("FINISHED", "FAILED", "KILLED"):
-        raise InvalidInputError(
-            f"run status {status!r} is not one of 'FINISHED', 'FAILED', 'KILLED'."
-        )
+        raise InvalidInputError(f"run status {status!r} is not one of 'FINISHED', 'FAILED', 'KILLED'.")
     return str(status)

@@ -1,0 +1,71 @@
+"""Fixtures: one real MLflow server per test session, an experiment name per test."""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from servers import MlflowServer, OicmGateway, Reader
+
+_counter = itertools.count()
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # The client reads these; a developer's shell must not leak into the tests.
+    for name in (
+        "OIP_TRACKING_SERVER",
+        "OIP_WORKLOAD_ACCESS_KEY",
+        "OIP_OFFLINE_MODE",
+        "OIP_WORKLOAD_ID",
+        "TRACKLANE_OVERFLOW",
+        "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING",
+        "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def server_url(mlflow_server: MlflowServer) -> str:
+    return mlflow_server.url
+
+
+@pytest.fixture
+def reader(mlflow_server: MlflowServer) -> Reader:
+    return Reader(mlflow_server.url)
+
+
+@pytest.fixture
+def experiment_name(request: pytest.FixtureRequest) -> str:
+    return f"{request.node.name[:60]}-{next(_counter)}-{uuid.uuid4().hex[:6]}"
+
+
+@pytest.fixture
+def restartable_server(tmp_path: Path) -> Iterator[MlflowServer]:
+    """A server of the test's own, which the test may stop and start again (an outage)."""
+    server = MlflowServer(tmp_path / "restartable")
+    server.workdir.mkdir()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def oicm_gateway(mlflow_server: MlflowServer) -> Iterator[OicmGateway]:
+    gateway = OicmGateway(mlflow_server.url, token="tl-secret-" + uuid.uuid4().hex)
+    gateway.start()
+    yield gateway
+    gateway.stop()

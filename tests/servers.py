@@ -1,0 +1,230 @@
+"""Real servers for the tests: an MLflow tracking server and an OICM-shaped gateway in front of it.
+
+Nothing here imports tracklane: the tests check what the server stored through MLflow's REST API
+with the standard library, so a bug in tracklane's own REST code cannot hide itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from aiohttp import ClientSession, web
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def mlflow_executable() -> list[str]:
+    exe = shutil.which("mlflow")
+    return [exe] if exe else [sys.executable, "-m", "mlflow"]
+
+
+class MlflowServer:
+    """``mlflow server`` on 127.0.0.1 with a SQLite store; can be stopped and started again on
+    the same port and database, to simulate an outage."""
+
+    def __init__(self, workdir: Path, port: int | None = None) -> None:
+        self.workdir = workdir
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = workdir / f"mlflow-{self.port}.log"
+
+    def start(self, timeout: float = 90.0) -> None:
+        db = self.workdir / "mlflow.db"
+        cmd = [
+            *mlflow_executable(),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{db}",
+            "--default-artifact-root",
+            str(self.workdir / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+        ]
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited: {self.log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                time.sleep(0.25)
+        raise RuntimeError(f"mlflow server did not answer /health in {timeout}s")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            import signal
+
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        self.proc = None
+
+
+class Reader:
+    """Reads what a tracking server stored, through MLflow's REST API (urllib only)."""
+
+    def __init__(self, base: str, token: str | None = None) -> None:
+        self.base = base.rstrip("/") + "/api/2.0/mlflow"
+        self.token = token
+
+    def call(self, method: str, endpoint: str, payload: dict[str, Any] | None = None) -> Any:
+        url = f"{self.base}/{endpoint}"
+        data = None
+        if method == "GET" and payload:
+            url += "?" + urllib.parse.urlencode(payload)
+        elif payload is not None:
+            data = json.dumps(payload).encode()
+        req = urllib.request.Request(url, data=data, method=method)
+        req.add_header("Content-Type", "application/json")
+        if self.token:
+            req.add_header("Authorization", f"Bearer {self.token}")
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return json.loads(r.read() or b"{}")
+        except urllib.error.HTTPError as exc:
+            body = exc.read()
+            raise AssertionError(f"{endpoint}: HTTP {exc.code}: {body[:300]!r}") from None
+
+    def experiment(self, name: str) -> dict[str, Any] | None:
+        try:
+            return self.call("GET", "experiments/get-by-name", {"experiment_name": name})["experiment"]
+        except AssertionError as exc:
+            if "RESOURCE_DOES_NOT_EXIST" in str(exc):
+                return None
+            raise
+
+    def runs(self, experiment_id: str) -> list[dict[str, Any]]:
+        reply = self.call("POST", "runs/search", {"experiment_ids": [experiment_id], "max_results": 1000})
+        return list(reply.get("runs") or [])
+
+    def run(self, run_id: str) -> dict[str, Any]:
+        return self.call("GET", "runs/get", {"run_id": run_id})["run"]
+
+    def params(self, run_id: str) -> dict[str, str]:
+        return {p["key"]: p["value"] for p in self.run(run_id)["data"].get("params", [])}
+
+    def tags(self, run_id: str) -> dict[str, str]:
+        return {t["key"]: t["value"] for t in self.run(run_id)["data"].get("tags", [])}
+
+    def history(self, run_id: str, key: str) -> list[tuple[float, int, int]]:
+        """(value, step, timestamp) of every stored point, sorted by step then timestamp."""
+        points: list[tuple[float, int, int]] = []
+        token = None
+        while True:
+            q = {"run_id": run_id, "metric_key": key, "max_results": 25000}
+            if token:
+                q["page_token"] = token
+            reply = self.call("GET", "metrics/get-history", q)
+            points += [
+                (float(m["value"]), int(m["step"]), int(m["timestamp"])) for m in reply.get("metrics", [])
+            ]
+            token = reply.get("next_page_token")
+            if not token:
+                return sorted(points, key=lambda p: (p[1], p[2]))
+
+
+class OicmGateway:
+    """A small stand-in for the OICM platform's tracking service.
+
+    Serves ``/api/tracking/liveness`` and ``/api/tracking/version``, checks the bearer token, and
+    forwards ``/api/tracking/v1/workspaces/{ws}/mlflow/api/2.0/mlflow/...`` to the real MLflow
+    server, recording which workspaces and workload ids it saw.
+    """
+
+    def __init__(self, upstream: str, token: str, version: str = "2.4.0") -> None:
+        self.upstream = upstream
+        self.token = token
+        self.version = version
+        self.port = free_port()
+        self.api_host = f"http://127.0.0.1:{self.port}/api/tracking"
+        self.workspaces_seen: list[str] = []
+        self.workload_ids_seen: set[str | None] = set()
+        self.refused = 0
+        self.alive = True
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._runner: web.AppRunner | None = None
+
+    async def _forward(self, request: web.Request) -> web.Response:
+        if request.headers.get("Authorization") != f"Bearer {self.token}":
+            self.refused += 1
+            return web.json_response({"error_code": "UNAUTHENTICATED", "message": "bad token"}, status=401)
+        ws = request.match_info["ws"]
+        self.workspaces_seen.append(ws)
+        self.workload_ids_seen.add(request.headers.get("OIP-Workload-Id"))
+        url = f"{self.upstream}/api/2.0/mlflow/{request.match_info['rest']}"
+        assert self._session is not None
+        async with self._session.request(
+            request.method,
+            url,
+            params=request.query,
+            data=await request.read(),
+            headers={"Content-Type": "application/json"},
+        ) as upstream:
+            return web.Response(
+                body=await upstream.read(), status=upstream.status, content_type="application/json"
+            )
+
+    async def _liveness(self, request: web.Request) -> web.Response:
+        if not self.alive:
+            return web.Response(status=503, text="down")
+        return web.json_response({"status": "ok"})
+
+    async def _version(self, request: web.Request) -> web.Response:
+        return web.json_response({"version": self.version})
+
+    async def _start(self) -> None:
+        self._session = ClientSession()
+        app = web.Application(client_max_size=8 * 1024 * 1024)
+        app.router.add_get("/api/tracking/liveness", self._liveness)
+        app.router.add_get("/api/tracking/version", self._version)
+        app.router.add_route(
+            "*", "/api/tracking/v1/workspaces/{ws}/mlflow/api/2.0/mlflow/{rest:.*}", self._forward
+        )
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+
+    async def _stop(self) -> None:
+        assert self._runner is not None
+        await self._runner.cleanup()
+        await self._session.close()
+
+    def start(self) -> None:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
