@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from servers import MlflowServer, OicmGateway, Reader
+from tracklane import TrackingClient
+
+from servers import FaultProxy, MlflowServer, OicmGateway, Reader
 
 _counter = itertools.count()
 
@@ -69,3 +71,20 @@ def oicm_gateway(mlflow_server: MlflowServer) -> Iterator[OicmGateway]:
     gateway.start()
     yield gateway
     gateway.stop()
+
+
+@pytest.fixture
+def client(server_url: str, experiment_name: str) -> Iterator[TrackingClient]:
+    """A TrackingClient on the session server, with its own experiment set."""
+    tc = TrackingClient(api_host=server_url, exit_timeout=10)
+    tc.set_experiment(experiment_name)
+    yield tc
+    tc.close()
+
+
+@pytest.fixture
+def fault_proxy(mlflow_server: MlflowServer) -> Iterator[FaultProxy]:
+    proxy = FaultProxy(mlflow_server.url)
+    proxy.start()
+    yield proxy
+    proxy.stop()

@@ -228,3 +228,70 @@ class OicmGateway:
         asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
+
+
+class FaultProxy:
+    """A proxy on 127.0.0.1 in front of the real MLflow server that answers from a script first.
+
+    ``proxy.script("runs/log-batch", (503, {"Retry-After": "1"}, b""), ...)`` makes the next
+    requests to that endpoint fail as scripted; every other request is forwarded. ``calls``
+    records (monotonic time, endpoint, status) of each request, so tests can check the waits.
+    Used for what a real server will not do on demand: a 503/429 storm, a malformed reply.
+    """
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.calls: list[tuple[float, str, int]] = []
+        self._script: dict[str, list[tuple[int, dict[str, str], bytes]]] = {}
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._runner: web.AppRunner | None = None
+
+    def script(self, endpoint: str, *responses: tuple[int, dict[str, str], bytes]) -> None:
+        self._script.setdefault(endpoint, []).extend(responses)
+
+    def calls_to(self, endpoint: str) -> list[tuple[float, int]]:
+        return [(t, status) for t, e, status in self.calls if e == endpoint]
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        endpoint = request.match_info["rest"]
+        queue = self._script.get(endpoint)
+        if queue:
+            status, headers, body = queue.pop(0)
+            self.calls.append((time.monotonic(), endpoint, status))
+            return web.Response(status=status, headers=headers, body=body, content_type="application/json")
+        async with self._session.request(
+            request.method,
+            f"{self.upstream}/api/2.0/mlflow/{endpoint}",
+            params=request.query,
+            data=await request.read(),
+            headers={"Content-Type": "application/json"},
+        ) as upstream:
+            self.calls.append((time.monotonic(), endpoint, upstream.status))
+            return web.Response(
+                body=await upstream.read(), status=upstream.status, content_type="application/json"
+            )
+
+    async def _start(self) -> None:
+        self._session = ClientSession()
+        app = web.Application(client_max_size=8 * 1024 * 1024)
+        app.router.add_route("*", "/api/2.0/mlflow/{rest:.*}", self._handle)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+
+    async def _stop(self) -> None:
+        assert self._runner is not None
+        await self._runner.cleanup()
+        await self._session.close()
+
+    def start(self) -> None:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
