@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -158,17 +159,23 @@ class OicmGateway:
 
     Serves ``/api/tracking/liveness`` and ``/api/tracking/version``, checks the bearer token, and
     forwards ``/api/tracking/v1/workspaces/{ws}/mlflow/api/2.0/mlflow/...`` to the real MLflow
-    server, recording which workspaces and workload ids it saw.
+    server, recording which workspaces and workload ids it saw, and in ``calls`` each forwarded
+    request as (workspace, endpoint, body or query string).
     """
 
-    def __init__(self, upstream: str, token: str, version: str = "2.4.0") -> None:
+    def __init__(
+        self, upstream: str, token: str, version: str = "2.4.0", ssl_context: ssl.SSLContext | None = None
+    ) -> None:
         self.upstream = upstream
         self.token = token
         self.version = version
         self.port = free_port()
-        self.api_host = f"http://127.0.0.1:{self.port}/api/tracking"
+        self.ssl_context = ssl_context  # serve https with it (a test's self-signed certificate)
+        scheme = "https" if ssl_context is not None else "http"
+        self.api_host = f"{scheme}://127.0.0.1:{self.port}/api/tracking"
         self.workspaces_seen: list[str] = []
         self.workload_ids_seen: set[str | None] = set()
+        self.calls: list[tuple[str, str, bytes]] = []
         self.refused = 0
         self.alive = True
         self._loop = asyncio.new_event_loop()
@@ -182,13 +189,15 @@ class OicmGateway:
         ws = request.match_info["ws"]
         self.workspaces_seen.append(ws)
         self.workload_ids_seen.add(request.headers.get("OIP-Workload-Id"))
+        body = await request.read()
+        self.calls.append((ws, request.match_info["rest"], body or request.query_string.encode()))
         url = f"{self.upstream}/api/2.0/mlflow/{request.match_info['rest']}"
         assert self._session is not None
         async with self._session.request(
             request.method,
             url,
             params=request.query,
-            data=await request.read(),
+            data=body,
             headers={"Content-Type": "application/json"},
         ) as upstream:
             return web.Response(
@@ -213,7 +222,7 @@ class OicmGateway:
         )
         self._runner = web.AppRunner(app)
         await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port, ssl_context=self.ssl_context).start()
 
     async def _stop(self) -> None:
         assert self._runner is not None

@@ -1,5 +1,6 @@
 """tracklane: experiment tracking for MLflow and OICM servers that never slows your training loop."""
 
+from ._async_client import AsyncActiveRun, AsyncTrackingClient
 from ._client import TrackingClient
 from ._entities import ActiveRun, Experiment, Metric, Run, RunData, RunInfo
 from ._exceptions import (
@@ -18,6 +19,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ActiveRun",
+    "AsyncActiveRun",
+    "AsyncTrackingClient",
     "ConfigurationError",
     "DeliveryError",
     "Experiment",

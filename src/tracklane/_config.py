@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
 from ._exceptions import ConfigurationError
@@ -47,6 +48,8 @@ class ServerConfig:
     verify_ssl: bool = True
     workload_id: str | None = None
     request_timeout: float = 30.0
+    #: Keep the platform's address out of the log: no UI links after start_run.
+    hide_host: bool = False
 
     @property
     def is_oicm(self) -> bool:
@@ -68,6 +71,13 @@ class ServerConfig:
             )
         return f"{self.api_host}/v1/workspaces/{workspace_id}/mlflow/api/2.0/mlflow"
 
+    def ui_links(self, workspace_id: str | None, experiment_id: str, run_id: str) -> tuple[str, str] | None:
+        """The OICM web UI's pages of a run and of its experiment; None off OICM or with hide_host."""
+        if not self.is_oicm or self.hide_host or not workspace_id:
+            return None
+        experiment = f"{self.platform_url}/ws/{workspace_id}/tracking/experiments/{experiment_id}"
+        return f"{experiment}/run/{run_id}/overview", experiment
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -82,7 +92,14 @@ class EngineConfig:
     overflow: str = "spill"
     block_timeout: float | None = None
     journal_dir: str | None = None
+    #: Seconds between system metrics samples; None: ``$MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL``
+    #: or 10 (see ``_sysmetrics``).
+    system_metrics_interval: float | None = None
     extra: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.system_metrics_interval is not None:
+            check_interval(self.system_metrics_interval, "system_metrics_interval")
 
 
 def resolve_server(
@@ -91,6 +108,7 @@ def resolve_server(
     *,
     verify_ssl: bool = True,
     request_timeout: float = 30.0,
+    hide_host: bool = False,
 ) -> ServerConfig | None:
     """Build the server settings from arguments, else ``OIP_TRACKING_SERVER`` and
     ``OIP_WORKLOAD_ACCESS_KEY``; ``None`` when no server is configured at all."""
@@ -111,6 +129,7 @@ def resolve_server(
         verify_ssl=verify_ssl,
         workload_id=os.environ.get("OIP_WORKLOAD_ID") or None,
         request_timeout=request_timeout,
+        hide_host=hide_host,
     )
     if config.is_oicm and config.api_key is None:
         raise ConfigurationError(
@@ -126,3 +145,16 @@ def check_overflow(policy: str) -> str:
             f"overflow={policy!r} is not one of {', '.join(map(repr, OVERFLOW_POLICIES))}."
         )
     return policy
+
+
+def check_interval(value: Any, source: str) -> float:
+    """``value`` as a sampling interval in seconds; ConfigurationError unless a positive number."""
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = float("nan")
+    if isinstance(value, bool) or not seconds > 0 or seconds == float("inf"):
+        raise ConfigurationError(
+            f"{source}={value!r} is not a sampling interval; give a positive number of seconds, e.g. 10."
+        )
+    return seconds

@@ -35,6 +35,8 @@ from ._exceptions import (
     TrackingError,
 )
 from ._limits import MAX_EXPERIMENT_TAG_VALUE_LENGTH, MAX_PARAM_VALUE_LENGTH, MAX_TAG_VALUE_LENGTH
+from ._rest import log_ui_links
+from ._sysmetrics import sampler_interval, start_sampler, stop_sampler
 from ._validation import check_key, check_step, check_timestamp, metric_value, text_value
 
 logger = logging.getLogger("tracklane")
@@ -87,8 +89,10 @@ class Engine:
         self._waiting_for_room = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
+        self._room_async: asyncio.Event | None = None
         self._worker: asyncio.Task[None] | None = None
-        self._inflight: set[asyncio.Task[None]] = set()
+        self._inflight: dict[asyncio.Task[None], Batch] = {}
+        self._sampler: asyncio.Task[None] | None = None  # system metrics of the active run
         self._closing = False
         self._known_keys: set[str] = set()
         # Context: what the faces call "the active experiment / run".
@@ -104,6 +108,7 @@ class Engine:
         self.delivered = 0
         self.dropped = 0
         self.rejected_total = 0
+        self.spilled = 0
 
     # -- attaching to a loop ---------------------------------------------------------------------
 
@@ -111,6 +116,7 @@ class Engine:
         """Start the worker on ``loop``; must be called from that loop's thread."""
         self._loop = loop
         self._wake = asyncio.Event()
+        self._room_async = asyncio.Event()
         wake = self._wake
 
         def notify() -> None:
@@ -118,6 +124,12 @@ class Engine:
 
         self._notify = notify
         self._worker = loop.create_task(self._work(), name="tracklane-worker")
+
+    async def on_attach(self) -> None:
+        """Checks a face runs once the engine has a loop: the OICM platform's liveness/version."""
+        check = getattr(self.backend, "check_platform", None)
+        if check is not None:
+            await check()
 
     @property
     def attached(self) -> bool:
@@ -294,9 +306,10 @@ class Engine:
 
     async def wait_for_room(self) -> None:
         """Backpressure for async callers: return once the buffer is below its bound again."""
-        while len(self._buf) >= self._max:
+        while len(self._buf) >= self._max and self._room_async is not None:
+            self._room_async.clear()
             self._notify()
-            await asyncio.sleep(0.001)
+            await self._room_async.wait()
 
     def warn_once(self, topic: str, message: str, *args: Any) -> None:
         if topic not in self._warned:
@@ -307,16 +320,21 @@ class Engine:
 
     async def _work(self) -> None:
         assert self._wake is not None
-        while True:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.config.flush_interval)
-            self._wake.clear()
-            try:
-                await self._drain()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # never let the worker die: it is the only way events leave
-                logger.exception("tracklane worker: unexpected error while draining; continuing")
+        try:
+            while True:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.config.flush_interval)
+                self._wake.clear()
+                try:
+                    await self._drain()
+                except Exception:  # never let the worker die: it is the only way events leave
+                    logger.exception("tracklane worker: unexpected error while draining; continuing")
+        except asyncio.CancelledError:
+            if not self._closing:  # cancelled by the loop's shutdown, not by shutdown()
+                self._warn_unclosed()
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await asyncio.wait_for(self.backend.aclose(), 1.0)
+            raise
 
     async def _drain(self) -> None:
         while True:
@@ -348,18 +366,23 @@ class Engine:
         if self._waiting_for_room:
             with self._room:
                 self._room.notify_all()
+        if self._room_async is not None:
+            self._room_async.set()
         return out, marker
 
     async def _dispatch(self, batch: Batch) -> None:
         if batch.has_text:
             await self._settle()  # a tag's last value must arrive last
         while len(self._inflight) >= self.config.max_in_flight:
-            await asyncio.wait(self._inflight, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(set(self._inflight), return_when=asyncio.FIRST_COMPLETED)
         task = asyncio.get_running_loop().create_task(self._deliver(batch))
-        self._inflight.add(task)
-        task.add_done_callback(self._inflight.discard)
+        self._inflight[task] = batch
+        task.add_done_callback(self._forget)
         if batch.has_text:
             await self._settle()
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        self._inflight.pop(task, None)
 
     async def _settle(self) -> None:
         while self._inflight:
@@ -386,6 +409,16 @@ class Engine:
                 await self._deliver(first)
                 await self._deliver(second)
                 return
+
+    def _warn_unclosed(self) -> None:
+        # The loop is shutting down under a client nobody closed (like an unclosed aiohttp
+        # session): say so once rather than hang the shutdown waiting for the server. A logged
+        # warning, not a ResourceWarning: those are hidden by Python's default filters.
+        logger.warning(
+            "tracklane: the event loop stopped with a tracking client still open; %d event(s) were "
+            "not delivered. Use `async with AsyncTrackingClient(...)` or `await tc.aclose()`.",
+            self.pending(),
+        )
 
     def _reject(self, events: Iterable[Event], reason: str) -> None:
         events = list(events)
@@ -421,8 +454,35 @@ class Engine:
             raise DeliveryError(rejected)
 
     def pending(self) -> int:
-        """Events accepted but not yet settled: buffered and in flight (approximate)."""
-        return sum(1 for item in self._buf if type(item) is tuple) + 0
+        """Events accepted but not yet settled: buffered and in flight."""
+        return self._buffered() + sum(len(b) for b in self._inflight.values())
+
+    def _buffered(self) -> int:
+        return sum(1 for item in list(self._buf) if type(item) is tuple)
+
+    def stats(self) -> dict[str, float]:
+        """Counters of the client's own work, for dashboards and for tests of loss.
+
+        ``enqueued`` counts events accepted into the buffer; each ends ``delivered``, ``spilled``
+        (kept in the journal for later), ``rejected`` (refused by the server, reported) or is
+        still ``buffered``/``in_flight``. ``dropped`` events were never accepted (drop policies).
+        """
+        buffered = self._buffered()
+        in_flight = sum(len(b) for b in list(self._inflight.values()))
+        stamps = [item[4] for item in list(self._buf)[:1] if type(item) is tuple]
+        stamps += [b.events()[0][4] for b in list(self._inflight.values()) if len(b)]
+        return {
+            "enqueued": self.delivered + self.spilled + self.rejected_total + buffered + in_flight,
+            "delivered": self.delivered,
+            "spilled": self.spilled,
+            "dropped": self.dropped,
+            "rejected": self.rejected_total,
+            "retries": getattr(self.backend, "retries", 0),
+            "in_flight_requests": len(self._inflight),
+            "in_flight_events": in_flight,
+            "buffer_depth": buffered,
+            "oldest_undelivered_age_s": max(0.0, (now_ms() - min(stamps)) / 1000) if stamps else 0.0,
+        }
 
     # -- experiments -----------------------------------------------------------------------------
 
@@ -499,14 +559,23 @@ class Engine:
     # -- runs ------------------------------------------------------------------------------------
 
     async def start_run(
-        self, run_id: str | None, run_name: str | None, tag_names: Iterable[str] | None
+        self,
+        run_id: str | None,
+        run_name: str | None,
+        tag_names: Iterable[str] | None,
+        log_system_metrics: bool | None = None,
     ) -> Run:
-        """Create, resume by name, or attach by id (the OICM client's rules) and make it active."""
+        """Create, resume by name, or attach by id (the OICM client's rules) and make it active.
+
+        Samples system metrics while it is active unless ``log_system_metrics`` is False (None:
+        ``$MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING``, else on).
+        """
         if self.run is not None:
             raise TrackingError(
                 f"Run {self.run.run_id} is already active: end it (end_run() or leave its `with` "
                 "block) before starting another."
             )
+        sampling = sampler_interval(log_system_metrics, self.config.system_metrics_interval)
         names = _tag_names(tag_names or (), "run")
         run: Run | None = None
         if run_id is not None:
@@ -555,6 +624,8 @@ class Engine:
         new_tags = [t for t in names if t not in run.data.tags]
         if new_tags:
             self.set_tags(dict.fromkeys(new_tags, USER_TAG_VALUE))
+        self._sampler = start_sampler(self, run, sampling)
+        log_ui_links(self.backend, run)
         return run
 
     async def end_run(self, status: str = "FINISHED") -> None:
@@ -565,6 +636,8 @@ class Engine:
         run = self.run
         if run is None:
             return
+        await stop_sampler(self._sampler)  # its last samples go out with the flush below
+        self._sampler = None
         failure: DeliveryError | None = None
         try:
             await self.flush()
@@ -601,11 +674,11 @@ class Engine:
         try:
             await asyncio.wait_for(self._finish(run_status), timeout)
         except asyncio.TimeoutError:
-            undelivered = self.pending() + sum(1 for t in self._inflight if not t.done())
+            undelivered = self.pending()
         except TrackingError as exc:
             logger.warning("tracklane: at shutdown: %s", exc)
         finally:
-            for task in [self._worker, *self._inflight]:
+            for task in [self._sampler, self._worker, *self._inflight]:
                 if task is not None:
                     task.cancel()
             await self.backend.aclose()

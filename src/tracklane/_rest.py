@@ -21,6 +21,7 @@ from ._batching import Batch
 from ._config import ServerConfig
 from ._entities import Experiment, Metric, Run
 from ._exceptions import (
+    ConfigurationError,
     NotFoundError,
     ServerError,
     ServerUnavailableError,
@@ -61,6 +62,7 @@ class RestBackend:
         self.retry_window = retry_window
         self.workspace_id: str | None = None
         self.retries = 0
+        self.platform_version: str | None = None
         self._session: aiohttp.ClientSession | None = None
 
     def __repr__(self) -> str:
@@ -143,6 +145,75 @@ class RestBackend:
             logger.debug("retrying %s in %.2fs after %s", endpoint, wait, problem)
             await asyncio.sleep(wait)
 
+    # -- the OICM platform's own endpoints -------------------------------------------------------
+
+    async def check_platform(self) -> str | None:
+        """On an OICM host, check ``{api_host}/liveness`` then ``{api_host}/version``; return the
+        platform's version (None on a plain MLflow server, where there is nothing to check).
+
+        One attempt each, at construction, so a wrong host or a service that is down is reported
+        at once, not after a retry window. Raises ConfigurationError when the host does not look
+        like an OICM tracking service, ServerUnavailableError when it cannot be reached or says
+        it is down.
+        """
+        if not self.config.is_oicm:
+            return None
+        await self._platform_get("liveness")
+        reply = await self._platform_get("version")
+        version = reply.get("version")
+        if not isinstance(version, str) or not version:
+            raise ConfigurationError(
+                f"{self.config.api_host}/version answered without a version ({reply!r:.80}). Is "
+                "api_host the platform's tracking service, 'https://HOST/api/tracking'?"
+            )
+        self.platform_version = version
+        logger.debug("OICM tracking service %s, version %s", self.config.api_host, version)
+        return version
+
+    async def _platform_get(self, endpoint: str) -> dict[str, Any]:
+        host = self.config.api_host
+        url = f"{host}/{endpoint}"
+        try:
+            async with self._session_now().get(url, headers=self._headers()) as resp:
+                status, raw = resp.status, await resp.read()
+        except aiohttp.ClientSSLError as exc:
+            raise ConfigurationError(
+                f"TLS to {host} failed ({exc}). If the platform uses a private certificate authority, "
+                "add it to the system trust store, or pass verify_ssl=False on a network you trust."
+            ) from None
+        except _CONNECTION_ERRORS as exc:
+            raise ServerUnavailableError(
+                f"Cannot reach the OICM tracking service at {host} ({type(exc).__name__}: {exc}). "
+                "Check api_host (scheme, host name, port) and that this machine can reach it."
+            ) from None
+        if status in (404, 405):
+            raise ConfigurationError(
+                f"{url} answered HTTP {status}: {host} does not look like an OICM tracking service. "
+                "api_host must be the platform's address followed by /api/tracking, e.g. "
+                "'https://HOST/api/tracking'; for a plain MLflow server drop the /api/tracking suffix."
+            )
+        if status in (401, 403):
+            raise ConfigurationError(
+                f"{url} refused the credentials (HTTP {status}). Check api_key / "
+                "OIP_WORKLOAD_ACCESS_KEY (OICM: user menu -> API Keys)."
+            )
+        if status >= 300:
+            raise ServerUnavailableError(
+                f"The OICM tracking service at {host} is not available ({endpoint}: HTTP {status}). "
+                "The host is right but the service is down or restarting: try again later, or ask "
+                "the platform's administrators."
+            )
+        try:
+            return _parse_json(raw, endpoint)
+        except ServerError as exc:
+            raise ConfigurationError(
+                f"{exc} api_host should be 'https://HOST/api/tracking' (the platform's tracking service)."
+            ) from None
+
+    def ui_links(self, run: Run) -> tuple[str, str] | None:
+        """The run's and its experiment's pages in the OICM web UI (None: not OICM, or hide_host)."""
+        return self.config.ui_links(self.workspace_id, run.info.experiment_id, run.info.run_id)
+
     # -- experiments ---------------------------------------------------------------------------
 
     async def get_experiment_by_name(self, name: str) -> Experiment | None:
@@ -221,6 +292,14 @@ class RestBackend:
             token = reply.get("next_page_token")
             if not token:
                 return points
+
+
+def log_ui_links(backend: object, run: Run) -> None:
+    """Log where the platform's UI shows ``run`` (INFO, logger "tracklane"); only for an OICM
+    server without ``hide_host``, and never the API key."""
+    links = backend.ui_links(run) if isinstance(backend, RestBackend) else None
+    if links is not None:
+        logger.info("tracklane: run %s: %s (experiment: %s)", run.info.run_name or run.info.run_id, *links)
 
 
 def _parse_json(raw: bytes, endpoint: str) -> dict[str, Any]:

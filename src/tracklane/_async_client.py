@@ -1,0 +1,270 @@
+"""``AsyncTrackingClient``: the same engine, on the caller's own event loop.
+
+The rule for logging calls (``log_metric``, ``log_params``, ``set_tag`` ...): they are plain
+methods that validate, stamp and enqueue at once, never awaiting I/O, and return an awaitable.
+Awaiting it is optional. It completes at once while the buffer has room; when the buffer is full
+it waits, without blocking the loop, until the worker has drained it below its bound: that is
+backpressure for producers that want it. A call that is not awaited is never lost: on a full
+buffer it is still accepted (``overflow="spill"``, the default) or dropped and counted under a
+drop policy. ``overflow="block"`` is refused here: blocking would stop the very loop that drains.
+
+Lifecycle and read calls are coroutines that run on the same loop as the worker; there is no
+extra thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Generator, Mapping
+from types import TracebackType
+from typing import Any
+
+from ._engine import USER_TAG_VALUE, Engine, _tag_names
+from ._entities import ActiveRun, Experiment, Metric, Run, exit_status
+from ._exceptions import ConfigurationError
+from ._setup import build_engine
+from ._validation import check_status
+
+
+class Room:
+    """What an async logging call returns: awaiting it waits for room in the buffer."""
+
+    __slots__ = ("_engine",)
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def __await__(self) -> Generator[Any, None, None]:
+        if not self._engine.has_room():
+            yield from self._engine.wait_for_room().__await__()
+
+
+class AsyncActiveRun(ActiveRun):
+    """The run ``start_run`` made active; leaving its ``async with`` block ends it."""
+
+    def __init__(self, run: Run, client: AsyncTrackingClient) -> None:
+        super().__init__(run, _no_sync_end)
+        object.__setattr__(self, "_client", client)
+
+    async def __aenter__(self) -> AsyncActiveRun:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        status = "KILLED" if exc_type is not None and issubclass(exc_type, asyncio.CancelledError) else None
+        await self._client.end_run(status or exit_status(exc_type))  # type: ignore[attr-defined]
+
+
+class StartRun:
+    """``await tc.start_run(...)`` gives the run; ``async with tc.start_run(...)`` also ends it."""
+
+    def __init__(self, client: AsyncTrackingClient, args: tuple[Any, ...]) -> None:
+        self._client = client
+        self._args = args
+        self._run: AsyncActiveRun | None = None
+
+    async def _start(self) -> AsyncActiveRun:
+        engine = await self._client._engine_now()
+        run = await engine.start_run(*self._args)
+        self._run = AsyncActiveRun(run, self._client)
+        return self._run
+
+    def __await__(self) -> Generator[Any, None, AsyncActiveRun]:
+        return self._start().__await__()
+
+    async def __aenter__(self) -> AsyncActiveRun:
+        return await self._start()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        assert self._run is not None
+        await self._run.__aexit__(exc_type, exc, tb)
+
+
+class AsyncTrackingClient:
+    """``TrackingClient`` for asyncio applications: same API, lifecycle calls awaited.
+
+    Use as ``async with AsyncTrackingClient(...) as tc:``; leaving the block (or ``await
+    tc.aclose()``) flushes within ``exit_timeout`` and ends an active run. See the module
+    docstring for the rule on logging calls. Arguments are those of ``TrackingClient``.
+    """
+
+    def __init__(
+        self,
+        api_host: str | None = None,
+        api_key: str | None = None,
+        path_to_storage: str | None = None,
+        offline_mode: bool | None = None,
+        **options: Any,
+    ) -> None:
+        if options.get("overflow") == "block":
+            raise ConfigurationError(
+                "AsyncTrackingClient cannot block its own event loop: await the logging calls for "
+                "backpressure, and use overflow='spill' (default), 'drop_newest' or 'drop_oldest'."
+            )
+        self._engine = build_engine(api_host, api_key, path_to_storage, offline_mode, **options)
+        self._room = Room(self._engine)
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"AsyncTrackingClient({self._engine.backend.describe!r})"
+
+    async def _engine_now(self) -> Engine:
+        """The engine, attached to the running loop on first use."""
+        if self._closed:
+            raise ConfigurationError("This AsyncTrackingClient is closed; create a new one.")
+        if not self._engine.attached:
+            self._engine.attach(asyncio.get_running_loop())
+            await self._engine.on_attach()
+        return self._engine
+
+    async def __aenter__(self) -> AsyncTrackingClient:
+        await self._engine_now()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose(status=exit_status(exc_type))
+
+    async def aclose(self, timeout: float | None = None, status: str = "FINISHED") -> int:
+        """Flush within ``timeout`` (default ``exit_timeout``), end an active run with ``status``,
+        stop the worker. Returns how many events could not be delivered in time. Idempotent."""
+        if self._closed:
+            return 0
+        self._closed = True
+        if not self._engine.attached:
+            return 0
+        wait = self._engine.config.exit_timeout if timeout is None else timeout
+        return await asyncio.shield(self._engine.shutdown(wait, status))
+
+    # -- experiments -----------------------------------------------------------------------------
+
+    async def set_experiment(self, experiment_name: str, workspace_id: str | None = None) -> Experiment:
+        """Make ``experiment_name`` the active experiment, creating it if missing."""
+        return await (await self._engine_now()).set_experiment(experiment_name, workspace_id)
+
+    async def create_experiment(
+        self, experiment_name: str, workspace_id: str | None = None, tags: list[str] | None = None
+    ) -> Experiment:
+        """Create an experiment (or return the one with that name), adding tag names to it."""
+        return await (await self._engine_now()).create_experiment(experiment_name, workspace_id, tags or ())
+
+    async def get_experiment_by_name(self, name: str) -> Experiment | None:
+        """The experiment called ``name``, or None."""
+        return await (await self._engine_now()).get_experiment_by_name(name)
+
+    async def delete_experiment(self, experiment_id: str) -> None:
+        """Mark an experiment deleted."""
+        await (await self._engine_now()).delete_experiment(experiment_id)
+
+    async def set_experiment_tags(self, tag_names: list[str]) -> None:
+        """Add tag names to the active experiment."""
+        await (await self._engine_now()).set_experiment_tags(tag_names)
+
+    # -- runs ------------------------------------------------------------------------------------
+
+    def start_run(
+        self,
+        run_id: str | None = None,
+        run_name: str | None = None,
+        tags: list[str] | None = None,
+        log_system_metrics: bool | None = None,
+    ) -> StartRun:
+        """Start, resume by name, or attach by id; ``await`` it, or ``async with`` it to end it
+        on leaving (FINISHED, FAILED on an exception, KILLED on cancellation or Ctrl-C)."""
+        return StartRun(self, (run_id, run_name, tags, log_system_metrics))
+
+    async def end_run(self, status: str = "FINISHED") -> None:
+        """Deliver the run's events, then end it. Cancelling the caller does not cancel this:
+        the run still ends and no event is lost. Raises DeliveryError for refused events."""
+        engine = await self._engine_now()
+        await asyncio.shield(engine.end_run(check_status(status)))
+
+    def active_run(self) -> AsyncActiveRun | None:
+        """The active run, or None."""
+        run = self._engine.active
+        return None if run is None else AsyncActiveRun(run, self)
+
+    def last_active_run(self) -> AsyncActiveRun | None:
+        """The active run, else the run most recently ended by this client, else None."""
+        run = self._engine.active or self._engine.last_run
+        return None if run is None else AsyncActiveRun(run, self)
+
+    async def get_run(self, run_id: str) -> Run:
+        """The run as stored, including everything logged before this call."""
+        return await (await self._engine_now()).get_run(run_id)
+
+    async def get_metric_history(self, run_id: str, key: str) -> list[Metric]:
+        """Every point of metric ``key``, including those logged before this call."""
+        return await (await self._engine_now()).get_metric_history(run_id, key)
+
+    async def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every event logged before this call is delivered; False on timeout.
+        Cancelling it loses nothing: the events stay queued."""
+        engine = await self._engine_now()
+        try:
+            await asyncio.wait_for(engine.flush(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    def stats(self) -> dict[str, float]:
+        """Counters of the client's own work (see ``TrackingClient.stats``)."""
+        return self._engine.stats()
+
+    # -- logging: validate, stamp, enqueue; await for backpressure --------------------------------
+
+    def log_metric(
+        self, key: str, value: float, step: int | None = None, timestamp: int | None = None
+    ) -> Room:
+        """Log one metric point. Raises InvalidInputError at the call."""
+        self._engine.log_metric(key, value, step, timestamp)
+        return self._room
+
+    def log_metrics(
+        self, metrics: Mapping[str, float], step: int | None = None, timestamp: int | None = None
+    ) -> Room:
+        """Log several metrics at one step and time."""
+        self._engine.log_metrics(metrics, step, timestamp)
+        return self._room
+
+    def log_param(self, key: str, value: Any) -> Room:
+        """Log a param, stored as ``str(value)``."""
+        self._engine.log_params({key: value})
+        return self._room
+
+    def log_params(self, params: Mapping[str, Any]) -> Room:
+        """Log several params."""
+        self._engine.log_params(params)
+        return self._room
+
+    def set_tag(self, key: str, value: Any) -> Room:
+        """Set a run tag; the last value set wins."""
+        self._engine.set_tags({key: value})
+        return self._room
+
+    def set_tags(self, tags: Mapping[str, Any]) -> Room:
+        """Set several run tags."""
+        self._engine.set_tags(tags)
+        return self._room
+
+    def set_run_tags(self, tag_names: list[str]) -> Room:
+        """Add tag names to the active run (name as key, ``_OI_USER_TAG`` as value)."""
+        self._engine.set_tags(dict.fromkeys(_tag_names(tag_names, "run"), USER_TAG_VALUE))
+        return self._room
+
+
+def _no_sync_end(status: str) -> None:
+    raise TypeError("an AsyncTrackingClient run ends with `async with` or `await tc.end_run()`")

@@ -1,0 +1,59 @@
+"""Building an engine from a client's arguments: the one place both faces share for it."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from ._config import EngineConfig, check_overflow, resolve_server
+from ._engine import Engine
+from ._exceptions import ConfigurationError
+from ._rest import RestBackend
+
+logger = logging.getLogger("tracklane")
+
+
+def build_engine(
+    api_host: str | None = None,
+    api_key: str | None = None,
+    path_to_storage: str | None = None,
+    offline_mode: bool | None = None,
+    *,
+    verify_ssl: bool = True,
+    max_buffer: int = 100_000,
+    overflow: str | None = None,
+    block_timeout: float | None = None,
+    flush_interval: float = 0.5,
+    retry_window: float = 30.0,
+    exit_timeout: float = 10.0,
+    request_timeout: float = 30.0,
+    system_metrics_interval: float | None = None,
+    hide_host: bool = False,
+) -> Engine:
+    """An engine (not yet attached to a loop) for the server or journal the arguments name.
+
+    Raises ConfigurationError for settings that cannot work together.
+    """
+    server = resolve_server(
+        api_host, api_key, verify_ssl=verify_ssl, request_timeout=request_timeout, hide_host=hide_host
+    )
+    if server is None:
+        raise ConfigurationError(
+            "No tracking server: pass api_host= (e.g. 'http://127.0.0.1:5000') or set OIP_TRACKING_SERVER."
+        )
+    if not verify_ssl:
+        logger.warning(
+            "tracklane: TLS certificate verification is off (verify_ssl=False); use this only "
+            "with a server you trust on a network you trust."
+        )
+    config = EngineConfig(
+        max_buffer=max_buffer,
+        overflow=check_overflow(overflow or os.environ.get("TRACKLANE_OVERFLOW", "spill")),
+        block_timeout=block_timeout,
+        flush_interval=flush_interval,
+        retry_window=retry_window,
+        exit_timeout=exit_timeout,
+        journal_dir=path_to_storage,
+        system_metrics_interval=system_metrics_interval,
+    )
+    return Engine(RestBackend(server, retry_window=retry_window), config)
