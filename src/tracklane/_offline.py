@@ -1,0 +1,101 @@
+"""Offline mode: the engine's ``Backend`` on the local journal instead of a tracking server.
+
+The engine cannot tell the difference: the same batches arrive, experiments and runs get ids, and
+reads (``get_run``, ``get_metric_history``, resume by name, attach by id) answer as a server would.
+Every SQLite call runs on the journal's own thread (``JournalThread``), so the event loop the engine
+lives on (possibly the user's own) never waits on the disk; the engine hands over whole batches,
+so that costs one thread hop per batch, not per event.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+
+from ._batching import Batch
+from ._config import ServerConfig
+from ._entities import Experiment, Metric, Run
+from ._journal import Journal
+
+logger = logging.getLogger("tracklane")
+_FALSE = ("", "0", "false", "no", "off")
+
+
+def offline_backend(
+    offline_mode: bool | None, server: ServerConfig | None, path_to_storage: str | None
+) -> JournalBackend | None:
+    """The journal backend when the client should log offline, else None (log to ``server``).
+
+    Offline when asked (``offline_mode=True`` or ``$OIP_OFFLINE_MODE`` truthy), and by default when
+    no server is configured at all; then it says so once, with the command that uploads later.
+    """
+    if offline_mode is None and "OIP_OFFLINE_MODE" in os.environ:
+        offline_mode = os.environ["OIP_OFFLINE_MODE"].strip().lower() not in _FALSE
+    if offline_mode is False or (offline_mode is None and server is not None):
+        return None
+    storage = path_to_storage or "."
+    backend = JournalBackend(Journal.at(storage))
+    if not offline_mode:
+        logger.warning(
+            "tracklane: no tracking server configured (api_host= or OIP_TRACKING_SERVER), so runs are "
+            "logged offline to %s. Upload them later with: tracklane sync %s --to URL",
+            backend.journal.path.parent.resolve(),
+            storage,
+        )
+    return backend
+
+
+class JournalBackend:
+    """Experiments, runs and events stored in a ``Journal``, for ``TrackingClient(offline_mode=True)``."""
+
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+        self.workspace_id: str | None = None  # offline, every workspace is the same local one
+
+    def __repr__(self) -> str:
+        return f"JournalBackend({str(self.journal.path)!r})"
+
+    @property
+    def describe(self) -> str:
+        return f"the local journal {self.journal.path}"
+
+    async def get_experiment_by_name(self, name: str) -> Experiment | None:
+        return await self.journal.call(self.journal.get_experiment_by_name, name)
+
+    async def get_experiment(self, experiment_id: str) -> Experiment:
+        return await self.journal.call(self.journal.get_experiment, experiment_id)
+
+    async def create_experiment(self, name: str, tags: Mapping[str, str]) -> str:
+        return await self.journal.call(self.journal.create_experiment, name, tags)
+
+    async def delete_experiment(self, experiment_id: str) -> None:
+        await self.journal.call(self.journal.delete_experiment, experiment_id)
+
+    async def set_experiment_tag(self, experiment_id: str, key: str, value: str) -> None:
+        await self.journal.call(self.journal.set_experiment_tag, experiment_id, key, value)
+
+    async def create_run(
+        self, experiment_id: str, run_name: str, start_time: int, tags: Mapping[str, str]
+    ) -> Run:
+        return await self.journal.call(self.journal.create_run, experiment_id, run_name, start_time, tags)
+
+    async def get_run(self, run_id: str) -> Run:
+        return await self.journal.call(self.journal.get_run, run_id)
+
+    async def search_runs_by_name(self, experiment_id: str, run_name: str) -> list[Run]:
+        return await self.journal.call(self.journal.search_runs_by_name, experiment_id, run_name)
+
+    async def update_run(self, run_id: str, status: str, end_time: int | None) -> None:
+        await self.journal.call(self.journal.update_run, run_id, status, end_time)
+
+    async def log_batch(self, batch: Batch, deadline: float | None = None) -> None:
+        """Store one batch in one transaction; a param that changes value refuses the whole batch
+        with the server's 400, so the engine isolates it exactly as it does online."""
+        await self.journal.call(self.journal.write_events, batch.run_id, batch.events())
+
+    async def get_metric_history(self, run_id: str, key: str) -> list[Metric]:
+        return await self.journal.call(self.journal.metric_history, run_id, key)
+
+    async def aclose(self) -> None:
+        await self.journal.call(self.journal.close)
