@@ -253,6 +253,7 @@ class FaultProxy:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.calls: list[tuple[float, str, int]] = []
+        self.batches: list[dict[str, Any]] = []  # every log-batch body forwarded
         self._script: dict[str, list[tuple[int, dict[str, str], bytes]]] = {}
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -260,6 +261,10 @@ class FaultProxy:
 
     def script(self, endpoint: str, *responses: tuple[int, dict[str, str], bytes]) -> None:
         self._script.setdefault(endpoint, []).extend(responses)
+
+    def metrics_sent(self, key: str) -> int:
+        """How many metric entities with ``key`` were posted to the server, duplicates included."""
+        return sum(1 for b in self.batches for m in b.get("metrics", []) if m["key"] == key)
 
     def calls_to(self, endpoint: str) -> list[tuple[float, int]]:
         return [(t, status) for t, e, status in self.calls if e == endpoint]
@@ -271,11 +276,14 @@ class FaultProxy:
             status, headers, body = queue.pop(0)
             self.calls.append((time.monotonic(), endpoint, status))
             return web.Response(status=status, headers=headers, body=body, content_type="application/json")
+        body = await request.read()
+        if endpoint == "runs/log-batch":
+            self.batches.append(json.loads(body))
         async with self._session.request(
             request.method,
             f"{self.upstream}/api/2.0/mlflow/{endpoint}",
             params=request.query,
-            data=await request.read(),
+            data=body,
             headers={"Content-Type": "application/json"},
         ) as upstream:
             self.calls.append((time.monotonic(), endpoint, upstream.status))

@@ -1,30 +1,22 @@
 """``TrackingClient``: the synchronous face, with the OICM TrackingClient's API.
 
 Logging calls go straight to the engine's hot path on the caller's thread. Everything that
-talks to the server runs on a background thread's event loop (``LoopThread``) and is waited for
-here, with a bound.
+talks to the server runs on a background thread's event loop (``_process.SyncRuntime``) and is
+waited for here, with a bound.
 """
 
 from __future__ import annotations
 
-import atexit
-import functools
-import logging
-import os
-import sys
 from collections.abc import Coroutine, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
 
-from ._config import EngineConfig, check_overflow, resolve_server
-from ._engine import USER_TAG_VALUE, Engine, _tag_names
+from ._engine import USER_TAG_VALUE, _tag_names
 from ._entities import ActiveRun, Experiment, Metric, Run
-from ._exceptions import ConfigurationError
-from ._loop_thread import LoopThread
-from ._rest import RestBackend
+from ._process import SyncRuntime
+from ._setup import build_engine
 from ._validation import check_status
 
-logger = logging.getLogger("tracklane")
 T = TypeVar("T")
 
 
@@ -34,20 +26,30 @@ class TrackingClient:
     Logging calls cost microseconds and never do I/O on your thread: events are buffered and sent
     in batches by a background worker. ``end_run`` (or leaving ``with tc.start_run()``) and
     ``flush`` wait until the server has them; interpreter exit flushes too, for at most
-    ``exit_timeout`` seconds.
+    ``exit_timeout`` seconds. With no server configured (or ``offline_mode=True``) everything
+    goes to a local journal under ``<path_to_storage>/ml_runs`` instead.
 
     Args:
         api_host: ``https://HOST/api/tracking`` for OICM, any other http(s) URL for a plain MLflow
             server. Defaults to ``$OIP_TRACKING_SERVER``.
         api_key: sent as ``Authorization: Bearer``; defaults to ``$OIP_WORKLOAD_ACCESS_KEY``.
+        path_to_storage: where the journal lives (offline runs, and events kept through outages).
+        offline_mode: log to the journal only; defaults to ``$OIP_OFFLINE_MODE``.
         max_buffer: events held in memory before ``overflow`` applies.
-        overflow: what a logging call does when the buffer is full: ``"spill"``/``"block"`` wait
-            for the worker (bounded by ``block_timeout``), ``"drop_newest"``/``"drop_oldest"``
-            drop and count.
-        exit_timeout: the longest interpreter exit waits for undelivered events.
+        overflow: what a logging call does when the buffer is full: ``"spill"`` (default; the
+            worker moves the backlog to the journal while the server lags) and ``"block"`` wait
+            for room (at most ``block_timeout`` s, then drop and count), ``"drop_newest"`` and
+            ``"drop_oldest"`` drop and count. Defaults to ``$TRACKLANE_OVERFLOW``.
+        retry_window: how long a request is retried before the server counts as unavailable.
+        exit_timeout: the longest interpreter exit (or ``close``) waits for undelivered events.
+        system_metrics_interval: seconds between system metrics samples of a run (default
+            ``$MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL``, else 10).
+        hide_host: on OICM, do not log the run's UI links (they show the platform's address).
 
     Raises:
-        ConfigurationError: no server given, or an OICM host without an API key.
+        ConfigurationError: settings that cannot work, an OICM host without an API key, or an
+            ``api_host`` that does not answer as an OICM tracking service.
+        ServerUnavailableError: the OICM host cannot be reached or reports itself down.
     """
 
     def __init__(
@@ -65,48 +67,37 @@ class TrackingClient:
         retry_window: float = 30.0,
         exit_timeout: float = 10.0,
         request_timeout: float = 30.0,
+        system_metrics_interval: float | None = None,
+        hide_host: bool = False,
     ) -> None:
-        server = resolve_server(api_host, api_key, verify_ssl=verify_ssl, request_timeout=request_timeout)
-        if server is None:
-            raise ConfigurationError(
-                "No tracking server: pass api_host= (e.g. 'http://127.0.0.1:5000') or set "
-                "OIP_TRACKING_SERVER."
-            )
-        if not verify_ssl:
-            logger.warning(
-                "tracklane: TLS certificate verification is off (verify_ssl=False); use this only "
-                "with a server you trust on a network you trust."
-            )
-        config = EngineConfig(
+        self._engine = build_engine(
+            api_host,
+            api_key,
+            path_to_storage,
+            offline_mode,
+            verify_ssl=verify_ssl,
             max_buffer=max_buffer,
-            overflow=check_overflow(overflow or os.environ.get("TRACKLANE_OVERFLOW", "spill")),
+            overflow=overflow,
             block_timeout=block_timeout,
             flush_interval=flush_interval,
             retry_window=retry_window,
             exit_timeout=exit_timeout,
-            journal_dir=path_to_storage,
+            request_timeout=request_timeout,
+            system_metrics_interval=system_metrics_interval,
+            hide_host=hide_host,
         )
-        self._server = server
-        self._engine = Engine(RestBackend(server, retry_window=retry_window), config)
-        self._thread = LoopThread()
-        self._thread.run(self._attach())
-        self._exit_hook = functools.partial(_flush_at_exit, self._engine, self._thread)
-        atexit.register(self._exit_hook)
-        self._closed = False
-
-    async def _attach(self) -> None:
-        import asyncio
-
-        self._engine.attach(asyncio.get_running_loop())
+        self._runtime = SyncRuntime(self._engine)
+        try:
+            self._runtime.call(self._engine.on_attach(), timeout=request_timeout * 2 + 5.0)
+        except BaseException:
+            self._runtime.shutdown(timeout=1.0)
+            raise
 
     def __repr__(self) -> str:
-        return f"TrackingClient(api_host={self._server.api_host!r})"
+        return f"TrackingClient({self._engine.backend.describe!r})"
 
     def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        if self._closed:
-            coro.close()
-            raise ConfigurationError("This TrackingClient is closed; create a new one.")
-        return self._thread.run(coro, timeout)
+        return self._runtime.call(coro, timeout)
 
     # -- experiments -----------------------------------------------------------------------------
 
@@ -145,13 +136,17 @@ class TrackingClient:
         run_id: str | None = None,
         run_name: str | None = None,
         tags: list[str] | None = None,
+        log_system_metrics: bool | None = None,
     ) -> ActiveRun:
         """Start a run, continue the run named ``run_name``, or attach to ``run_id``.
 
-        Use as ``with tc.start_run(...):``; the block ends the run. Raises NotFoundError for an
-        unknown ``run_id``, TrackingError with no experiment set or a run already active.
+        Use as ``with tc.start_run(...):``; the block ends the run. While it is active, system
+        metrics (CPU, memory, disk, network, GPUs) are sampled under ``system/`` unless
+        ``log_system_metrics=False`` or ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false``. Raises
+        NotFoundError for an unknown ``run_id``, TrackingError with no experiment set or a run
+        already active.
         """
-        run = self._call(self._engine.start_run(run_id, run_name, tags))
+        run = self._call(self._engine.start_run(run_id, run_name, tags, log_system_metrics))
         return ActiveRun(run, self.end_run)
 
     def end_run(self, status: str = "FINISHED") -> None:
@@ -217,7 +212,8 @@ class TrackingClient:
     # -- delivery --------------------------------------------------------------------------------
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every event logged before this call is delivered; False on timeout.
+        """Wait until every event logged before this call is settled: delivered, or kept in the
+        journal while the server is unreachable. False on timeout.
 
         Raises DeliveryError listing events the server refused since the last flush.
         """
@@ -227,14 +223,16 @@ class TrackingClient:
             return False
         return True
 
-    def close(self, timeout: float | None = None) -> None:
+    def stats(self) -> dict[str, float]:
+        """Counters of the client's own work: enqueued, delivered, spilled, dropped, rejected,
+        retries, in-flight requests and events, buffer depth, oldest undelivered event's age (s)."""
+        return self._engine.stats()
+
+    def close(self, timeout: float | None = None) -> int:
         """Flush (at most ``timeout`` s, default ``exit_timeout``), end an active run FINISHED,
-        and stop the worker. Idempotent."""
-        if self._closed:
-            return
-        atexit.unregister(self._exit_hook)
-        self._closed = True
-        _flush_at_exit(self._engine, self._thread, timeout=timeout, status="FINISHED")
+        stop the worker. Returns how many events were left undelivered (kept in the journal).
+        Idempotent."""
+        return self._runtime.shutdown(timeout, status="FINISHED")
 
     def __enter__(self) -> TrackingClient:
         return self
@@ -246,35 +244,3 @@ class TrackingClient:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-
-def _flush_at_exit(
-    engine: Engine,
-    thread: LoopThread,
-    timeout: float | None = None,
-    status: str | None = None,
-) -> None:
-    """The interpreter-exit flush: bounded by ``exit_timeout``; ends a still-active run FAILED if
-    the process is dying of an uncaught exception, FINISHED otherwise."""
-    if not thread.alive:
-        return
-    if status is None:
-        dying = getattr(sys, "last_value", None) or getattr(sys, "last_exc", None)
-        status = "FAILED" if dying is not None else "FINISHED"
-    wait = engine.config.exit_timeout if timeout is None else timeout
-    try:
-        left = thread.run(engine.shutdown(wait, status), timeout=wait + 2.0)
-    except KeyboardInterrupt:
-        logger.warning("tracklane: exit flush interrupted; undelivered events were not sent.")
-        return
-    except Exception as exc:  # never turn a clean exit into a traceback
-        logger.warning("tracklane: exit flush failed: %s", exc)
-        return
-    finally:
-        thread.stop()
-    if left:
-        logger.warning(
-            "tracklane: %d event(s) could not be delivered within the exit wait of %.1fs.",
-            left,
-            wait,
-        )

@@ -35,7 +35,8 @@ from ._exceptions import (
     TrackingError,
 )
 from ._limits import MAX_EXPERIMENT_TAG_VALUE_LENGTH, MAX_PARAM_VALUE_LENGTH, MAX_TAG_VALUE_LENGTH
-from ._rest import log_ui_links
+from ._rest import RestBackend, log_ui_links
+from ._spill import Spill
 from ._sysmetrics import sampler_interval, start_sampler, stop_sampler
 from ._validation import check_key, check_step, check_timestamp, metric_value, text_value
 
@@ -44,6 +45,8 @@ logger = logging.getLogger("tracklane")
 #: The value OICM stores for a tag given by name only (``set_run_tags(["baseline"])``).
 USER_TAG_VALUE = "_OI_USER_TAG"
 _KNOWN_KEYS_CAP = 100_000
+#: Under overflow="spill", how long a request may hold a full buffer before the batch is journaled.
+_SPILL_AFTER = 1.0
 _RUN_STATE_ERROR = re.compile(r"active' state|deleted|RESOURCE_DOES_NOT_EXIST", re.I)
 
 
@@ -82,7 +85,8 @@ class Engine:
         self.config = config
         self._buf: deque[Any] = deque()
         self._max = config.max_buffer
-        self._wake_at = config.batch_size
+        # Wake the worker once a batch is ready, or the buffer half full if it is smaller.
+        self._wake_at = max(1, min(config.batch_size, config.max_buffer // 2))
         self._wake_pending = False
         self._notify: Callable[[], None] = _nothing
         self._room = threading.Condition()
@@ -102,6 +106,7 @@ class Engine:
         self._run_id: str | None = None  # read on the hot path; written only on the loop
         self.last_run: Run | None = None
         self._params: dict[str, dict[str, str]] = {}
+        self._owns_run = False  # False in a forked child: the parent ends the run
         # Outcomes.
         self._rejected: list[RejectedEvent] = []
         self._warned: set[str] = set()
@@ -124,6 +129,29 @@ class Engine:
 
         self._notify = notify
         self._worker = loop.create_task(self._work(), name="tracklane-worker")
+
+    def reset_after_fork(self) -> None:
+        """In a child made by ``os.fork``: forget the parent's queue, loop, locks and connections.
+
+        The experiment and run context stay, so the child logs into the parent's run; the run
+        stays the parent's to end (the child's exit only flushes its own events).
+        """
+        self._buf = deque()
+        self._inflight = {}
+        self._room = threading.Condition()
+        self._waiting_for_room = 0
+        self._wake_pending = False
+        self._notify = _nothing
+        self._loop = self._wake = self._room_async = None
+        self._worker = self._sampler = None
+        self._closing = False
+        self._rejected = []
+        self.delivered = self.dropped = self.rejected_total = self.spilled = 0
+        self._owns_run = False
+        self._spill_state = None  # the parent's journal thread and connection are not ours
+        forget = getattr(self.backend, "after_fork", None)
+        if forget is not None:
+            forget()
 
     async def on_attach(self) -> None:
         """Checks a face runs once the engine has a loop: the OICM platform's liveness/version."""
@@ -389,14 +417,55 @@ class Engine:
             await asyncio.wait(set(self._inflight))
 
     async def _deliver(self, batch: Batch) -> None:
-        """Send ``batch``; on a 400, bisect to isolate the refused events and deliver the rest."""
+        """Send ``batch``; on a 400, bisect to isolate the refused events and deliver the rest.
+
+        A server that cannot be reached gets the batch later: it goes to the journal (``_spill``).
+        """
+        spill = self._spill()
+        if spill is None:
+            await self._send_or_spill(batch, None)
+            return
+        spill.unsettled[id(batch)] = batch
+        await self._send_or_spill(batch, spill)
+        # Not in a `finally`: a cancelled delivery stays listed, and shutdown journals its batch.
+        spill.unsettled.pop(id(batch), None)
+
+    # -- outage spill (see _spill) ---------------------------------------------------------------
+
+    _spill_state: Spill | None = None  # made on the first delivery to a server; never offline
+
+    def _spill(self) -> Spill | None:
+        if self._spill_state is None and isinstance(self.backend, RestBackend):
+            self._spill_state = Spill(self.backend, self.config.journal_dir)
+        return self._spill_state
+
+    def _run_name(self, run_id: str) -> str:
+        run = self.run or (self.last_run.info if self.last_run is not None else None)
+        return run.run_name if run is not None and run.run_id == run_id else ""
+
+    def _count_replayed(self, n: int) -> None:
+        # Replayed from the journal: these events move from "spilled" to "delivered".
+        self.delivered += n
+        self.spilled = max(0, self.spilled - n)
+
+    async def _send_or_spill(self, batch: Batch, spill: Spill | None) -> None:
         while True:
+            if (
+                spill is not None
+                and spill.degraded
+                and await spill.write(batch.events(), self._run_name, batch)
+            ):
+                self.spilled += len(batch)
+                return
             try:
-                await self.backend.log_batch(batch)
+                await self._send(batch, spill)
                 self.delivered += len(batch)
                 return
             except ServerUnavailableError as exc:
-                # Outage: keep the events and try again; the journal issue turns this into spill.
+                if spill is not None and await spill.write(batch.events(), self._run_name, batch):
+                    self.spilled += len(batch)
+                    spill.degrade(exc, self._count_replayed, self._reject)
+                    return
                 self.warn_once("outage", "tracklane: %s Retrying; events stay buffered.", exc)
                 if self._closing:
                     raise
@@ -406,9 +475,69 @@ class Engine:
                     self._reject(batch.events(), message)
                     return
                 first, second = batch.halves()
-                await self._deliver(first)
-                await self._deliver(second)
+                await self._send_or_spill(first, spill)
+                await self._send_or_spill(second, spill)
                 return
+
+    async def _send(self, batch: Batch, spill: Spill | None) -> None:
+        """``log_batch``; but under ``overflow="spill"``, stop waiting for a server that sits on a
+        request while the buffer is full: the callers blocked for room are released through the
+        journal instead (``ServerUnavailableError`` sends the batch there)."""
+        if spill is None or spill.broken or self.config.overflow != "spill":
+            await self.backend.log_batch(batch)
+            return
+        started = time.monotonic()
+        send = asyncio.ensure_future(self.backend.log_batch(batch))
+        try:
+            while not (await asyncio.wait({send}, timeout=0.25))[0]:
+                if len(self._buf) >= self._max and time.monotonic() - started >= _SPILL_AFTER:
+                    raise ServerUnavailableError(
+                        f"{self.backend.describe} has not taken a batch in {_SPILL_AFTER:.0f}s while the "
+                        f"buffer is full ({self._max} events)."
+                    )
+            send.result()
+        finally:
+            send.cancel()
+
+    async def _finish_and_replay(self, run_status: str | None) -> None:
+        await self._finish(run_status)
+        spill = self._spill_state
+        if spill is not None and spill.replay_task is not None:
+            await spill.replay_task  # ends once the journal has given the server everything
+
+    async def _keep_undelivered(self, undelivered: int, run: RunInfo | None, run_status: str | None) -> int:
+        """At shutdown: put the events still buffered or in flight, and a run end the server did
+        not get, in the journal. Returns how many events are lost (0 once the journal has them)."""
+        spill = self._spill_state
+        if spill is None:
+            return undelivered
+        if spill.replay_task is not None:
+            spill.replay_task.cancel()
+        busy = [
+            t for t in (self._worker, *self._inflight, spill.replay_task) if t is not None and not t.done()
+        ]
+        if busy:
+            await asyncio.wait(busy, timeout=1.0)  # a cancelled spill write finishes first
+        events = [e for e in self._buf if type(e) is tuple]
+        for batch in spill.unsettled.values():
+            events.extend(batch.events())
+        ended = None
+        last = self.last_run
+        if run is not None and run_status is not None and (last is None or last.info.run_id != run.run_id):
+            ended = (run.run_id, run_status, now_ms())
+        if not events and ended is None and not spill.runs:
+            return undelivered
+
+        def name(run_id: str) -> str:
+            return run.run_name if run is not None and run.run_id == run_id else self._run_name(run_id)
+
+        await spill.keep_at_exit(events, name, ended)
+        if spill.broken:
+            return undelivered
+        self.spilled += len(events)
+        self._buf.clear()
+        spill.unsettled.clear()
+        return 0
 
     def _warn_unclosed(self) -> None:
         # The loop is shutting down under a client nobody closed (like an unclosed aiohttp
@@ -621,6 +750,7 @@ class Engine:
         self.active = Run(self.run, run.data)
         self._params[run.info.run_id] = dict(run.data.params)
         self._run_id = run.info.run_id
+        self._owns_run = True
         new_tags = [t for t in names if t not in run.data.tags]
         if new_tags:
             self.set_tags(dict.fromkeys(new_tags, USER_TAG_VALUE))
@@ -671,8 +801,9 @@ class Engine:
         """
         self._closing = True
         undelivered = 0
+        run = self.run if self._owns_run else None  # a forked child leaves the run to its parent
         try:
-            await asyncio.wait_for(self._finish(run_status), timeout)
+            await asyncio.wait_for(self._finish_and_replay(run_status), timeout)
         except asyncio.TimeoutError:
             undelivered = self.pending()
         except TrackingError as exc:
@@ -681,11 +812,12 @@ class Engine:
             for task in [self._sampler, self._worker, *self._inflight]:
                 if task is not None:
                     task.cancel()
+            undelivered = await self._keep_undelivered(undelivered, run, run_status)
             await self.backend.aclose()
         return undelivered
 
     async def _finish(self, run_status: str | None) -> None:
-        if self.run is not None and run_status is not None:
+        if self.run is not None and run_status is not None and self._owns_run:
             await self.end_run(run_status)
         else:
             await self.flush()

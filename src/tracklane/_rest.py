@@ -64,6 +64,7 @@ class RestBackend:
         self.retries = 0
         self.platform_version: str | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._parents_session: aiohttp.ClientSession | None = None
 
     def __repr__(self) -> str:
         return f"RestBackend({self.config.api_host!r}, workspace_id={self.workspace_id!r})"
@@ -87,6 +88,11 @@ class RestBackend:
                 connector=aiohttp.TCPConnector(limit=8, ssl=self.config.verify_ssl),
             )
         return self._session
+
+    def after_fork(self) -> None:
+        """In a forked child: the session belongs to the parent's loop. Keep it, unused and
+        unclosed, so it is not finalized here (with an "Unclosed client session" warning)."""
+        self._parents_session, self._session = self._session, None
 
     async def aclose(self) -> None:
         if self._session is not None:

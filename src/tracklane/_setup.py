@@ -8,6 +8,7 @@ import os
 from ._config import EngineConfig, check_overflow, resolve_server
 from ._engine import Engine
 from ._exceptions import ConfigurationError
+from ._offline import offline_backend
 from ._rest import RestBackend
 
 logger = logging.getLogger("tracklane")
@@ -37,9 +38,11 @@ def build_engine(
     server = resolve_server(
         api_host, api_key, verify_ssl=verify_ssl, request_timeout=request_timeout, hide_host=hide_host
     )
-    if server is None:
+    journal = offline_backend(offline_mode, server, path_to_storage)  # None: log to the server
+    if server is None and journal is None:
         raise ConfigurationError(
-            "No tracking server: pass api_host= (e.g. 'http://127.0.0.1:5000') or set OIP_TRACKING_SERVER."
+            "No tracking server: pass api_host= (e.g. 'http://127.0.0.1:5000') or set OIP_TRACKING_SERVER, "
+            "or log offline with offline_mode=True."
         )
     if not verify_ssl:
         logger.warning(
@@ -56,4 +59,7 @@ def build_engine(
         journal_dir=path_to_storage,
         system_metrics_interval=system_metrics_interval,
     )
+    if journal is not None:
+        return Engine(journal, config)
+    assert server is not None
     return Engine(RestBackend(server, retry_window=retry_window), config)

@@ -1,0 +1,158 @@
+"""What ties ``TrackingClient`` to its process: the loop thread, the exit flush, SIGTERM, fork.
+
+Every wait here is bounded. The exit flush never outlives ``exit_timeout`` (plus a small grace)
+and Ctrl-C during it gives up at once; SIGTERM (what schedulers send before a kill) flushes, ends
+the active run KILLED and then lets the signal do what it would have done, calling a handler the
+application installed before us; a child made by ``os.fork`` starts with an empty buffer and a
+fresh loop thread, so nothing of the parent's is sent twice and no lock held by a parent thread
+can deadlock it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import functools
+import logging
+import multiprocessing.util
+import os
+import selectors
+import signal
+import sys
+import threading
+import weakref
+from collections.abc import Coroutine
+from types import FrameType
+from typing import Any, TypeVar
+
+from ._engine import Engine
+from ._exceptions import ConfigurationError
+from ._loop_thread import LoopThread
+
+logger = logging.getLogger("tracklane")
+T = TypeVar("T")
+
+#: Extra seconds the exit flush may take beyond ``exit_timeout`` to close connections.
+_GRACE = 2.0
+
+
+class SyncRuntime:
+    """Runs an engine on a daemon loop thread for a synchronous face, for the life of a process."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.closed = False
+        self.thread = self._start()
+        self._exit_hook = functools.partial(_shutdown_quietly, self)
+        atexit.register(self._exit_hook)
+        ref = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: _after_fork_in_child(ref))
+        # multiprocessing's fork workers (DataLoader's too) leave through os._exit, which skips
+        # atexit; its own exit finalizers run, so the child's flush is registered there.
+        multiprocessing.util.register_after_fork(self, _flush_at_worker_exit)
+        self._install_sigterm_handler(ref)
+
+    def _start(self) -> LoopThread:
+        thread = LoopThread()
+        thread.run(self._attach(), timeout=10.0)
+        return thread
+
+    async def _attach(self) -> None:
+        import asyncio
+
+        self.engine.attach(asyncio.get_running_loop())
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run ``coro`` on the engine's loop and wait for it (at most ``timeout`` seconds)."""
+        if self.closed:
+            coro.close()
+            raise ConfigurationError("This TrackingClient is closed; create a new one.")
+        return self.thread.run(coro, timeout)
+
+    def shutdown(self, timeout: float | None = None, status: str | None = None) -> int:
+        """Flush within ``timeout`` (default ``exit_timeout``), end an active run with ``status``
+        (default: FAILED if the interpreter is dying of an uncaught exception, else FINISHED),
+        stop the loop thread. Returns how many events were left undelivered. Idempotent."""
+        if self.closed or not self.thread.alive:
+            self.closed = True
+            return 0
+        self.closed = True
+        atexit.unregister(self._exit_hook)
+        if status is None:
+            dying = getattr(sys, "last_value", None) or getattr(sys, "last_exc", None)
+            status = "FAILED" if dying is not None else "FINISHED"
+        wait = self.engine.config.exit_timeout if timeout is None else timeout
+        try:
+            left = self.thread.run(self.engine.shutdown(wait, status), timeout=wait + _GRACE)
+        except KeyboardInterrupt:  # Ctrl-C during the exit flush: stop waiting at once
+            left = self.engine.pending()
+            logger.warning("tracklane: exit flush interrupted by Ctrl-C; %d event(s) left.", left)
+        except TimeoutError:
+            left = self.engine.pending()
+        finally:
+            self.thread.stop()
+        if left:
+            logger.warning(
+                "tracklane: %d event(s) could not be delivered within the exit wait of %.1fs.", left, wait
+            )
+        return left
+
+    def _install_sigterm_handler(self, ref: weakref.ref[SyncRuntime]) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        previous = signal.getsignal(signal.SIGTERM)
+        if previous is None:
+            return  # installed outside Python: not ours to wrap
+
+        def on_sigterm(signum: int, frame: FrameType | None) -> None:
+            runtime = ref()
+            if runtime is not None and not runtime.closed and runtime.thread.alive:
+                runtime.shutdown(status="KILLED")
+            if callable(previous):
+                previous(signum, frame)
+            elif previous == signal.SIG_DFL:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                os.kill(os.getpid(), signal.SIGTERM)  # die the way SIGTERM kills
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def _shutdown_quietly(runtime: SyncRuntime) -> None:
+    """The atexit hook: a clean exit must never turn into a traceback because of telemetry."""
+    try:
+        runtime.shutdown()
+    except Exception as exc:
+        logger.warning("tracklane: exit flush failed: %s", exc)
+
+
+def _disown(loop: asyncio.AbstractEventLoop) -> None:
+    """Make the parent's loop, as copied into a forked child, inert.
+
+    Its epoll instance is shared with the parent across fork: an unregister made here (by a
+    transport or the loop being garbage collected) would remove the *parent's* sockets from the
+    parent's epoll set, and the parent's requests would hang until they time out. Close this
+    process's descriptor of it and give the dead loop an empty selector, so its clean-up touches
+    nothing of the parent's.
+    """
+    selector = getattr(loop, "_selector", None)
+    if isinstance(selector, selectors.BaseSelector):
+        loop._selector = selectors.SelectSelector()  # type: ignore[attr-defined]
+        inner = getattr(selector, "_selector", None)
+        if inner is not None and hasattr(inner, "close"):
+            inner.close()
+
+
+def _flush_at_worker_exit(runtime: SyncRuntime) -> None:
+    multiprocessing.util.Finalize(None, _shutdown_quietly, args=(runtime,), exitpriority=10)
+
+
+def _after_fork_in_child(ref: weakref.ref[SyncRuntime]) -> None:
+    runtime = ref()
+    if runtime is None or runtime.closed:
+        return
+    # The parent's loop thread does not exist here, and its buffer is the parent's to send.
+    _disown(runtime.thread.loop)
+    runtime.engine.reset_after_fork()
+    runtime.thread = runtime._start()
+    atexit.unregister(runtime._exit_hook)
+    atexit.register(runtime._exit_hook)
