@@ -1,0 +1,43 @@
+"""The examples a user copies run as documented."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from servers import Reader, free_port
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def test_quickstart_runs_offline_on_the_embedded_default(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OIP_")}
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "quickstart.py")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "FINISHED" in proc.stdout and "10000 points of train/loss stored" in proc.stdout
+    assert (tmp_path / "ml_runs").is_dir()
+    assert "tracklane sync" in proc.stderr  # it says once where the data went and how to upload it
+
+
+def test_async_service_logs_a_metric_per_request(server_url: str, reader: Reader) -> None:
+    env = {**os.environ, "OIP_TRACKING_SERVER": server_url}
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "async_service.py"), "--port", str(free_port()), "--self-test", "25"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    run_id = proc.stdout.split("run ")[1].split()[0]
+    assert len(reader.history(run_id, "latency_ms")) == 25
+    assert reader.run(run_id)["info"]["status"] == "FINISHED"
