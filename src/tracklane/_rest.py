@@ -12,10 +12,12 @@ import logging
 import random
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import orjson
+
+if TYPE_CHECKING:
+    import aiohttp
 
 from ._batching import Batch
 from ._config import ServerConfig
@@ -31,7 +33,18 @@ logger = logging.getLogger("tracklane")
 
 #: Statuses MLflow's own client retries (``mlflow/utils/request_utils.py``).
 TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
-_CONNECTION_ERRORS = (aiohttp.ClientConnectionError, asyncio.TimeoutError, OSError)
+
+
+def _aiohttp() -> Any:
+    """aiohttp, imported on first use: it is most of what ``import tracklane`` would cost, and
+    the first request is made on the worker's loop, not on the caller's thread."""
+    import aiohttp
+
+    return aiohttp
+
+
+def _connection_errors() -> tuple[type[BaseException], ...]:
+    return (_aiohttp().ClientConnectionError, asyncio.TimeoutError, OSError)
 
 
 def retry_after_seconds(header: str | None) -> float | None:
@@ -83,6 +96,7 @@ class RestBackend:
 
     def _session_now(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
+            aiohttp = _aiohttp()
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=self.config.request_timeout),
                 connector=aiohttp.TCPConnector(limit=8, ssl=self.config.verify_ssl),
@@ -134,7 +148,7 @@ class RestBackend:
                         raise _error_from_reply(resp.status, raw, endpoint)
                     problem = f"HTTP {resp.status}"
                     wait = retry_after_seconds(resp.headers.get("Retry-After"))
-            except _CONNECTION_ERRORS as exc:
+            except _connection_errors() as exc:
                 problem = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 wait = None
             if wait is None:
@@ -182,12 +196,12 @@ class RestBackend:
         try:
             async with self._session_now().get(url, headers=self._headers()) as resp:
                 status, raw = resp.status, await resp.read()
-        except aiohttp.ClientSSLError as exc:
+        except _aiohttp().ClientSSLError as exc:
             raise ConfigurationError(
                 f"TLS to {host} failed ({exc}). If the platform uses a private certificate authority, "
                 "add it to the system trust store, or pass verify_ssl=False on a network you trust."
             ) from None
-        except _CONNECTION_ERRORS as exc:
+        except _connection_errors() as exc:
             raise ServerUnavailableError(
                 f"Cannot reach the OICM tracking service at {host} ({type(exc).__name__}: {exc}). "
                 "Check api_host (scheme, host name, port) and that this machine can reach it."
