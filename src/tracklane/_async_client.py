@@ -19,10 +19,10 @@ from collections.abc import Generator, Mapping
 from types import TracebackType
 from typing import Any
 
+from ._base import ClientBase
 from ._engine import USER_TAG_VALUE, Engine, _tag_names
 from ._entities import ActiveRun, Experiment, Metric, Run, exit_status
 from ._exceptions import ConfigurationError
-from ._setup import build_engine
 from ._validation import check_status
 
 
@@ -89,7 +89,7 @@ class StartRun:
         await self._run.__aexit__(exc_type, exc, tb)
 
 
-class AsyncTrackingClient:
+class AsyncTrackingClient(ClientBase[AsyncActiveRun]):
     """``TrackingClient`` for asyncio applications: same API, lifecycle calls awaited.
 
     Use as ``async with AsyncTrackingClient(...) as tc:``; leaving the block (or ``await
@@ -97,25 +97,17 @@ class AsyncTrackingClient:
     docstring for the rule on logging calls. Arguments are those of ``TrackingClient``.
     """
 
-    def __init__(
-        self,
-        api_host: str | None = None,
-        api_key: str | None = None,
-        path_to_storage: str | None = None,
-        offline_mode: bool | None = None,
-        **options: Any,
-    ) -> None:
-        if options.get("overflow") == "block":
+    def _start(self) -> None:
+        if self._engine.config.overflow == "block":
             raise ConfigurationError(
                 "AsyncTrackingClient cannot block its own event loop: await the logging calls for "
                 "backpressure, and use overflow='spill' (default), 'drop_newest' or 'drop_oldest'."
             )
-        self._engine = build_engine(api_host, api_key, path_to_storage, offline_mode, **options)
         self._room = Room(self._engine)
         self._closed = False
 
-    def __repr__(self) -> str:
-        return f"AsyncTrackingClient({self._engine.backend.describe!r})"
+    def _wrap(self, run: Run) -> AsyncActiveRun:
+        return AsyncActiveRun(run, self)
 
     async def _engine_now(self) -> Engine:
         """The engine, attached to the running loop on first use."""
@@ -192,16 +184,6 @@ class AsyncTrackingClient:
         engine = await self._engine_now()
         await asyncio.shield(engine.end_run(check_status(status)))
 
-    def active_run(self) -> AsyncActiveRun | None:
-        """The active run, or None."""
-        run = self._engine.active
-        return None if run is None else AsyncActiveRun(run, self)
-
-    def last_active_run(self) -> AsyncActiveRun | None:
-        """The active run, else the run most recently ended by this client, else None."""
-        run = self._engine.active or self._engine.last_run
-        return None if run is None else AsyncActiveRun(run, self)
-
     async def get_run(self, run_id: str) -> Run:
         """The run as stored, including everything logged before this call."""
         return await (await self._engine_now()).get_run(run_id)
@@ -219,10 +201,6 @@ class AsyncTrackingClient:
         except asyncio.TimeoutError:
             return False
         return True
-
-    def stats(self) -> dict[str, float]:
-        """Counters of the client's own work (see ``TrackingClient.stats``)."""
-        return self._engine.stats()
 
     # -- logging: validate, stamp, enqueue; await for backpressure --------------------------------
 

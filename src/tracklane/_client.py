@@ -11,16 +11,16 @@ from collections.abc import Coroutine, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
 
+from ._base import ClientBase
 from ._engine import USER_TAG_VALUE, _tag_names
 from ._entities import ActiveRun, Experiment, Metric, Run
 from ._process import SyncRuntime
-from ._setup import build_engine
 from ._validation import check_status
 
 T = TypeVar("T")
 
 
-class TrackingClient:
+class TrackingClient(ClientBase[ActiveRun]):
     """Log experiments, runs, params, metrics and tags to an MLflow or OICM tracking server.
 
     Logging calls cost microseconds and never do I/O on your thread: events are buffered and sent
@@ -52,49 +52,16 @@ class TrackingClient:
         ServerUnavailableError: the OICM host cannot be reached or reports itself down.
     """
 
-    def __init__(
-        self,
-        api_host: str | None = None,
-        api_key: str | None = None,
-        path_to_storage: str | None = None,
-        offline_mode: bool | None = None,
-        *,
-        verify_ssl: bool = True,
-        max_buffer: int = 100_000,
-        overflow: str | None = None,
-        block_timeout: float | None = None,
-        flush_interval: float = 0.5,
-        retry_window: float = 30.0,
-        exit_timeout: float = 10.0,
-        request_timeout: float = 30.0,
-        system_metrics_interval: float | None = None,
-        hide_host: bool = False,
-    ) -> None:
-        self._engine = build_engine(
-            api_host,
-            api_key,
-            path_to_storage,
-            offline_mode,
-            verify_ssl=verify_ssl,
-            max_buffer=max_buffer,
-            overflow=overflow,
-            block_timeout=block_timeout,
-            flush_interval=flush_interval,
-            retry_window=retry_window,
-            exit_timeout=exit_timeout,
-            request_timeout=request_timeout,
-            system_metrics_interval=system_metrics_interval,
-            hide_host=hide_host,
-        )
+    def _start(self) -> None:
         self._runtime = SyncRuntime(self._engine)
-        try:
-            self._runtime.call(self._engine.on_attach(), timeout=request_timeout * 2 + 5.0)
+        try:  # on OICM: the liveness and version checks, one attempt each
+            self._runtime.call(self._engine.on_attach(), timeout=self._engine.config.retry_window + 60.0)
         except BaseException:
             self._runtime.shutdown(timeout=1.0)
             raise
 
-    def __repr__(self) -> str:
-        return f"TrackingClient({self._engine.backend.describe!r})"
+    def _wrap(self, run: Run) -> ActiveRun:
+        return ActiveRun(run, self.end_run)
 
     def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         return self._runtime.call(coro, timeout)
@@ -156,16 +123,6 @@ class TrackingClient:
         """
         self._call(self._engine.end_run(check_status(status)))
 
-    def active_run(self) -> ActiveRun | None:
-        """The active run, or None."""
-        run = self._engine.active
-        return None if run is None else ActiveRun(run, self.end_run)
-
-    def last_active_run(self) -> ActiveRun | None:
-        """The active run, else the run most recently ended by this client, else None."""
-        run = self._engine.active or self._engine.last_run
-        return None if run is None else ActiveRun(run, self.end_run)
-
     def get_run(self, run_id: str) -> Run:
         """The run as the server stores it, including everything logged before this call."""
         return self._call(self._engine.get_run(run_id))
@@ -222,11 +179,6 @@ class TrackingClient:
         except TimeoutError:
             return False
         return True
-
-    def stats(self) -> dict[str, float]:
-        """Counters of the client's own work: enqueued, delivered, spilled, dropped, rejected,
-        retries, in-flight requests and events, buffer depth, oldest undelivered event's age (s)."""
-        return self._engine.stats()
 
     def close(self, timeout: float | None = None) -> int:
         """Flush (at most ``timeout`` s, default ``exit_timeout``), end an active run FINISHED,

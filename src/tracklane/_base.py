@@ -1,0 +1,133 @@
+"""What both client faces share: turning arguments into an engine, and views of its context.
+
+Like httpx's ``BaseClient``: the faces add only how they wait (a loop thread for
+``TrackingClient``, the caller's loop for ``AsyncTrackingClient``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Generic, TypeVar
+
+from ._config import EngineConfig, check_overflow, resolve_server
+from ._engine import Engine
+from ._entities import ActiveRun, Run
+from ._exceptions import ConfigurationError
+from ._offline import offline_backend
+from ._rest import RestBackend
+
+logger = logging.getLogger("tracklane")
+RunT = TypeVar("RunT", bound=ActiveRun)
+
+
+class ClientBase(Generic[RunT]):
+    """Settings to engine; see ``TrackingClient`` for what each argument means."""
+
+    def __init__(
+        self,
+        api_host: str | None = None,
+        api_key: str | None = None,
+        path_to_storage: str | None = None,
+        offline_mode: bool | None = None,
+        *,
+        verify_ssl: bool = True,
+        max_buffer: int = 100_000,
+        overflow: str | None = None,
+        block_timeout: float | None = None,
+        flush_interval: float = 0.5,
+        retry_window: float = 30.0,
+        exit_timeout: float = 10.0,
+        request_timeout: float = 30.0,
+        system_metrics_interval: float | None = None,
+        hide_host: bool = False,
+    ) -> None:
+        self._engine = _build_engine(
+            api_host,
+            api_key,
+            path_to_storage,
+            offline_mode,
+            verify_ssl=verify_ssl,
+            max_buffer=max_buffer,
+            overflow=overflow,
+            block_timeout=block_timeout,
+            flush_interval=flush_interval,
+            retry_window=retry_window,
+            exit_timeout=exit_timeout,
+            request_timeout=request_timeout,
+            system_metrics_interval=system_metrics_interval,
+            hide_host=hide_host,
+        )
+        self._start()
+
+    def _start(self) -> None:
+        """What a face does once its engine exists (start a loop thread, check settings)."""
+
+    def _wrap(self, run: Run) -> RunT:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._engine.backend.describe!r})"
+
+    def active_run(self) -> RunT | None:
+        """The active run, or None."""
+        run = self._engine.active
+        return None if run is None else self._wrap(run)
+
+    def last_active_run(self) -> RunT | None:
+        """The active run, else the run most recently ended by this client, else None."""
+        run = self._engine.active or self._engine.last_run
+        return None if run is None else self._wrap(run)
+
+    def stats(self) -> dict[str, float]:
+        """Counters of the client's own work: enqueued, delivered, spilled, dropped, rejected,
+        retries, in-flight requests and events, buffer depth, oldest undelivered event's age (s)."""
+        return self._engine.stats()
+
+
+def _build_engine(
+    api_host: str | None,
+    api_key: str | None,
+    path_to_storage: str | None,
+    offline_mode: bool | None,
+    *,
+    verify_ssl: bool,
+    max_buffer: int,
+    overflow: str | None,
+    block_timeout: float | None,
+    flush_interval: float,
+    retry_window: float,
+    exit_timeout: float,
+    request_timeout: float,
+    system_metrics_interval: float | None,
+    hide_host: bool,
+) -> Engine:
+    """An engine (not yet attached to a loop) on the server or journal the arguments name."""
+    server = resolve_server(
+        api_host, api_key, verify_ssl=verify_ssl, request_timeout=request_timeout, hide_host=hide_host
+    )
+    journal = offline_backend(offline_mode, server, path_to_storage)  # None: log to the server
+    if server is None and journal is None:
+        raise ConfigurationError(
+            "No tracking server: pass api_host= (e.g. 'http://127.0.0.1:5000') or set OIP_TRACKING_SERVER, "
+            "or log offline with offline_mode=True."
+        )
+    if not verify_ssl:
+        logger.warning(
+            "tracklane: TLS certificate verification is off (verify_ssl=False); use this only "
+            "with a server you trust on a network you trust."
+        )
+    config = EngineConfig(
+        max_buffer=max_buffer,
+        overflow=check_overflow(overflow or os.environ.get("TRACKLANE_OVERFLOW", "spill")),
+        block_timeout=block_timeout,
+        flush_interval=flush_interval,
+        retry_window=retry_window,
+        exit_timeout=exit_timeout,
+        journal_dir=path_to_storage,
+        system_metrics_interval=system_metrics_interval,
+    )
+    if journal is not None:
+        return Engine(journal, config)
+    assert server is not None
+    return Engine(RestBackend(server, retry_window=retry_window), config)
