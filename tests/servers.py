@@ -154,7 +154,45 @@ class Reader:
                 return sorted(points, key=lambda p: (p[1], p[2]))
 
 
-class OicmGateway:
+class BackgroundApp:
+    """An aiohttp app on 127.0.0.1, served from a thread of its own, with a client session for
+    forwarding requests upstream. Subclasses add routes in ``routes``."""
+
+    def __init__(self, ssl_context: Any = None) -> None:
+        self.port = free_port()
+        self.ssl_context = ssl_context
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._runner: web.AppRunner | None = None
+        self._session: ClientSession | None = None
+
+    def routes(self, app: web.Application) -> None:
+        raise NotImplementedError
+
+    async def _start(self) -> None:
+        self._session = ClientSession()
+        app = web.Application(client_max_size=8 * 1024 * 1024)
+        self.routes(app)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port, ssl_context=self.ssl_context).start()
+
+    async def _stop(self) -> None:
+        assert self._runner is not None and self._session is not None
+        await self._runner.cleanup()
+        await self._session.close()
+
+    def start(self) -> None:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+
+class OicmGateway(BackgroundApp):
     """A small stand-in for the OICM platform's tracking service.
 
     Serves ``/api/tracking/liveness`` and ``/api/tracking/version``, checks the bearer token, and
@@ -166,11 +204,10 @@ class OicmGateway:
     def __init__(
         self, upstream: str, token: str, version: str = "2.4.0", ssl_context: ssl.SSLContext | None = None
     ) -> None:
+        super().__init__(ssl_context)  # serve https with it (a test's self-signed certificate)
         self.upstream = upstream
         self.token = token
         self.version = version
-        self.port = free_port()
-        self.ssl_context = ssl_context  # serve https with it (a test's self-signed certificate)
         scheme = "https" if ssl_context is not None else "http"
         self.api_host = f"{scheme}://127.0.0.1:{self.port}/api/tracking"
         self.workspaces_seen: list[str] = []
@@ -178,9 +215,6 @@ class OicmGateway:
         self.calls: list[tuple[str, str, bytes]] = []
         self.refused = 0
         self.alive = True
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._runner: web.AppRunner | None = None
 
     async def _forward(self, request: web.Request) -> web.Response:
         if request.headers.get("Authorization") != f"Bearer {self.token}":
@@ -212,34 +246,15 @@ class OicmGateway:
     async def _version(self, request: web.Request) -> web.Response:
         return web.json_response({"version": self.version})
 
-    async def _start(self) -> None:
-        self._session = ClientSession()
-        app = web.Application(client_max_size=8 * 1024 * 1024)
+    def routes(self, app: web.Application) -> None:
         app.router.add_get("/api/tracking/liveness", self._liveness)
         app.router.add_get("/api/tracking/version", self._version)
         app.router.add_route(
             "*", "/api/tracking/v1/workspaces/{ws}/mlflow/api/2.0/mlflow/{rest:.*}", self._forward
         )
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port, ssl_context=self.ssl_context).start()
-
-    async def _stop(self) -> None:
-        assert self._runner is not None
-        await self._runner.cleanup()
-        await self._session.close()
-
-    def start(self) -> None:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
 
 
-class FaultProxy:
+class FaultProxy(BackgroundApp):
     """A proxy on 127.0.0.1 in front of the real MLflow server that answers from a script first.
 
     ``proxy.script("runs/log-batch", (503, {"Retry-After": "1"}, b""), ...)`` makes the next
@@ -249,15 +264,12 @@ class FaultProxy:
     """
 
     def __init__(self, upstream: str) -> None:
+        super().__init__()
         self.upstream = upstream
-        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.calls: list[tuple[float, str, int]] = []
         self.batches: list[dict[str, Any]] = []  # every log-batch body forwarded
         self._script: dict[str, list[tuple[int, dict[str, str], bytes]]] = {}
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._runner: web.AppRunner | None = None
 
     def script(self, endpoint: str, *responses: tuple[int, dict[str, str], bytes]) -> None:
         self._script.setdefault(endpoint, []).extend(responses)
@@ -291,24 +303,5 @@ class FaultProxy:
                 body=await upstream.read(), status=upstream.status, content_type="application/json"
             )
 
-    async def _start(self) -> None:
-        self._session = ClientSession()
-        app = web.Application(client_max_size=8 * 1024 * 1024)
+    def routes(self, app: web.Application) -> None:
         app.router.add_route("*", "/api/2.0/mlflow/{rest:.*}", self._handle)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
-
-    async def _stop(self) -> None:
-        assert self._runner is not None
-        await self._runner.cleanup()
-        await self._session.close()
-
-    def start(self) -> None:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
