@@ -34,7 +34,13 @@ from ._exceptions import (
     ServerUnavailableError,
     TrackingError,
 )
-from ._limits import MAX_EXPERIMENT_TAG_VALUE_LENGTH, MAX_PARAM_VALUE_LENGTH, MAX_TAG_VALUE_LENGTH
+from ._limits import (
+    MAX_EXPERIMENT_TAG_VALUE_LENGTH,
+    MAX_PARAM_VALUE_LENGTH,
+    MAX_STEP,
+    MAX_TAG_VALUE_LENGTH,
+    MIN_STEP,
+)
 from ._rest import RestBackend, log_ui_links
 from ._spill import Spill
 from ._sysmetrics import sampler_interval, start_sampler, stop_sampler
@@ -73,8 +79,12 @@ class Backend(Protocol):
     async def aclose(self) -> None: ...
 
 
+_time_ns = time.time_ns
+_MIN_STEP, _MAX_STEP = MIN_STEP, MAX_STEP
+
+
 def now_ms() -> int:
-    return time.time_ns() // 1_000_000
+    return _time_ns() // 1_000_000
 
 
 class Engine:
@@ -96,6 +106,8 @@ class Engine:
         self._room_async: asyncio.Event | None = None
         self._worker: asyncio.Task[None] | None = None
         self._inflight: dict[asyncio.Task[None], Batch] = {}
+        self._hand: deque[Batch] = deque()
+        self._markers = 0  # flush markers in the buffer, so counting events needs no scan
         self._sampler: asyncio.Task[None] | None = None  # system metrics of the active run
         self._closing = False
         self._known_keys: set[str] = set()
@@ -138,6 +150,8 @@ class Engine:
         """
         self._buf = deque()
         self._inflight = {}
+        self._hand = deque()
+        self._markers = 0
         self._room = threading.Condition()
         self._waiting_for_room = 0
         self._wake_pending = False
@@ -195,6 +209,23 @@ class Engine:
             self._notify()
 
     def log_metric(self, key: str, value: Any, step: int | None = None, timestamp: int | None = None) -> None:
+        # The common call (a float, an int step or none, a key seen before, no timestamp) is
+        # checked and appended inline: this is the line a training loop runs per metric.
+        run_id = self._run_id
+        if (
+            run_id is not None
+            and type(value) is float
+            and timestamp is None
+            and (step is None or (type(step) is int and _MIN_STEP <= step <= _MAX_STEP))
+            and key in self._known_keys
+        ):
+            buf = self._buf
+            if len(buf) < self._max:
+                buf.append((METRIC, run_id, key, value, _time_ns() // 1_000_000, step or 0))
+                if len(buf) >= self._wake_at and not self._wake_pending:
+                    self._wake_pending = True
+                    self._notify()
+                return
         run_id = self._active_run_id()
         key = self._key(key, "metric")
         self._put(
@@ -368,9 +399,10 @@ class Engine:
         while True:
             self._wake_pending = False
             chunk, marker = self._take(self.config.batch_size)
-            if chunk:
-                for batch in pack(chunk):
-                    await self._dispatch(batch)
+            # Taken from the buffer, not yet in flight: kept where stats() and shutdown see them.
+            self._hand.extend(pack(chunk))
+            while self._hand:
+                await self._dispatch(self._hand[0])
             if marker is not None:
                 await self._settle()
                 if not marker.done():
@@ -389,6 +421,7 @@ class Engine:
             if type(item) is tuple:
                 out.append(item)
             else:
+                self._markers -= 1
                 marker = item
                 break
         if self._waiting_for_room:
@@ -405,6 +438,7 @@ class Engine:
             await asyncio.wait(set(self._inflight), return_when=asyncio.FIRST_COMPLETED)
         task = asyncio.get_running_loop().create_task(self._deliver(batch))
         self._inflight[task] = batch
+        self._hand.popleft()
         task.add_done_callback(self._forget)
         if batch.has_text:
             await self._settle()
@@ -519,7 +553,7 @@ class Engine:
         if busy:
             await asyncio.wait(busy, timeout=1.0)  # a cancelled spill write finishes first
         events = [e for e in self._buf if type(e) is tuple]
-        for batch in spill.unsettled.values():
+        for batch in [*self._hand, *spill.unsettled.values()]:
             events.extend(batch.events())
         ended = None
         last = self.last_run
@@ -536,6 +570,7 @@ class Engine:
             return undelivered
         self.spilled += len(events)
         self._buf.clear()
+        self._hand.clear()
         spill.unsettled.clear()
         return 0
 
@@ -571,6 +606,7 @@ class Engine:
         Raises DeliveryError listing events the server refused since the last flush.
         """
         marker: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._markers += 1
         self._buf.append(marker)
         assert self._wake is not None
         self._wake.set()
@@ -583,34 +619,41 @@ class Engine:
             raise DeliveryError(rejected)
 
     def pending(self) -> int:
-        """Events accepted but not yet settled: buffered and in flight."""
-        return self._buffered() + sum(len(b) for b in self._inflight.values())
+        """Events accepted but not yet settled: in the buffer, or taken by the worker."""
+        return self._buffered() + self._taken()
 
     def _buffered(self) -> int:
-        return sum(1 for item in list(self._buf) if type(item) is tuple)
+        return max(0, len(self._buf) - self._markers)
+
+    def _taken(self) -> int:
+        """Events the worker took from the buffer: being packed, or in requests not yet answered."""
+        return sum(len(b) for b in [*self._hand, *self._inflight.values()])
 
     def stats(self) -> dict[str, float]:
         """Counters of the client's own work, for dashboards and for tests of loss.
 
         ``enqueued`` counts events accepted into the buffer; each ends ``delivered``, ``spilled``
         (kept in the journal for later), ``rejected`` (refused by the server, reported) or is
-        still ``buffered``/``in_flight``. ``dropped`` events were never accepted (drop policies).
+        still in the buffer (``buffer_depth``) or with the worker (``in_flight_events``).
+        ``dropped`` events were never accepted (drop policies).
         """
-        buffered = self._buffered()
-        in_flight = sum(len(b) for b in list(self._inflight.values()))
-        stamps = [item[4] for item in list(self._buf)[:1] if type(item) is tuple]
-        stamps += [b.events()[0][4] for b in list(self._inflight.values()) if len(b)]
+        buffered, taken = self._buffered(), self._taken()
+        oldest = [b.events()[0][4] for b in [*self._hand, *self._inflight.values()] if len(b)]
+        with contextlib.suppress(IndexError):
+            head = self._buf[0]
+            if type(head) is tuple:
+                oldest.append(head[4])
         return {
-            "enqueued": self.delivered + self.spilled + self.rejected_total + buffered + in_flight,
+            "enqueued": self.delivered + self.spilled + self.rejected_total + buffered + taken,
             "delivered": self.delivered,
             "spilled": self.spilled,
             "dropped": self.dropped,
             "rejected": self.rejected_total,
             "retries": getattr(self.backend, "retries", 0),
             "in_flight_requests": len(self._inflight),
-            "in_flight_events": in_flight,
+            "in_flight_events": taken,
             "buffer_depth": buffered,
-            "oldest_undelivered_age_s": max(0.0, (now_ms() - min(stamps)) / 1000) if stamps else 0.0,
+            "oldest_undelivered_age_s": max(0.0, (now_ms() - min(oldest)) / 1000) if oldest else 0.0,
         }
 
     # -- experiments -----------------------------------------------------------------------------
