@@ -173,3 +173,18 @@ def test_works_under_plain_asyncio_run(server_url: str, experiment_name: str, re
 
     run_id = asyncio.run(main())
     assert reader.history(run_id, "b")[0][:2] == (2.0, 1)
+
+
+def test_works_under_uvloop(server_url: str, experiment_name: str, reader: Reader) -> None:
+    uvloop = pytest.importorskip("uvloop")
+
+    async def main() -> str:
+        async with AsyncTrackingClient(api_host=server_url) as tc:
+            await tc.set_experiment(experiment_name)
+            async with tc.start_run(log_system_metrics=False) as run:
+                for step in range(3000):
+                    tc.log_metric("uv", step, step=step)
+            return run.info.run_id
+
+    run_id = uvloop.run(main())
+    assert [p[1] for p in reader.history(run_id, "uv")] == list(range(3000))
