@@ -1,94 +1,28 @@
 """Real servers for the tests: an MLflow tracking server and an OICM-shaped gateway in front of it.
 
-Nothing here imports tracklane: the tests check what the server stored through MLflow's REST API
-with the standard library, so a bug in tracklane's own REST code cannot hide itself.
+The Reader imports nothing of tracklane: the tests check what the server stored through MLflow's
+REST API with the standard library, so a bug in tracklane's own REST code cannot hide itself. The
+server itself is started by the launcher ``tracklane bench`` uses (``tracklane._bench``): it can be
+stopped and started again on the same port and database, to simulate an outage.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
-import shutil
-import socket
 import ssl
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from pathlib import Path
 from typing import Any
 
 from aiohttp import ClientSession, web
 
+from tracklane._bench import MlflowServer, free_port
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def mlflow_executable() -> list[str]:
-    exe = shutil.which("mlflow")
-    return [exe] if exe else [sys.executable, "-m", "mlflow"]
-
-
-class MlflowServer:
-    """``mlflow server`` on 127.0.0.1 with a SQLite store; can be stopped and started again on
-    the same port and database, to simulate an outage."""
-
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
-        self.workdir = workdir
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log = workdir / f"mlflow-{self.port}.log"
-
-    def start(self, timeout: float = 90.0) -> None:
-        db = self.workdir / "mlflow.db"
-        cmd = [
-            *mlflow_executable(),
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{db}",
-            "--default-artifact-root",
-            str(self.workdir / "artifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--workers",
-            "1",
-        ]
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited: {self.log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                time.sleep(0.25)
-        raise RuntimeError(f"mlflow server did not answer /health in {timeout}s")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            import signal
-
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
-        self.proc = None
+__all__ = ["FaultProxy", "MlflowServer", "OicmGateway", "Reader", "free_port"]
 
 
 class Reader:

@@ -42,22 +42,35 @@ class ClientBase(Generic[RunT]):
         system_metrics_interval: float | None = None,
         hide_host: bool = False,
     ) -> None:
-        self._engine = _build_engine(
-            api_host,
-            api_key,
-            path_to_storage,
-            offline_mode,
-            verify_ssl=verify_ssl,
+        server = resolve_server(
+            api_host, api_key, verify_ssl=verify_ssl, request_timeout=request_timeout, hide_host=hide_host
+        )
+        journal = offline_backend(offline_mode, server, path_to_storage)  # None: log to the server
+        if server is None and journal is None:
+            raise ConfigurationError(
+                "No tracking server: pass api_host= (e.g. 'http://127.0.0.1:5000') or set "
+                "OIP_TRACKING_SERVER, or log offline with offline_mode=True."
+            )
+        if not verify_ssl:
+            logger.warning(
+                "tracklane: TLS certificate verification is off (verify_ssl=False); use this only "
+                "with a server you trust on a network you trust."
+            )
+        config = EngineConfig(
             max_buffer=max_buffer,
-            overflow=overflow,
+            overflow=check_overflow(overflow or os.environ.get("TRACKLANE_OVERFLOW", "spill")),
             block_timeout=block_timeout,
             flush_interval=flush_interval,
             retry_window=retry_window,
             exit_timeout=exit_timeout,
-            request_timeout=request_timeout,
+            journal_dir=path_to_storage,
             system_metrics_interval=system_metrics_interval,
-            hide_host=hide_host,
         )
+        if journal is not None:
+            self._engine = Engine(journal, config)
+        else:
+            assert server is not None
+            self._engine = Engine(RestBackend(server, retry_window=retry_window), config)
         self._start()
 
     def _start(self) -> None:
@@ -83,51 +96,3 @@ class ClientBase(Generic[RunT]):
         """Counters of the client's own work: enqueued, delivered, spilled, dropped, rejected,
         retries, in-flight requests and events, buffer depth, oldest undelivered event's age (s)."""
         return self._engine.stats()
-
-
-def _build_engine(
-    api_host: str | None,
-    api_key: str | None,
-    path_to_storage: str | None,
-    offline_mode: bool | None,
-    *,
-    verify_ssl: bool,
-    max_buffer: int,
-    overflow: str | None,
-    block_timeout: float | None,
-    flush_interval: float,
-    retry_window: float,
-    exit_timeout: float,
-    request_timeout: float,
-    system_metrics_interval: float | None,
-    hide_host: bool,
-) -> Engine:
-    """An engine (not yet attached to a loop) on the server or journal the arguments name."""
-    server = resolve_server(
-        api_host, api_key, verify_ssl=verify_ssl, request_timeout=request_timeout, hide_host=hide_host
-    )
-    journal = offline_backend(offline_mode, server, path_to_storage)  # None: log to the server
-    if server is None and journal is None:
-        raise ConfigurationError(
-            "No tracking server: pass api_host= (e.g. 'http://127.0.0.1:5000') or set OIP_TRACKING_SERVER, "
-            "or log offline with offline_mode=True."
-        )
-    if not verify_ssl:
-        logger.warning(
-            "tracklane: TLS certificate verification is off (verify_ssl=False); use this only "
-            "with a server you trust on a network you trust."
-        )
-    config = EngineConfig(
-        max_buffer=max_buffer,
-        overflow=check_overflow(overflow or os.environ.get("TRACKLANE_OVERFLOW", "spill")),
-        block_timeout=block_timeout,
-        flush_interval=flush_interval,
-        retry_window=retry_window,
-        exit_timeout=exit_timeout,
-        journal_dir=path_to_storage,
-        system_metrics_interval=system_metrics_interval,
-    )
-    if journal is not None:
-        return Engine(journal, config)
-    assert server is not None
-    return Engine(RestBackend(server, retry_window=retry_window), config)
