@@ -65,6 +65,10 @@ REFUSED = [
     Case("None key", metric(None, 1.0), refused="must be strings"),
     Case("int key", metric(42, 1.0), refused="must be strings"),
     Case("bytes key", metric(b"loss", 1.0), refused="must be strings"),
+    Case("unhashable list key", metric(["loss"], 1.0), refused="must be strings"),
+    Case(
+        "unhashable key in log_metrics", lambda tc: tc.log_metrics({("a",): 1.0}), refused="must be strings"
+    ),
     Case("None value", metric("v_none", None), refused="'v_none'"),
     Case("True value", metric("v_true", True), refused="bool"),
     Case("False value", metric("v_false", False), refused="bool"),

@@ -189,8 +189,8 @@ class Engine:
 
     def _key(self, key: Any, what: str) -> str:
         # Keys repeat (the same few names every step): validate each once per client.
-        if key in self._known_keys:
-            return key  # type: ignore[no-any-return]
+        if type(key) is str and key in self._known_keys:
+            return key
         check_key(key, what)
         if len(self._known_keys) >= _KNOWN_KEYS_CAP:
             self._known_keys.clear()
@@ -217,6 +217,7 @@ class Engine:
             and type(value) is float
             and timestamp is None
             and (step is None or (type(step) is int and _MIN_STEP <= step <= _MAX_STEP))
+            and type(key) is str
             and key in self._known_keys
         ):
             buf = self._buf
