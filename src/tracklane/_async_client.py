@@ -20,9 +20,10 @@ from types import TracebackType
 from typing import Any
 
 from ._base import ClientBase
-from ._engine import USER_TAG_VALUE, Engine, _tag_names
+from ._engine import Engine
 from ._entities import ActiveRun, Experiment, Metric, Run, exit_status
 from ._exceptions import ConfigurationError
+from ._lifecycle import USER_TAG_VALUE, _tag_names
 from ._validation import check_status
 
 

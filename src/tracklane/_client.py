@@ -12,8 +12,8 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from ._base import ClientBase
-from ._engine import USER_TAG_VALUE, _tag_names
 from ._entities import ActiveRun, Experiment, Metric, Run
+from ._lifecycle import USER_TAG_VALUE, _tag_names
 from ._process import SyncRuntime
 from ._validation import check_status
 
