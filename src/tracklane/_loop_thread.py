@@ -1,9 +1,9 @@
 """A daemon thread running the event loop that ``TrackingClient``'s engine lives on.
 
-Not anyio's blocking portal: the portal's worker is a ThreadPoolExecutor thread, and the
-interpreter joins those *before* atexit handlers run, so the exit flush (an atexit handler) would
-wait for a thread that waits for the exit flush. A daemon thread is never joined implicitly; every
-wait on it here has a timeout.
+A small thread of our own rather than anyio's blocking portal: the fork handling (``_process``)
+must reach the loop object itself to make the parent's copy inert in a child, and the pid the
+thread was started in tells a forked child that it is not its own. A daemon thread is never joined
+implicitly at exit; every wait on it here has a timeout.
 """
 
 from __future__ import annotations
