@@ -208,6 +208,10 @@ class FaultProxy(BackgroundApp):
     def script(self, endpoint: str, *responses: tuple[int, dict[str, str], bytes]) -> None:
         self._script.setdefault(endpoint, []).extend(responses)
 
+    def heal(self) -> None:
+        """Forget what is left of the script: forward everything from now on."""
+        self._script.clear()
+
     def metrics_sent(self, key: str) -> int:
         """How many metric entities with ``key`` were posted to the server, duplicates included."""
         return sum(1 for b in self.batches for m in b.get("metrics", []) if m["key"] == key)

@@ -69,11 +69,11 @@ def test_a_child_of_os_fork_logs_and_flushes_without_deadlock(
 
 
 SIGTERM_CHILD = """
-import signal, sys, time
+import os, signal, sys, time
 from tracklane import TrackingClient
 if sys.argv[3] == "app-handler":
     def app_handler(signum, frame):
-        print("app handler ran", flush=True)
+        os.write(1, b"app handler ran\\n")  # not print(): the signal may land inside a print
         sys.exit(3)
     signal.signal(signal.SIGTERM, app_handler)
 tc = TrackingClient(api_host=sys.argv[1], flush_interval=30)
@@ -105,7 +105,7 @@ def test_sigterm_flushes_ends_the_run_killed_and_dies_of_sigterm(
 ) -> None:
     run_id, proc = _terminate_child(server_url, experiment_name, "default")
 
-    assert proc.returncode == -signal.SIGTERM
+    assert proc.returncode == -signal.SIGTERM, proc.stderr.read() if proc.stderr else ""
     assert len(reader.history(run_id, "loss")) == 3000
     assert reader.run(run_id)["info"]["status"] == "KILLED"
 
@@ -115,23 +115,23 @@ def test_sigterm_calls_the_applications_own_handler_after_flushing(
 ) -> None:
     run_id, proc = _terminate_child(server_url, experiment_name, "app-handler")
 
-    assert proc.returncode == 3
+    assert proc.returncode == 3, proc.stderr.read() if proc.stderr else ""
     assert proc.stdout is not None and "app handler ran" in proc.stdout.read()
     assert len(reader.history(run_id, "loss")) == 3000
     assert reader.run(run_id)["info"]["status"] == "KILLED"
 
 
-def test_ctrl_c_during_the_exit_flush_exits_at_once(
-    fault_proxy: FaultProxy, experiment_name: str, tmp_path: Path
+def test_ctrl_c_during_the_exit_flush_exits_at_once_keeping_what_is_left(
+    fault_proxy: FaultProxy, experiment_name: str, tmp_path: Path, reader: Reader
 ) -> None:
     script = f"""
         from tracklane import TrackingClient
         tc = TrackingClient(api_host={fault_proxy.url!r}, exit_timeout=120, path_to_storage={str(tmp_path)!r})
         tc.set_experiment({experiment_name!r})
-        tc.start_run(log_system_metrics=False)
+        run = tc.start_run(log_system_metrics=False)
         for step in range(100):
             tc.log_metric("stuck", step, step=step)
-        print("exiting", flush=True)
+        print(run.info.run_id, flush=True)
     """
     fault_proxy.script("runs/log-batch", *[(503, {"Retry-After": "1"}, b"")] * 1000)
     proc = subprocess.Popen(
@@ -140,13 +140,26 @@ def test_ctrl_c_during_the_exit_flush_exits_at_once(
         stderr=subprocess.PIPE,
         text=True,
     )
-    assert proc.stdout is not None and proc.stdout.readline().strip() == "exiting"
+    assert proc.stdout is not None
+    run_id = proc.stdout.readline().strip()
     time.sleep(1.0)  # the process is now inside its exit flush, which would wait up to 120 s
     interrupted = time.monotonic()
     proc.send_signal(signal.SIGINT)
     proc.wait(30)
     assert time.monotonic() - interrupted < 30
-    assert proc.stderr is not None and "interrupted by Ctrl-C" in proc.stderr.read()
+    stderr = proc.stderr.read() if proc.stderr else ""
+    assert "interrupted by Ctrl-C; 0 event(s) not kept" in stderr
+    assert "tracklane sync" in stderr  # what was left is in the journal, with the command
+
+    fault_proxy.heal()
+    synced = subprocess.run(
+        [sys.executable, "-m", "tracklane._cli", "sync", str(tmp_path), "--to", fault_proxy.url],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert synced.returncode == 0, synced.stderr
+    assert [p[1] for p in reader.history(run_id, "stuck")] == list(range(100))
 
 
 def test_eight_threads_logging_fifty_thousand_events_each_lose_and_duplicate_nothing(

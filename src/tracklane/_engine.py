@@ -81,6 +81,7 @@ class Engine(Lifecycle):
         self._hand: deque[Batch] = deque()
         self._markers = 0  # flush markers in the buffer, so counting events needs no scan
         self._closing = False
+        self._giving_up: asyncio.Event | None = None
         self._known_keys: set[str] = set()
         # Outcomes.
         self._rejected: list[RejectedEvent] = []
@@ -623,26 +624,40 @@ class Engine(Lifecycle):
     # -- shutdown --------------------------------------------------------------------------------
 
     async def shutdown(self, timeout: float, run_status: str | None = "FINISHED") -> int:
-        """Flush within ``timeout`` seconds, end a still-active run, stop the worker, close I/O.
+        """Flush within ``timeout`` seconds (or until ``give_up``), end a still-active run, stop
+        the worker, keep what is left in the journal, close I/O.
 
-        Returns how many events could not be delivered in time (0 when everything arrived).
+        Returns how many events could be neither delivered nor journaled (0 normally).
         """
         self._closing = True
+        self._giving_up = asyncio.Event()
         undelivered = 0
         run = self.run if self._owns_run else None  # a forked child leaves the run to its parent
+        finish = asyncio.ensure_future(self._finish_and_replay(run_status))
+        gave_up = asyncio.ensure_future(self._giving_up.wait())
         try:
-            await asyncio.wait_for(self._finish_and_replay(run_status), timeout)
-        except asyncio.TimeoutError:
-            undelivered = self.pending()
+            await asyncio.wait({finish, gave_up}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            if finish.done():
+                finish.result()
+            else:  # out of time, or told to stop waiting: what is left goes to the journal
+                finish.cancel()
+                await asyncio.wait({finish}, timeout=1.0)
+                undelivered = self.pending()
         except TrackingError as exc:
             logger.warning("tracklane: at shutdown: %s", exc)
         finally:
+            gave_up.cancel()
             for task in [self._sampler, self._worker, *self._inflight]:
                 if task is not None:
                     task.cancel()
             undelivered = await self._keep_undelivered(undelivered, run, run_status)
             await self.backend.aclose()
         return undelivered
+
+    def give_up(self) -> None:
+        """Stop waiting for the server in a running ``shutdown`` (Ctrl-C at exit). Loop thread only."""
+        if self._giving_up is not None:
+            self._giving_up.set()
 
     async def _finish(self, run_status: str | None) -> None:
         if self.run is not None and run_status is not None and self._owns_run:

@@ -9,6 +9,7 @@ implicitly at exit; every wait on it here has a timeout.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import threading
 from collections.abc import Coroutine
@@ -47,6 +48,9 @@ class LoopThread:
         future = asyncio.run_coroutine_threadsafe(coro, self.loop)
         try:
             return future.result(timeout)
+        except concurrent.futures.TimeoutError:  # not yet the builtin TimeoutError on 3.10
+            future.cancel()
+            raise TimeoutError(f"no result within {timeout}s") from None
         except BaseException:
             future.cancel()
             raise

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import concurrent.futures
 import functools
 import logging
 import multiprocessing.util
@@ -82,12 +83,21 @@ class SyncRuntime:
             dying = getattr(sys, "last_value", None) or getattr(sys, "last_exc", None)
             status = "FAILED" if dying is not None else "FINISHED"
         wait = self.engine.config.exit_timeout if timeout is None else timeout
+        future = asyncio.run_coroutine_threadsafe(self.engine.shutdown(wait, status), self.thread.loop)
         try:
-            left = self.thread.run(self.engine.shutdown(wait, status), timeout=wait + _GRACE)
-        except KeyboardInterrupt:  # Ctrl-C during the exit flush: stop waiting at once
-            left = self.engine.pending()
-            logger.warning("tracklane: exit flush interrupted by Ctrl-C; %d event(s) left.", left)
-        except TimeoutError:
+            left = future.result(wait + _GRACE)
+        except KeyboardInterrupt:
+            # Ctrl-C during the exit flush: stop waiting for the server at once; what is left
+            # goes to the journal, a local write bounded by the grace period. A second Ctrl-C
+            # leaves without it.
+            self.thread.loop.call_soon_threadsafe(self.engine.give_up)
+            try:
+                left = future.result(_GRACE)
+            except (KeyboardInterrupt, concurrent.futures.TimeoutError):
+                left = self.engine.pending()
+            logger.warning("tracklane: exit flush interrupted by Ctrl-C; %d event(s) not kept.", left)
+            return left
+        except concurrent.futures.TimeoutError:
             left = self.engine.pending()
         finally:
             self.thread.stop()
@@ -107,7 +117,7 @@ class SyncRuntime:
         def on_sigterm(signum: int, frame: FrameType | None) -> None:
             runtime = ref()
             if runtime is not None and not runtime.closed and runtime.thread.alive:
-                runtime.shutdown(status="KILLED")
+                _shutdown_quietly(runtime, status="KILLED")  # the application's handler runs regardless
             if callable(previous):
                 previous(signum, frame)
             elif previous == signal.SIG_DFL:
@@ -117,10 +127,10 @@ class SyncRuntime:
         signal.signal(signal.SIGTERM, on_sigterm)
 
 
-def _shutdown_quietly(runtime: SyncRuntime) -> None:
+def _shutdown_quietly(runtime: SyncRuntime, status: str | None = None) -> None:
     """The atexit hook: a clean exit must never turn into a traceback because of telemetry."""
     try:
-        runtime.shutdown()
+        runtime.shutdown(status=status)
     except Exception as exc:
         logger.warning("tracklane: exit flush failed: %s", exc)
 
