@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -22,7 +24,14 @@ from aiohttp import ClientSession, web
 
 from tracklane._bench import MlflowServer, free_port
 
-__all__ = ["FaultProxy", "MlflowServer", "OicmGateway", "Reader", "free_port"]
+__all__ = ["FaultProxy", "MlflowServer", "OicmGateway", "Reader", "free_port", "tracklane_cli"]
+
+
+def tracklane_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run the ``tracklane`` console script in a process of its own, as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "tracklane._cli", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 class Reader:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tracklane import TrackingClient
 
-from servers import FaultProxy, Reader
+from servers import FaultProxy, Reader, tracklane_cli
 
 
 def _child_logs(tc: TrackingClient) -> None:
@@ -152,12 +152,7 @@ def test_ctrl_c_during_the_exit_flush_exits_at_once_keeping_what_is_left(
     assert "tracklane sync" in stderr  # what was left is in the journal, with the command
 
     fault_proxy.heal()
-    synced = subprocess.run(
-        [sys.executable, "-m", "tracklane._cli", "sync", str(tmp_path), "--to", fault_proxy.url],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    synced = tracklane_cli("sync", str(tmp_path), "--to", fault_proxy.url)
     assert synced.returncode == 0, synced.stderr
     assert [p[1] for p in reader.history(run_id, "stuck")] == list(range(100))
 

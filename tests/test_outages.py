@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tracklane import TrackingClient
 
-from servers import MlflowServer, Reader
+from servers import MlflowServer, Reader, tracklane_cli
 
 
 def test_a_server_stopped_for_thirty_seconds_mid_run_loses_and_duplicates_nothing(
@@ -94,12 +94,7 @@ def test_exit_with_the_server_gone_is_bounded_by_the_exit_wait_and_keeps_everyth
     assert "tracklane sync" in stderr and "2000 event(s)" in stderr
 
     restartable_server.start()
-    synced = subprocess.run(
-        [sys.executable, "-m", "tracklane._cli", "sync", str(storage), "--to", restartable_server.url],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    synced = tracklane_cli("sync", str(storage), "--to", restartable_server.url)
     assert synced.returncode == 0, synced.stderr
     assert [s for _, s, _ in reader.history(run_id, "loss")] == list(range(2000))
     assert reader.run(run_id)["info"]["status"] == "FINISHED"

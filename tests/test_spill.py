@@ -12,7 +12,7 @@ import pytest
 
 from tracklane import TrackingClient
 
-from servers import MlflowServer, Reader
+from servers import MlflowServer, Reader, tracklane_cli
 
 
 def test_run_logged_through_a_server_outage_ends_complete_on_the_server(
@@ -96,24 +96,14 @@ def test_child_exiting_while_the_server_is_down_leaves_its_events_for_tracklane_
     assert command == f"tracklane sync {storage} --to {restartable_server.url}"
 
     restartable_server.start()
-    synced = subprocess.run(
-        [sys.executable, "-m", "tracklane._cli", *command.split()[1:]],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    synced = tracklane_cli(*command.split()[1:])
 
     assert synced.returncode == 0, synced.stderr
     assert [(v, s) for v, s, _ in reader.history(run_id, "loss")] == [(s * 0.5, s) for s in range(3000)]
     assert reader.params(run_id) == {"lr": "0.5"}
     assert reader.tags(run_id)["done"] == "yes"
     assert reader.run(run_id)["info"]["status"] == "FINISHED"
-    again = subprocess.run(
-        [sys.executable, "-m", "tracklane._cli", *command.split()[1:]],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    again = tracklane_cli(*command.split()[1:])
     assert "synced 0 run(s), 0 event(s)" in again.stdout
 
 

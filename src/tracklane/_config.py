@@ -8,7 +8,7 @@ independent.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -95,7 +95,6 @@ class EngineConfig:
     #: Seconds between system metrics samples; None: ``$MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL``
     #: or 10 (see ``_sysmetrics``).
     system_metrics_interval: float | None = None
-    extra: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.system_metrics_interval is not None:
