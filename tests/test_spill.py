@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import subprocess
 import sys
@@ -11,6 +12,10 @@ from pathlib import Path
 import pytest
 
 from tracklane import TrackingClient
+from tracklane._config import ServerConfig
+from tracklane._journal import Journal, JournalThread
+from tracklane._rest import RestBackend
+from tracklane._spill import Spill, _pending
 
 from servers import MlflowServer, Reader, tracklane_cli
 
@@ -143,3 +148,26 @@ def test_online_client_that_never_spills_creates_no_files(
 
     assert not (tmp_path / "s").exists()
     assert not (tmp_path / "ml_runs").exists()
+
+
+async def test_batches_failing_together_share_one_journal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two requests in flight can fail at the same moment; both spills must land in one journal
+    # (a second connection racing the first to create the file fails with "database is locked").
+    opened: list[Journal] = []
+    open_journal = Journal.at
+
+    def counting_open(storage: str, thread: JournalThread | None = None) -> Journal:
+        opened.append(open_journal(storage, thread))
+        return opened[-1]
+
+    monkeypatch.setattr(Journal, "at", counting_open)
+    spill = Spill(RestBackend(ServerConfig("http://127.0.0.1:9")), str(tmp_path))
+    batches = [[(0, f"run{r}", "loss", float(i), 1_700_000_000 + i, i) for i in range(500)] for r in range(8)]
+
+    written = await asyncio.gather(*(spill.write(batch, lambda run_id: run_id) for batch in batches))
+
+    assert written == [True] * 8 and not spill.broken
+    assert len(opened) == 1 and spill.journal is opened[0]
+    assert await opened[0].call(_pending, opened[0], spill.server, spill.runs) == 8 * 500

@@ -46,6 +46,7 @@ class Spill:
         self.unsettled: dict[int, Batch] = {}
         self.runs: dict[str, str] = {}  # run id -> run name, of runs spilled by this engine
         self.replay_task: asyncio.Task[None] | None = None
+        self._opening = asyncio.Lock()
         self._writes = 0  # completed spill writes: replay may only stop when none happened meanwhile
         self._writing = 0
 
@@ -54,9 +55,12 @@ class Spill:
         return server_key(self.backend.config.api_host, self.backend.workspace_id)
 
     async def _open(self) -> Journal:
-        if self.journal is None:
-            thread = JournalThread()
-            self.journal = await thread.call(Journal.at, self.storage, thread)
+        # Two batches can fail at once; both must get the one journal, not open a second
+        # connection that races the first on creating the file ("database is locked").
+        async with self._opening:
+            if self.journal is None:
+                thread = JournalThread()
+                self.journal = await thread.call(Journal.at, self.storage, thread)
         return self.journal
 
     async def write(
