@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from tracklane._bench import MlflowServer, SinkServer, verdicts
+from tracklane._cli.bench import MlflowServer, SinkServer, verdicts
 
 HERE = Path(__file__).resolve().parent
 

@@ -37,7 +37,7 @@ def memory_child(variant: str, events: int) -> dict[str, Any]:
             buf.append(("loss", i * 0.5, time.time_ns(), i))
         return {"bytes": rss() - before, "buffered": len(buf)}
 
-    from tracklane._bench import SinkServer
+    from tracklane._cli.bench import SinkServer
 
     sink = SinkServer().start()
     tc = _common.client(sink.url, max_buffer=events + 10_000, retry_window=3600.0, exit_timeout=0.1)

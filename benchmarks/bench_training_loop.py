@@ -67,7 +67,7 @@ def variant_child(variant: str, url: str, k: int, steps: int, drain_bound: float
     drain: Callable[[], object] = lambda: None  # noqa: E731
     if variant in ("tracklane", "tracklane_sink"):
         if variant == "tracklane_sink":
-            from tracklane._bench import SinkServer
+            from tracklane._cli.bench import SinkServer
 
             sink = SinkServer().start()
             url = sink.url

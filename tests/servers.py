@@ -2,7 +2,7 @@
 
 The Reader imports nothing of tracklane: the tests check what the server stored through MLflow's
 REST API with the standard library, so a bug in tracklane's own REST code cannot hide itself. The
-server itself is started by the launcher ``tracklane bench`` uses (``tracklane._bench``): it can be
+server itself is started by the launcher ``tracklane bench`` uses (``tracklane._cli.bench``): it can be
 stopped and started again on the same port and database, to simulate an outage.
 """
 
@@ -22,7 +22,7 @@ from typing import Any
 
 from aiohttp import ClientSession, web
 
-from tracklane._bench import MlflowServer, free_port
+from tracklane._cli.bench import MlflowServer, free_port
 
 __all__ = ["FaultProxy", "MlflowServer", "OicmGateway", "Reader", "free_port", "tracklane_cli"]
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from tracklane import TrackingClient
-from tracklane._config import ServerConfig
-from tracklane._journal import Journal, JournalThread
-from tracklane._rest import RestBackend
-from tracklane._spill import Spill, _pending
+from tracklane._delivery.spool import Spill, _pending
+from tracklane._settings import ServerConfig
+from tracklane._stores.journal import Journal, JournalThread
+from tracklane._stores.rest import RestBackend
 
 from servers import MlflowServer, Reader, tracklane_cli
 

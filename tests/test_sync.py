@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 
 from tracklane import ServerUnavailableError, TrackingClient
-from tracklane._batching import Batch
 from tracklane._cli import main as cli
-from tracklane._config import resolve_server
-from tracklane._journal import Journal, journal_file, server_key
-from tracklane._rest import RestBackend
-from tracklane._sync import sync
+from tracklane._cli.sync import sync
+from tracklane._delivery.batching import Batch
+from tracklane._settings import resolve_server
+from tracklane._stores.journal import Journal, journal_file, server_key
+from tracklane._stores.rest import RestBackend
 
 from servers import OicmGateway, Reader
 

@@ -1,7 +1,5 @@
 """tracklane: experiment tracking for MLflow and OICM servers that never slows your training loop."""
 
-from ._async_client import AsyncActiveRun, AsyncTrackingClient
-from ._client import TrackingClient
 from ._entities import ActiveRun, Experiment, Metric, Run, RunData, RunInfo
 from ._exceptions import (
     ConfigurationError,
@@ -14,6 +12,8 @@ from ._exceptions import (
     ServerUnavailableError,
     TrackingError,
 )
+from ._faces.async_client import AsyncActiveRun, AsyncTrackingClient
+from ._faces.client import TrackingClient
 
 __version__ = "0.1.0"
 

@@ -26,7 +26,7 @@ def _subcommands() -> list[Any]:
     import importlib
 
     found: list[Any] = []
-    for name in ("tracklane._sync", "tracklane._bench"):
+    for name in ("tracklane._cli.sync", "tracklane._cli.bench"):
         try:
             found.append(importlib.import_module(name))
         except ModuleNotFoundError as exc:

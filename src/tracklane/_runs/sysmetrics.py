@@ -23,12 +23,12 @@ from typing import TYPE_CHECKING
 
 import psutil
 
-from ._config import check_interval
-from ._exceptions import ConfigurationError
+from .._exceptions import ConfigurationError
+from .._settings import check_interval
 
 if TYPE_CHECKING:
-    from ._engine import Engine
-    from ._entities import Run
+    from .._delivery.engine import Engine
+    from .._entities import Run
 
 logger = logging.getLogger("tracklane")
 

@@ -10,12 +10,12 @@ import logging
 import os
 from typing import Generic, TypeVar
 
-from ._config import EngineConfig, check_overflow, resolve_server
-from ._engine import Engine
-from ._entities import ActiveRun, Run
-from ._exceptions import ConfigurationError
-from ._offline import offline_backend
-from ._rest import RestBackend
+from .._delivery.engine import Engine
+from .._entities import ActiveRun, Run
+from .._exceptions import ConfigurationError
+from .._settings import EngineConfig, check_overflow, resolve_server
+from .._stores.offline import offline_backend
+from .._stores.rest import RestBackend
 
 logger = logging.getLogger("tracklane")
 RunT = TypeVar("RunT", bound=ActiveRun)

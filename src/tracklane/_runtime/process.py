@@ -26,9 +26,9 @@ from collections.abc import Coroutine
 from types import FrameType
 from typing import Any, TypeVar
 
-from ._engine import Engine
-from ._exceptions import ConfigurationError
-from ._loop_thread import LoopThread
+from .._delivery.engine import Engine
+from .._exceptions import ConfigurationError
+from .._runtime.loop_thread import LoopThread
 
 logger = logging.getLogger("tracklane")
 T = TypeVar("T")

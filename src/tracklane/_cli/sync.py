@@ -19,12 +19,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from ._batching import KIND_NAMES, Event
-from ._config import ServerConfig, resolve_server
-from ._exceptions import ConfigurationError, ServerError, ServerUnavailableError, TrackingError
-from ._journal import Delivery, Journal, journal_file, server_key
-from ._rest import RestBackend
-from ._upload import upload_run
+from .._delivery.batching import KIND_NAMES, Event
+from .._delivery.upload import upload_run
+from .._exceptions import ConfigurationError, ServerError, ServerUnavailableError, TrackingError
+from .._settings import ServerConfig, resolve_server
+from .._stores.journal import Delivery, Journal, journal_file, server_key
+from .._stores.rest import RestBackend
 
 #: Tag put on a server run created from an offline run: the offline run's id.
 OFFLINE_RUN_TAG = "tracklane.offline_run_id"

@@ -19,15 +19,15 @@ import orjson
 if TYPE_CHECKING:
     import aiohttp
 
-from ._batching import Batch
-from ._config import ServerConfig
-from ._entities import Experiment, Metric, Run
-from ._exceptions import (
+from .._delivery.batching import Batch
+from .._entities import Experiment, Metric, Run
+from .._exceptions import (
     ConfigurationError,
     NotFoundError,
     ServerError,
     ServerUnavailableError,
 )
+from .._settings import ServerConfig
 
 logger = logging.getLogger("tracklane")
 

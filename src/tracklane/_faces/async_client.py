@@ -19,12 +19,12 @@ from collections.abc import Generator, Mapping
 from types import TracebackType
 from typing import Any
 
-from ._base import ClientBase
-from ._engine import Engine
-from ._entities import ActiveRun, Experiment, Metric, Run, exit_status
-from ._exceptions import ConfigurationError
-from ._lifecycle import USER_TAG_VALUE, _tag_names
-from ._validation import check_status
+from .._delivery.engine import Engine
+from .._entities import ActiveRun, Experiment, Metric, Run, exit_status
+from .._exceptions import ConfigurationError
+from .._faces.base import ClientBase
+from .._runs.lifecycle import USER_TAG_VALUE, _tag_names
+from .._validation import check_status
 
 
 class Room:

@@ -38,9 +38,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-from ._batching import METRIC, PARAM, TAG, Event
-from ._entities import Experiment, Metric, Run, RunData, RunInfo
-from ._exceptions import ConfigurationError, NotFoundError, ServerError
+from .._delivery.batching import METRIC, PARAM, TAG, Event
+from .._entities import Experiment, Metric, Run, RunData, RunInfo
+from .._exceptions import ConfigurationError, NotFoundError, ServerError
 
 #: ``<path_to_storage>/ml_runs/<JOURNAL_FILE>``.
 JOURNAL_DIR = "ml_runs"

@@ -14,17 +14,17 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
-from ._batching import Batch
-from ._config import EngineConfig
-from ._entities import Experiment, Metric, Run, RunData, RunInfo
-from ._exceptions import DeliveryError, InvalidInputError, NotFoundError, ServerError, TrackingError
-from ._limits import MAX_EXPERIMENT_TAG_VALUE_LENGTH
-from ._rest import log_ui_links
-from ._sysmetrics import sampler_interval, start_sampler, stop_sampler
-from ._validation import check_key, text_value
+from .._delivery.batching import Batch
+from .._entities import Experiment, Metric, Run, RunData, RunInfo
+from .._exceptions import DeliveryError, InvalidInputError, NotFoundError, ServerError, TrackingError
+from .._limits import MAX_EXPERIMENT_TAG_VALUE_LENGTH
+from .._runs.sysmetrics import sampler_interval, start_sampler, stop_sampler
+from .._settings import EngineConfig
+from .._stores.rest import log_ui_links
+from .._validation import check_key, text_value
 
 if TYPE_CHECKING:
-    from ._engine import Engine
+    from .._delivery.engine import Engine
 
 logger = logging.getLogger("tracklane")
 

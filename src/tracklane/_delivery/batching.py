@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from ._limits import (
+from .._limits import (
     MAX_BATCH_REQUEST_BYTES,
     MAX_ENTITIES_PER_BATCH,
     MAX_METRICS_PER_BATCH,

@@ -13,10 +13,10 @@ import logging
 import os
 from collections.abc import Mapping
 
-from ._batching import Batch
-from ._config import ServerConfig
-from ._entities import Experiment, Metric, Run
-from ._journal import Journal
+from .._delivery.batching import Batch
+from .._entities import Experiment, Metric, Run
+from .._settings import ServerConfig
+from .._stores.journal import Journal
 
 logger = logging.getLogger("tracklane")
 _FALSE = ("", "0", "false", "no", "off")

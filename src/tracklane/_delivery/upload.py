@@ -13,10 +13,10 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from ._batching import Batch, Event, pack
-from ._exceptions import NotFoundError, ServerError
-from ._journal import Delivery, Journal
-from ._limits import MAX_METRICS_PER_BATCH
+from .._delivery.batching import Batch, Event, pack
+from .._exceptions import NotFoundError, ServerError
+from .._limits import MAX_METRICS_PER_BATCH
+from .._stores.journal import Delivery, Journal
 
 #: (events, reason) of rows the server refused; they are skipped, not retried.
 OnRejected = Callable[[list[Event], str], None]

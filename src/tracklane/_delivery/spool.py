@@ -19,11 +19,11 @@ import shlex
 import sqlite3
 from collections.abc import Callable, Iterable
 
-from ._batching import Batch, Event
-from ._exceptions import ServerUnavailableError
-from ._journal import Journal, JournalThread, server_key
-from ._rest import RestBackend, backoff
-from ._upload import OnRejected, upload_run
+from .._delivery.batching import Batch, Event
+from .._delivery.upload import OnRejected, upload_run
+from .._exceptions import ServerUnavailableError
+from .._stores.journal import Journal, JournalThread, server_key
+from .._stores.rest import RestBackend, backoff
 
 logger = logging.getLogger("tracklane")
 

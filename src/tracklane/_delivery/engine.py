@@ -22,10 +22,10 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from ._batching import KIND_NAMES, METRIC, PARAM, TAG, Batch, Event, pack
-from ._config import EngineConfig
-from ._entities import RunInfo
-from ._exceptions import (
+from .._delivery.batching import KIND_NAMES, METRIC, PARAM, TAG, Batch, Event, pack
+from .._delivery.spool import Spill
+from .._entities import RunInfo
+from .._exceptions import (
     DeliveryError,
     InvalidInputError,
     NoActiveRunError,
@@ -35,16 +35,16 @@ from ._exceptions import (
     ServerUnavailableError,
     TrackingError,
 )
-from ._lifecycle import Backend, Lifecycle, now_ms
-from ._limits import (
+from .._limits import (
     MAX_PARAM_VALUE_LENGTH,
     MAX_STEP,
     MAX_TAG_VALUE_LENGTH,
     MIN_STEP,
 )
-from ._rest import RestBackend
-from ._spill import Spill
-from ._validation import check_key, check_step, check_timestamp, metric_value, text_value
+from .._runs.lifecycle import Backend, Lifecycle, now_ms
+from .._settings import EngineConfig
+from .._stores.rest import RestBackend
+from .._validation import check_key, check_step, check_timestamp, metric_value, text_value
 
 logger = logging.getLogger("tracklane")
 

@@ -143,7 +143,7 @@ class SinkServer:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30.0) -> SinkServer:
-        code = f"import tracklane._bench as b; b.serve_sink({self.port})"
+        code = f"import tracklane._cli.bench as b; b.serve_sink({self.port})"
         self.proc = subprocess.Popen(
             [sys.executable, "-c", code],
             stdout=subprocess.DEVNULL,
@@ -637,7 +637,7 @@ def update_readme(path: Path, report: Mapping[str, Any]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m tracklane._bench ...``: the same as ``tracklane bench ...``."""
+    """``python -m tracklane._cli.bench ...``: the same as ``tracklane bench ...``."""
     parser = argparse.ArgumentParser(prog="tracklane")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])

@@ -11,11 +11,11 @@ from collections.abc import Coroutine, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
 
-from ._base import ClientBase
-from ._entities import ActiveRun, Experiment, Metric, Run
-from ._lifecycle import USER_TAG_VALUE, _tag_names
-from ._process import SyncRuntime
-from ._validation import check_status
+from .._entities import ActiveRun, Experiment, Metric, Run
+from .._faces.base import ClientBase
+from .._runs.lifecycle import USER_TAG_VALUE, _tag_names
+from .._runtime.process import SyncRuntime
+from .._validation import check_status
 
 T = TypeVar("T")
 
