@@ -83,7 +83,10 @@ def test_a_persistent_outage_ends_in_server_unavailable_after_the_retry_window(
 
 def test_a_malformed_reply_is_a_clear_server_error(fault_proxy: FaultProxy, experiment_name: str) -> None:
     fault_proxy.script("experiments/get-by-name", (200, {}, b"<html>login</html>"))
-    with TrackingClient(api_host=fault_proxy.url) as tc, pytest.raises(ServerError, match="not JSON"):
+    with (
+        TrackingClient(api_host=fault_proxy.url) as tc,
+        pytest.raises(ServerError, match=r"not MLflow.s JSON"),
+    ):
         tc.set_experiment(experiment_name)
 
 

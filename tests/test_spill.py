@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from tracklane import TrackingClient
-from tracklane._delivery.spool import Spill, _pending
+from tracklane._delivery.batching import batch_of
+from tracklane._delivery.spool import Spool
 from tracklane._settings import ServerConfig
 from tracklane._stores.journal import Journal, JournalThread
 from tracklane._stores.rest import RestBackend
@@ -38,7 +39,9 @@ def test_run_logged_through_a_server_outage_ends_complete_on_the_server(
     for step in range(2000, 6000):
         tc.log_metric("loss", step, step=step)
     tc.set_tag("phase", "during-outage")
-    assert tc.flush(timeout=60)  # settled: in the journal, as the server is down
+    # The server takes nothing for retry_window: flush gives up, and every event is in the journal.
+    assert not tc.flush(timeout=60)
+    assert tc.stats()["spilled"] == 4001 and tc.stats()["buffer_depth"] == tc.stats()["in_flight_events"] == 0
     restartable_server.start()
     for step in range(6000, 7000):
         tc.log_metric("loss", step, step=step)
@@ -129,7 +132,9 @@ def test_full_speed_logging_during_an_outage_neither_stalls_nor_loses_events(
     restartable_server.stop()
     for step in range(50_000):
         tc.log_metric("loss", step, step=step)
-    assert tc.flush(timeout=120)
+    assert not tc.flush(timeout=120)  # nothing taken for retry_window: the journal holds the events
+    stats = tc.stats()  # every event accepted (system metrics too) is in the journal; none dropped
+    assert stats["spilled"] == stats["enqueued"] >= 50_000 and stats["dropped"] == 0
     restartable_server.start()
     tc.close()
 
@@ -163,11 +168,14 @@ async def test_batches_failing_together_share_one_journal(
         return opened[-1]
 
     monkeypatch.setattr(Journal, "at", counting_open)
-    spill = Spill(RestBackend(ServerConfig("http://127.0.0.1:9")), str(tmp_path))
-    batches = [[(0, f"run{r}", "loss", float(i), 1_700_000_000 + i, i) for i in range(500)] for r in range(8)]
+    spool = Spool(str(tmp_path), RestBackend(ServerConfig("http://127.0.0.1:9")))
+    batches = [
+        batch_of(f"run{r}", [(0, f"run{r}", "loss", float(i), 1_700_000_000 + i, i) for i in range(500)])
+        for r in range(8)
+    ]
 
-    written = await asyncio.gather(*(spill.write(batch, lambda run_id: run_id) for batch in batches))
+    written = await asyncio.gather(*(spool.write([batch], lambda events, reason: None) for batch in batches))
 
-    assert written == [True] * 8 and not spill.broken
-    assert len(opened) == 1 and spill.journal is opened[0]
-    assert await opened[0].call(_pending, opened[0], spill.server, spill.runs) == 8 * 500
+    assert written == [True] * 8 and not spool.broken
+    assert len(opened) == 1 and spool.journal is opened[0]
+    assert await spool.pending(spool.runs) == 8 * 500

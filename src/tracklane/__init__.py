@@ -2,6 +2,7 @@
 
 from ._entities import ActiveRun, Experiment, Metric, Run, RunData, RunInfo
 from ._exceptions import (
+    AuthenticationError,
     ConfigurationError,
     DeliveryError,
     InvalidInputError,
@@ -21,6 +22,7 @@ __all__ = [
     "ActiveRun",
     "AsyncActiveRun",
     "AsyncTrackingClient",
+    "AuthenticationError",
     "ConfigurationError",
     "DeliveryError",
     "Experiment",

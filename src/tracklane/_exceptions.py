@@ -6,6 +6,7 @@ TrackingError
  +-- ConfigurationError                      the client cannot be set up as asked
  +-- ServerError                             the server answered a request with an error
  |    +-- NotFoundError                      ... RESOURCE_DOES_NOT_EXIST
+ |    +-- AuthenticationError                ... refused the credentials, or is not an MLflow server
  +-- ServerUnavailableError                  the server could not be reached in the retry window
  +-- DeliveryError                           logged events the server refused (listed)
 """
@@ -43,6 +44,12 @@ class ServerError(TrackingError):
 
 class NotFoundError(ServerError):
     """The experiment or run asked for does not exist on the server."""
+
+
+class AuthenticationError(ServerError):
+    """The server refused the credentials (401/403) or answered with something that is not MLflow's
+    JSON (a login page): delivery stops and every event is kept in the journal until the key or URL
+    is fixed and ``tracklane sync`` runs."""
 
 
 class ServerUnavailableError(TrackingError):

@@ -1,8 +1,9 @@
 """Client settings: where the server is, how to authenticate, and the engine's bounds.
 
-Everything a client needs is resolved here once, at construction, from arguments with environment
-fallbacks; nothing is ever written back to the environment, so two clients in one process stay
-independent.
+The one place that reads the environment. Everything a client needs is resolved here once, at
+construction, from arguments with environment fallbacks (an explicit argument always wins); nothing
+is ever written back to the environment, so two clients in one process stay independent. Every
+variable tracklane reads is named in ``ENV`` below, and every boolean one goes through ``env_bool``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,20 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ._exceptions import ConfigurationError
+
+#: Every environment variable tracklane reads, and what it sets.
+ENV = {
+    "OIP_TRACKING_SERVER": "api_host",
+    "OIP_WORKLOAD_ACCESS_KEY": "api_key",
+    "OIP_WORKLOAD_ID": "sent as the OIP-Workload-Id header",
+    "OIP_OFFLINE_MODE": "offline_mode (boolean)",
+    "TRACKLANE_OVERFLOW": "overflow",
+    # MLflow's own (mlflow/environment_variables.py), read the way MLflow reads them:
+    "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "start_run(log_system_metrics=) (boolean)",
+    "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "system_metrics_interval",
+}
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
 
 #: A host ending in this path is the OICM platform's tracking service.
 OICM_SUFFIX = "/api/tracking"
@@ -90,7 +105,8 @@ class EngineConfig:
     retry_window: float = 30.0
     exit_timeout: float = 10.0
     overflow: str = "spill"
-    block_timeout: float | None = None
+    #: Longest a logging call waits for room when memory, journal and server are all full or gone.
+    block_timeout: float | None = 10.0
     journal_dir: str | None = None
     #: Seconds between system metrics samples; None: ``$MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL``
     #: or 10 (see ``_sysmetrics``).
@@ -111,8 +127,8 @@ def resolve_server(
 ) -> ServerConfig | None:
     """Build the server settings from arguments, else ``OIP_TRACKING_SERVER`` and
     ``OIP_WORKLOAD_ACCESS_KEY``; ``None`` when no server is configured at all."""
-    host = api_host if api_host is not None else os.environ.get("OIP_TRACKING_SERVER")
-    key = api_key if api_key is not None else os.environ.get("OIP_WORKLOAD_ACCESS_KEY")
+    host = api_host if api_host is not None else env("OIP_TRACKING_SERVER")
+    key = api_key if api_key is not None else env("OIP_WORKLOAD_ACCESS_KEY")
     if not host:
         return None
     host = host.rstrip("/")
@@ -126,7 +142,7 @@ def resolve_server(
         api_host=host,
         api_key=Secret(key) if key else None,
         verify_ssl=verify_ssl,
-        workload_id=os.environ.get("OIP_WORKLOAD_ID") or None,
+        workload_id=env("OIP_WORKLOAD_ID"),
         request_timeout=request_timeout,
         hide_host=hide_host,
     )
@@ -157,3 +173,61 @@ def check_interval(value: Any, source: str) -> float:
             f"{source}={value!r} is not a sampling interval; give a positive number of seconds, e.g. 10."
         )
     return seconds
+
+
+def env(name: str) -> str | None:
+    """``$name`` stripped, or None when unset or blank. Only names listed in ``ENV`` are read."""
+    assert name in ENV, f"{name} is not a documented tracklane setting"
+    raw = os.environ.get(name)
+    return raw.strip() if raw is not None and raw.strip() else None
+
+
+def env_bool(name: str, hint: str) -> bool | None:
+    """``$name`` as a boolean (1/true/yes/on, 0/false/no/off, any case); None when unset.
+
+    Raises ConfigurationError for anything else, with ``hint`` saying which argument to pass instead.
+    """
+    raw = env(name)
+    if raw is None:
+        return None
+    if raw.lower() in _TRUE:
+        return True
+    if raw.lower() in _FALSE:
+        return False
+    raise ConfigurationError(f"{name}={raw!r} is not a boolean; set it to 'true' or 'false', or pass {hint}.")
+
+
+def offline_mode_setting(offline_mode: bool | None) -> bool | None:
+    """The ``offline_mode`` argument, else ``$OIP_OFFLINE_MODE``; None: decide by whether a server is set."""
+    if offline_mode is not None:
+        return offline_mode
+    return env_bool("OIP_OFFLINE_MODE", "offline_mode=")
+
+
+def overflow_setting(overflow: str | None) -> str:
+    """The ``overflow`` argument, else ``$TRACKLANE_OVERFLOW``, else ``"spill"``."""
+    return check_overflow(overflow or env("TRACKLANE_OVERFLOW") or "spill")
+
+
+#: MLflow's ``SystemMetricsMonitor`` default ``sampling_interval``, in seconds.
+DEFAULT_SAMPLING_INTERVAL = 10.0
+
+
+def system_metrics_wanted(log_system_metrics: bool | None) -> bool:
+    """Whether a run samples system metrics: the argument, else ``$MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING``,
+    else on (the OICM platform's default; MLflow's own default is off)."""
+    if log_system_metrics is not None:
+        return bool(log_system_metrics)
+    found = env_bool("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "start_run(log_system_metrics=...)")
+    return True if found is None else found
+
+
+def system_metrics_interval(configured: float | None) -> float:
+    """The constructor's ``system_metrics_interval``, else ``$MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL``,
+    else 10 s."""
+    if configured is not None:
+        return check_interval(configured, "system_metrics_interval")
+    raw = env("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL")
+    if raw is None:
+        return DEFAULT_SAMPLING_INTERVAL
+    return check_interval(raw, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL")

@@ -78,9 +78,10 @@ def metric_value(key: str, value: Any) -> float:
         )
     try:
         return float(value)
-    except (TypeError, ValueError, OverflowError) as exc:
+    except Exception as exc:  # any __float__ may raise anything: it is this entry's fault, not the call's
         raise InvalidInputError(
-            f"metric {key!r}: value {value!r} cannot be converted to a float ({exc})."
+            f"metric {key!r}: value of type {tp.__name__} cannot be converted to a float "
+            f"({type(exc).__name__}: {exc})."
         ) from None
 
 
@@ -134,8 +135,29 @@ def check_timestamp(key: str, timestamp: Any) -> int:
 
 
 def text_value(key: str, value: Any, what: str, limit: int) -> str:
-    """Stringify a param or tag value the way MLflow does (``str(value)``) and check its length."""
-    text = value if type(value) is str else str(value)
+    """Stringify a param or tag value the way MLflow does (``str(value)``), check its length, and that
+    it can be sent as UTF-8 (a lone surrogate, e.g. from ``os.fsdecode`` of a non-UTF-8 file name,
+    cannot: it would fail its whole request)."""
+    if type(value) is str:
+        text = value
+    else:
+        try:
+            text = str(value)
+        except Exception as exc:  # a __str__ that raises is this entry's fault, not the call's
+            raise InvalidInputError(
+                f"{what} {key!r}: str() of the {type(value).__name__} value failed "
+                f"({type(exc).__name__}: {exc}). Pass a string."
+            ) from None
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidInputError(
+                f"{what} {key!r}: value has a character that cannot be sent as UTF-8 "
+                f"({text[exc.start : exc.end]!r} at position {exc.start}, a lone surrogate such as "
+                "os.fsdecode() makes of a non-UTF-8 file name). Use os.fsdecode(...).encode('utf-8', "
+                "'surrogateescape').decode('utf-8', 'replace') or another readable form."
+            ) from None
     if len(text) > limit:
         raise InvalidInputError(
             f"{what} {key!r}: value is {len(text)} characters long; the server allows at most {limit}. "

@@ -54,6 +54,9 @@ class Batch:
     metrics: list[Event] = field(default_factory=list)
     params: list[Event] = field(default_factory=list)
     tags: list[Event] = field(default_factory=list)
+    #: When the worker took these events (ns): a tag value kept in the journal never replaces one
+    #: taken later, whatever order the writes reach the journal in (a retried batch arrives late).
+    seq: int = 0
 
     def __len__(self) -> int:
         return len(self.metrics) + len(self.params) + len(self.tags)
@@ -89,18 +92,18 @@ class Batch:
         """Split in two, for finding the events a server refused by bisection."""
         events = self.events()
         mid = len(events) // 2
-        return batch_of(self.run_id, events[:mid]), batch_of(self.run_id, events[mid:])
+        return batch_of(self.run_id, events[:mid], self.seq), batch_of(self.run_id, events[mid:], self.seq)
 
 
-def batch_of(run_id: str, events: Iterable[Event]) -> Batch:
-    batch = Batch(run_id)
+def batch_of(run_id: str, events: Iterable[Event], seq: int = 0) -> Batch:
+    batch = Batch(run_id, seq=seq)
     lists = (batch.metrics, batch.params, batch.tags)
     for e in events:
         lists[e[0]].append(e)
     return batch
 
 
-def pack(events: Iterable[Event]) -> Iterator[Batch]:
+def pack(events: Iterable[Event], seq: int = 0) -> Iterator[Batch]:
     """Cut ``events`` (in logging order) into requests within the server's limits.
 
     Requests of one run come out in order; a param or tag key appears once per window, with the
@@ -118,7 +121,9 @@ def pack(events: Iterable[Event]) -> Iterator[Batch]:
             text.pop(e[2], None)  # re-insert so the last call also decides the position
             text[e[2]] = e
     for run_id, (metrics, params, tags) in per_run.items():
-        yield from _cut(run_id, metrics, list(params.values()), list(tags.values()))
+        for batch in _cut(run_id, metrics, list(params.values()), list(tags.values())):
+            batch.seq = seq
+            yield batch
 
 
 def _cut(run_id: str, metrics: list[Event], params: list[Event], tags: list[Event]) -> Iterator[Batch]:

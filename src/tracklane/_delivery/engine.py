@@ -1,13 +1,26 @@
-"""The engine both client faces share: the hot path, the buffer, the worker, delivery, flush.
+"""The engine: what happens to an event between the buffer and the server. It knows nothing about
+runs; run models (``_runs``) hold it and pass each event's run id.
 
-Which run events belong to (experiments, starting and ending runs) is ``_lifecycle``'s part.
+Three tasks on one event loop (a background thread's for ``TrackingClient``, the caller's for
+``AsyncTrackingClient``):
 
-Threads and loops: logging calls (``log_metric`` ...) run on the caller's thread and only
-validate, stamp and append to a ``collections.deque``: an atomic append under the GIL, so no lock
-is taken per event. Everything else (draining, sending, lifecycle calls) is a coroutine on the
-one event loop the engine is attached to: a background thread's loop for ``TrackingClient``,
-the caller's own loop for ``AsyncTrackingClient``. Ordering is kept by the deque alone: a flush
-puts a marker behind the events logged before it and waits for the worker to reach it.
+- the **taker** moves events from the buffer (``buffer.Buffer``) into the *hand*, a short in-memory
+  queue of packed log-batch requests; when the hand is full and the buffer half full (the producer
+  outruns the server), or once anything is *spooled*, it writes them to the journal instead, at disk
+  speed, so callers never wait on the server;
+- the **sender** sends the hand's requests in order, ``max_in_flight`` at a time (a request with
+  params or tags alone, so a tag's last value arrives last), by the outcome rule (``outcome``); a
+  request the server cannot take in the retry window, or refuses the key for, goes to the journal
+  with everything behind it;
+- the **uploader** delivers the journal's rows for this server in order, at the server's pace
+  (``spool``), and switches the engine back to sending from memory once they are all there. It also
+  picks up what earlier processes left in the same journal.
+
+Requests already sent are never cancelled to make room: the server may have applied them, and a
+duplicate costs it a reload of the keys' history (mlflow#24577).
+
+Waiting is by progress, not by a clock: ``flush`` (and so ``end_run`` and ``close``) waits while the
+server keeps taking events, and gives up only after ``retry_window`` seconds with none taken.
 """
 
 from __future__ import annotations
@@ -15,334 +28,127 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
-import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, Protocol
 
-from .._delivery.batching import KIND_NAMES, METRIC, PARAM, TAG, Batch, Event, pack
-from .._delivery.spool import Spill
-from .._entities import RunInfo
 from .._exceptions import (
+    AuthenticationError,
     DeliveryError,
-    InvalidInputError,
-    NoActiveRunError,
-    NotFoundError,
     RejectedEvent,
-    ServerError,
     ServerUnavailableError,
     TrackingError,
 )
-from .._limits import (
-    MAX_PARAM_VALUE_LENGTH,
-    MAX_STEP,
-    MAX_TAG_VALUE_LENGTH,
-    MIN_STEP,
-)
-from .._runs.lifecycle import Backend, Lifecycle, now_ms
 from .._settings import EngineConfig
-from .._stores.rest import RestBackend
-from .._validation import check_key, check_step, check_timestamp, metric_value, text_value
+from .batching import KIND_NAMES, Batch, Event, pack
+from .buffer import Buffer, now_ms
+from .outcome import BatchTarget, backoff, deliver
+from .spool import RunEnd, Spool
 
 logger = logging.getLogger("tracklane")
 
-_KNOWN_KEYS_CAP = 100_000
-#: Under overflow="spill", how long a request may hold a full buffer before the batch is journaled.
-_SPILL_AFTER = 1.0
-_RUN_STATE_ERROR = re.compile(r"active' state|deleted|RESOURCE_DOES_NOT_EXIST", re.I)
+#: Longest pause between two attempts of the uploader on a server that does not answer.
+_UPLOAD_BACKOFF_CAP = 5.0
+#: How often a waiting flush looks at the clock, and polls the journal while another process uploads.
+_POLL = 0.25
+Marker = asyncio.Future[None]
 
 
-_time_ns = time.time_ns
-_MIN_STEP, _MAX_STEP = MIN_STEP, MAX_STEP
+class Backend(BatchTarget, Protocol):
+    """Everything the engine calls on a store (a tracking server, or the local journal)."""
+
+    @property
+    def describe(self) -> str: ...
+    @property
+    def retries(self) -> int: ...
+    async def update_run(self, run_id: str, status: str, end_time: int | None) -> None: ...
+    async def aclose(self) -> None: ...
+    def after_fork(self) -> None: ...
+    def keep_now(self, events: list[Event], ends: list[RunEnd]) -> int | None:
+        """Store events and run ends synchronously, with no event loop (interpreter exit); the
+        number not kept, or None when this store cannot (the engine's journal keeps them)."""
+        ...
 
 
-class Engine(Lifecycle):
-    """Buffer, delivery and lifecycle for one client instance. See the module docstring."""
+class Engine:
+    """Buffer, worker, delivery and flush for one client. See the module docstring."""
 
-    def __init__(self, backend: Backend, config: EngineConfig) -> None:
-        super().__init__()
+    def __init__(self, backend: Backend, config: EngineConfig, spool: Spool | None) -> None:
         self.backend = backend
         self.config = config
-        self._buf: deque[Any] = deque()
-        self._max = config.max_buffer
-        # Wake the worker once a batch is ready, or the buffer half full if it is smaller.
-        self._wake_at = max(1, min(config.batch_size, config.max_buffer // 2))
-        self._wake_pending = False
-        self._notify: Callable[[], None] = _nothing
-        self._room = threading.Condition()
-        self._waiting_for_room = 0
+        self.buffer = Buffer(config)
+        self.spool = spool  # None: the backend is the journal itself (offline)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
-        self._room_async: asyncio.Event | None = None
-        self._worker: asyncio.Task[None] | None = None
+        self._hand_ready: asyncio.Event | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._uploader: asyncio.Task[None] | None = None
+        self._hand: deque[Batch | Marker] = deque()
+        self._hand_events = 0
+        self._hand_limit = max(config.batch_size * 4, config.batch_size * config.max_in_flight * 2)
+        self._spill_at = max(1, config.max_buffer // 2)
         self._inflight: dict[asyncio.Task[None], Batch] = {}
-        self._hand: deque[Batch] = deque()
-        self._markers = 0  # flush markers in the buffer, so counting events needs no scan
+        self._orphans: list[Batch] = []  # batches of cancelled deliveries, for shutdown to keep
+        #: Events go to the journal (not the hand) until the uploader has delivered it all.
+        self._spooling = False
+        self._waiters: list[tuple[Marker, tuple[int, int]]] = []
+        self._blocked: AuthenticationError | None = None
+        self._outage = False  # a request failed for want of a server: say so when it is over
         self._closing = False
         self._giving_up: asyncio.Event | None = None
-        self._known_keys: set[str] = set()
-        # Outcomes.
+        self._retry_now: asyncio.Event | None = None  # a flush is waiting: the uploader stops backing off
+        self._last_progress = time.monotonic()
         self._rejected: list[RejectedEvent] = []
         self._warned: set[str] = set()
         self.delivered = 0
-        self.dropped = 0
         self.rejected_total = 0
-        self.spilled = 0
+        self.spilled = 0  # this engine's events now in the journal
+        self.resumed = 0  # events of earlier processes this engine delivered from the journal
 
     # -- attaching to a loop ---------------------------------------------------------------------
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start the worker on ``loop``; must be called from that loop's thread."""
         self._loop = loop
-        self._wake = asyncio.Event()
-        self._room_async = asyncio.Event()
-        wake = self._wake
+        self._wake = wake = asyncio.Event()
+        self._hand_ready = asyncio.Event()
+        self._giving_up = asyncio.Event()
+        self._retry_now = asyncio.Event()
 
         def notify() -> None:
             loop.call_soon_threadsafe(wake.set)
 
-        self._notify = notify
-        self._worker = loop.create_task(self._work(), name="tracklane-worker")
-
-    def reset_after_fork(self) -> None:
-        """In a child made by ``os.fork``: forget the parent's queue, loop, locks and connections.
-
-        The experiment and run context stay, so the child logs into the parent's run; the run
-        stays the parent's to end (the child's exit only flushes its own events).
-        """
-        self._buf = deque()
-        self._inflight = {}
-        self._hand = deque()
-        self._markers = 0
-        self._room = threading.Condition()
-        self._waiting_for_room = 0
-        self._wake_pending = False
-        self._notify = _nothing
-        self._loop = self._wake = self._room_async = None
-        self._worker = self._sampler = None
-        self._closing = False
-        self._rejected = []
-        self.delivered = self.dropped = self.rejected_total = self.spilled = 0
-        self._owns_run = False
-        self._spill_state = None  # the parent's journal thread and connection are not ours
-        forget = getattr(self.backend, "after_fork", None)
-        if forget is not None:
-            forget()
-
-    async def on_attach(self) -> None:
-        """Checks a face runs once the engine has a loop: the OICM platform's liveness/version."""
-        check = getattr(self.backend, "check_platform", None)
-        if check is not None:
-            await check()
+        self.buffer.bind(loop, notify)
+        self._tasks = [
+            loop.create_task(self._take_loop(), name="tracklane-taker"),
+            loop.create_task(self._send_loop(), name="tracklane-sender"),
+        ]
+        if self.spool is not None:
+            self._tasks.append(loop.create_task(self._resume(), name="tracklane-resume"))
 
     @property
     def attached(self) -> bool:
-        return self._worker is not None and not self._worker.done()
+        return bool(self._tasks) and not any(t.done() for t in self._tasks[:2])
 
-    # -- the hot path: any thread, no I/O, no lock, no logging ----------------------------------
+    def reset_after_fork(self) -> None:
+        """In a child made by ``os.fork``: forget the parent's queue, loop, tasks and connections
+        (the parent sends its own events); the child starts afresh on a new loop."""
+        self.buffer.reset_after_fork()
+        self._loop = self._wake = self._hand_ready = self._giving_up = self._retry_now = None
+        self._tasks, self._uploader = [], None
+        self._hand, self._hand_events = deque(), 0
+        self._inflight, self._orphans, self._waiters = {}, [], []
+        self._spooling = self._closing = False
+        self._rejected = []
+        self.delivered = self.rejected_total = self.spilled = self.resumed = 0
+        if self.spool is not None:  # the parent's journal thread, connection and lock are not ours
+            self.spool = Spool(self.spool.storage, self.spool.destination)
+        self.backend.after_fork()
 
-    def _active_run_id(self) -> str:
-        run_id = self._run_id
-        if run_id is None:
-            raise NoActiveRunError(
-                "No active run: call start_run() first, e.g. `with tc.start_run(run_name=...):`."
-            )
-        return run_id
+    # -- the taker -------------------------------------------------------------------------------
 
-    def _key(self, key: Any, what: str) -> str:
-        # Keys repeat (the same few names every step): validate each once per client.
-        if type(key) is str and key in self._known_keys:
-            return key
-        check_key(key, what)
-        if len(self._known_keys) >= _KNOWN_KEYS_CAP:
-            self._known_keys.clear()
-        self._known_keys.add(key)
-        return key  # type: ignore[no-any-return]
-
-    def _put(self, event: Event) -> None:
-        buf = self._buf
-        if len(buf) >= self._max:
-            self._overflow(event)
-            return
-        buf.append(event)
-        # Wake the worker once per batch, not per event: a wake-up costs a syscall.
-        if len(buf) >= self._wake_at and not self._wake_pending:
-            self._wake_pending = True
-            self._notify()
-
-    def log_metric(self, key: str, value: Any, step: int | None = None, timestamp: int | None = None) -> None:
-        # The common call (a float, an int step or none, a key seen before, no timestamp) is
-        # checked and appended inline: this is the line a training loop runs per metric.
-        run_id = self._run_id
-        if (
-            run_id is not None
-            and type(value) is float
-            and timestamp is None
-            and (step is None or (type(step) is int and _MIN_STEP <= step <= _MAX_STEP))
-            and type(key) is str
-            and key in self._known_keys
-        ):
-            buf = self._buf
-            if len(buf) < self._max:
-                buf.append((METRIC, run_id, key, value, _time_ns() // 1_000_000, step or 0))
-                if len(buf) >= self._wake_at and not self._wake_pending:
-                    self._wake_pending = True
-                    self._notify()
-                return
-        run_id = self._active_run_id()
-        key = self._key(key, "metric")
-        self._put(
-            (
-                METRIC,
-                run_id,
-                key,
-                metric_value(key, value),
-                now_ms() if timestamp is None else check_timestamp(key, timestamp),
-                0 if step is None else check_step(key, step),
-            )
-        )
-
-    def log_metrics(
-        self, metrics: Mapping[str, Any], step: int | None = None, timestamp: int | None = None
-    ) -> None:
-        run_id = self._active_run_id()
-        ts = now_ms() if timestamp is None else check_timestamp("<log_metrics>", timestamp)
-        st = 0 if step is None else check_step("<log_metrics>", step)
-        events, errors = [], []
-        for key, value in _items(metrics, "log_metrics"):
-            try:
-                key = self._key(key, "metric")
-                events.append((METRIC, run_id, key, metric_value(key, value), ts, st))
-            except InvalidInputError as exc:
-                errors.append(str(exc))
-        self._put_all(events, errors)
-
-    def log_params(self, params: Mapping[str, Any]) -> None:
-        run_id = self._active_run_id()
-        logged = self._params.setdefault(run_id, {})
-        events, errors = [], []
-        for key, value in _items(params, "log_params"):
-            try:
-                key = self._key(key, "param")
-                text = text_value(key, value, "param", MAX_PARAM_VALUE_LENGTH)
-                before = logged.get(key)
-                if before is not None and before != text:
-                    raise InvalidInputError(
-                        f"param {key!r} is already {before!r} in run {run_id}; params cannot "
-                        f"change (got {text!r}). Log the new value under another key, or as a "
-                        "metric or tag if it varies."
-                    )
-                logged[key] = text
-                events.append((PARAM, run_id, key, text, 0, 0))
-            except InvalidInputError as exc:
-                errors.append(str(exc))
-        self._put_all(events, errors)
-
-    def set_tags(self, tags: Mapping[str, Any]) -> None:
-        run_id = self._active_run_id()
-        events, errors = [], []
-        for key, value in _items(tags, "set_tags"):
-            try:
-                key = self._key(key, "tag")
-                text = text_value(key, value, "tag", MAX_TAG_VALUE_LENGTH)
-                events.append((TAG, run_id, key, text, 0, 0))
-            except InvalidInputError as exc:
-                errors.append(str(exc))
-        self._put_all(events, errors)
-
-    def _put_all(self, events: list[Event], errors: list[str]) -> None:
-        # A bad entry must not cost the good ones of the same call: enqueue those, then raise.
-        for event in events:
-            self._put(event)
-        if errors:
-            logged = (
-                f" The other {len(events)} entr{'y was' if len(events) == 1 else 'ies were'} logged."
-                if events
-                else ""
-            )
-            raise InvalidInputError("; ".join(errors) + logged)
-
-    # -- a full buffer ---------------------------------------------------------------------------
-
-    def _overflow(self, event: Event) -> None:
-        policy = self.config.overflow
-        if policy == "drop_newest":
-            self._count_drop(event)
-        elif policy == "drop_oldest":
-            try:
-                oldest = self._buf.popleft()
-            except IndexError:
-                oldest = None
-            if isinstance(oldest, tuple):
-                self._count_drop(oldest)
-                self._buf.append(event)
-            else:  # a flush marker or a race with the worker: keep order, drop the new one
-                if oldest is not None:
-                    self._buf.appendleft(oldest)
-                self._count_drop(event)
-        else:  # "block", and "spill" (the worker moves the backlog to the journal meanwhile)
-            self._wait_for_room(event)
-
-    def _wait_for_room(self, event: Event) -> None:
-        if self._on_loop_thread():
-            # Blocking here would stop the very loop that drains the buffer.
-            self._buf.append(event)
-            return
-        deadline = None if self.config.block_timeout is None else time.monotonic() + self.config.block_timeout
-        with self._room:
-            self._waiting_for_room += 1
-            try:
-                while len(self._buf) >= self._max:
-                    self._notify()
-                    left = None if deadline is None else deadline - time.monotonic()
-                    if left is not None and left <= 0:
-                        self._count_drop(event)
-                        return
-                    self._room.wait(0.05 if left is None else min(left, 0.05))
-            finally:
-                self._waiting_for_room -= 1
-        self._buf.append(event)
-
-    def _count_drop(self, event: Event) -> None:
-        self.dropped += 1
-        self.warn_once(
-            f"drop:{event[1]}",
-            "tracklane's buffer is full (%d events) and overflow=%r: dropping events of run %s. "
-            "stats()['dropped'] counts them; a larger max_buffer or overflow='spill' keeps them.",
-            self._max,
-            self.config.overflow,
-            event[1],
-        )
-
-    def _on_loop_thread(self) -> bool:
-        loop = self._loop
-        if loop is None:
-            return False
-        try:
-            return asyncio.get_running_loop() is loop
-        except RuntimeError:
-            return False
-
-    def has_room(self) -> bool:
-        return len(self._buf) < self._max
-
-    async def wait_for_room(self) -> None:
-        """Backpressure for async callers: return once the buffer is below its bound again."""
-        while len(self._buf) >= self._max and self._room_async is not None:
-            self._room_async.clear()
-            self._notify()
-            await self._room_async.wait()
-
-    def warn_once(self, topic: str, message: str, *args: Any) -> None:
-        if topic not in self._warned:
-            self._warned.add(topic)
-            logger.warning(message, *args)
-
-    # -- the worker: runs on the loop -------------------------------------------------------------
-
-    async def _work(self) -> None:
+    async def _take_loop(self) -> None:
         assert self._wake is not None
         try:
             while True:
@@ -350,63 +156,139 @@ class Engine(Lifecycle):
                     await asyncio.wait_for(self._wake.wait(), self.config.flush_interval)
                 self._wake.clear()
                 try:
-                    await self._drain()
-                except Exception:  # never let the worker die: it is the only way events leave
-                    logger.exception("tracklane worker: unexpected error while draining; continuing")
+                    await self._take()
+                except Exception:  # never let the taker die: it is the only way events leave
+                    logger.exception("tracklane: unexpected error in the worker; continuing")
         except asyncio.CancelledError:
             if not self._closing:  # cancelled by the loop's shutdown, not by shutdown()
-                self._warn_unclosed()
-                with contextlib.suppress(Exception, asyncio.CancelledError):
-                    await asyncio.wait_for(self.backend.aclose(), 1.0)
+                logger.warning(
+                    "tracklane: the event loop stopped with a tracking client still open; %d event(s) "
+                    "were not delivered and are kept for the next client at exit. Use `async with "
+                    "AsyncTrackingClient(...)` or `await tc.aclose()`.",
+                    self.pending(),
+                )
             raise
 
-    async def _drain(self) -> None:
+    async def _take(self) -> None:
+        buffer = self.buffer
         while True:
-            self._wake_pending = False
-            chunk, marker = self._take(self.config.batch_size)
-            # Taken from the buffer, not yet in flight: kept where stats() and shutdown see them.
-            self._hand.extend(pack(chunk))
-            while self._hand:
-                await self._dispatch(self._hand[0])
-            if marker is not None:
-                await self._settle()
-                if not marker.done():
-                    marker.set_result(None)
-            elif not chunk:
+            if not self._spooling and self._hand_events >= self._hand_limit:
+                # The sender has all it can use. Leave the rest in the buffer while it has room;
+                # once it is half full the producer outruns the server: spool.
+                if len(buffer) < self._spill_at or not self._may_spool("overflow"):
+                    buffer.wake_at = self._spill_at
+                    return
+                self._spooling = True
+            buffer.wake_at = buffer.batch_wake_at
+            events, marker = buffer.take(self.config.batch_size)
+            if not events and marker is None:
                 return
-
-    def _take(self, limit: int) -> tuple[list[Event], asyncio.Future[None] | None]:
-        buf, out = self._buf, []
-        marker = None
-        for _ in range(limit):
-            try:
-                item = buf.popleft()
-            except IndexError:
-                break
-            if type(item) is tuple:
-                out.append(item)
+            batches = list(pack(events, time.time_ns()))
+            if self._spooling:
+                if not await self._spool_batches(batches):
+                    self._spooling = False  # journal unwritable: memory, and callers wait for room
+                    self._to_hand(batches)
+                if marker is not None:
+                    await self._marker_to_journal(marker)
             else:
-                self._markers -= 1
-                marker = item
-                break
-        if self._waiting_for_room:
-            with self._room:
-                self._room.notify_all()
-        if self._room_async is not None:
-            self._room_async.set()
-        return out, marker
+                self._to_hand(batches)
+                if marker is not None:
+                    self._hand.append(marker)
+                    self._signal_hand()
 
-    async def _dispatch(self, batch: Batch) -> None:
-        if batch.has_text:
-            await self._settle()  # a tag's last value must arrive last
-        while len(self._inflight) >= self.config.max_in_flight:
-            await asyncio.wait(set(self._inflight), return_when=asyncio.FIRST_COMPLETED)
-        task = asyncio.get_running_loop().create_task(self._deliver(batch))
-        self._inflight[task] = batch
-        self._hand.popleft()
-        task.add_done_callback(self._forget)
-        if batch.has_text:
-            await self._settle()
+    def _to_hand(self, batches: list[Batch]) -> None:
+        for batch in batches:
+            self._hand.append(batch)
+            self._hand_events += len(batch)
+        if batches:
+            self._signal_hand()
+
+    def _signal_hand(self) -> None:
+        if self._hand_ready is not None:
+            self._hand_ready.set()
+
+    def _may_spool(self, why: str) -> bool:
+        if self.spool is None or self.spool.broken:
+            return False
+        return why != "overflow" or self.config.overflow == "spill"
+
+    async def _spool_batches(self, batches: list[Batch]) -> bool:
+        assert self.spool is not None
+        if not await self.spool.write(batches, self._reject):
+            return False
+        self.spilled += sum(len(b) for b in batches)
+        self._kick_uploader()
+        return True
+
+    async def _marker_to_journal(self, marker: Marker) -> None:
+        """A flush marker behind events now in the journal: done once the uploader has delivered
+        the journal up to here (or at once, if delivery is stopped: flush then raises why)."""
+        assert self.spool is not None
+        if self._blocked is not None:
+            _resolve(marker)
+            return
+        self._waiters.append((marker, await self.spool.high_water()))
+        self._kick_uploader()
+
+    # -- the sender ------------------------------------------------------------------------------
+
+    async def _send_loop(self) -> None:
+        assert self._hand_ready is not None
+        hand = self._hand
+        while True:
+            if not hand:
+                self._hand_ready.clear()
+                await self._hand_ready.wait()
+                continue
+            if (self._spooling or self._blocked is not None) and await self._hand_to_journal():
+                continue
+            item = hand[0]
+            if isinstance(item, asyncio.Future):
+                if self._inflight:
+                    await self._settle()
+                    continue
+                hand.popleft()
+                _resolve(item)
+                continue
+            if item.has_text and self._inflight:
+                await self._settle()  # a tag's last value must arrive last
+                continue
+            if len(self._inflight) >= self.config.max_in_flight:
+                await asyncio.wait(set(self._inflight), return_when=asyncio.FIRST_COMPLETED)
+                continue
+            hand.popleft()
+            self._hand_events -= len(item)
+            task = asyncio.get_running_loop().create_task(self._deliver(item))
+            self._inflight[task] = item
+            task.add_done_callback(self._forget)
+            self._wake_taker()
+            if item.has_text:
+                await self._settle()
+
+    async def _hand_to_journal(self) -> bool:
+        """While spooling: the hand joins the journal, in order, behind what is there. False if the
+        journal cannot take it (then the hand is sent from memory after all)."""
+        batches: list[Batch] = []
+        while self._hand:
+            item = self._hand.popleft()
+            if isinstance(item, asyncio.Future):
+                if batches:
+                    if not await self._spool_batches(batches):
+                        self._hand.appendleft(item)
+                        self._hand.extendleft(reversed(batches))
+                        return False
+                    self._hand_events -= sum(len(b) for b in batches)
+                    batches = []
+                await self._marker_to_journal(item)
+            else:
+                batches.append(item)
+        if batches:
+            if not await self._spool_batches(batches):
+                self._hand.extendleft(reversed(batches))
+                return False
+            self._hand_events -= sum(len(b) for b in batches)
+        self._wake_taker()
+        return True
 
     def _forget(self, task: asyncio.Task[None]) -> None:
         self._inflight.pop(task, None)
@@ -415,145 +297,65 @@ class Engine(Lifecycle):
         while self._inflight:
             await asyncio.wait(set(self._inflight))
 
+    def _wake_taker(self) -> None:
+        if self._wake is not None and self._hand_events < self._hand_limit:
+            self._wake.set()
+
     async def _deliver(self, batch: Batch) -> None:
-        """Send ``batch``; on a 400, bisect to isolate the refused events and deliver the rest.
-
-        A server that cannot be reached gets the batch later: it goes to the journal (``_spill``).
-        """
-        spill = self._spill()
-        if spill is None:
-            await self._send_or_spill(batch, None)
-            return
-        spill.unsettled[id(batch)] = batch
-        await self._send_or_spill(batch, spill)
-        # Not in a `finally`: a cancelled delivery stays listed, and shutdown journals its batch.
-        spill.unsettled.pop(id(batch), None)
-
-    # -- outage spill (see _spill) ---------------------------------------------------------------
-
-    _spill_state: Spill | None = None  # made on the first delivery to a server; never offline
-
-    def _spill(self) -> Spill | None:
-        if self._spill_state is None and isinstance(self.backend, RestBackend):
-            self._spill_state = Spill(self.backend, self.config.journal_dir)
-        return self._spill_state
-
-    def _run_name(self, run_id: str) -> str:
-        run = self.run or (self.last_run.info if self.last_run is not None else None)
-        return run.run_name if run is not None and run.run_id == run_id else ""
-
-    def _count_replayed(self, n: int) -> None:
-        # Replayed from the journal: these events move from "spilled" to "delivered".
-        self.delivered += n
-        self.spilled = max(0, self.spilled - n)
-
-    async def _send_or_spill(self, batch: Batch, spill: Spill | None) -> None:
-        while True:
-            if (
-                spill is not None
-                and spill.degraded
-                and await spill.write(batch.events(), self._run_name, batch)
-            ):
-                self.spilled += len(batch)
-                return
-            try:
-                await self._send(batch, spill)
-                self.delivered += len(batch)
-                return
-            except ServerUnavailableError as exc:
-                if spill is not None and await spill.write(batch.events(), self._run_name, batch):
-                    self.spilled += len(batch)
-                    spill.degrade(exc, self._count_replayed, self._reject)
-                    return
-                self.warn_once("outage", "tracklane: %s Retrying; events stay buffered.", exc)
-                if self._closing:
-                    raise
-            except ServerError as exc:
-                message = str(exc)
-                if len(batch) == 1 or isinstance(exc, NotFoundError) or _RUN_STATE_ERROR.search(message):
-                    self._reject(batch.events(), message)
-                    return
-                first, second = batch.halves()
-                await self._send_or_spill(first, spill)
-                await self._send_or_spill(second, spill)
-                return
-
-    async def _send(self, batch: Batch, spill: Spill | None) -> None:
-        """``log_batch``; but under ``overflow="spill"``, stop waiting for a server that sits on a
-        request while the buffer is full: the callers blocked for room are released through the
-        journal instead (``ServerUnavailableError`` sends the batch there)."""
-        if spill is None or spill.broken or self.config.overflow != "spill":
-            await self.backend.log_batch(batch)
-            return
-        started = time.monotonic()
-        send = asyncio.ensure_future(self.backend.log_batch(batch))
+        """One request's life: delivered, refused in part (reported), or kept for later."""
         try:
-            while not (await asyncio.wait({send}, timeout=0.25))[0]:
-                if len(self._buf) >= self._max and time.monotonic() - started >= _SPILL_AFTER:
-                    raise ServerUnavailableError(
-                        f"{self.backend.describe} has not taken a batch in {_SPILL_AFTER:.0f}s while the "
-                        f"buffer is full ({self._max} events)."
-                    )
-            send.result()
-        finally:
-            send.cancel()
+            await deliver(batch, self.backend, self._sent, self._reject)
+            return
+        except AuthenticationError as exc:
+            self._block(exc)
+            why = str(exc)
+        except ServerUnavailableError as exc:
+            why = str(exc)
+        except asyncio.CancelledError:
+            self._orphans.append(batch)  # shutdown keeps it
+            raise
+        except Exception as exc:  # a bug must not lose events: keep the batch as if the server were down
+            logger.exception("tracklane: unexpected error while delivering a batch; keeping it")
+            why = f"{type(exc).__name__}: {exc}"
+        self._outage = True
+        if self._may_spool("failure"):
+            self._warn_once(
+                "outage",
+                "tracklane: %s Keeping events in the local journal %s and delivering them from there.",
+                why,
+                self.spool.path if self.spool is not None else "",
+            )
+            self._spooling = True
+            try:
+                kept = await self._spool_batches([batch])
+            except asyncio.CancelledError:
+                return  # the shielded write finished or failed; either way it is not an orphan
+            if kept:
+                self._signal_hand()  # the sender moves the hand behind it
+                return
+        # No journal: keep it in memory, at the front, and try again after a pause.
+        self._warn_once("outage", "tracklane: %s Retrying; events stay in memory.", why)
+        try:
+            await asyncio.sleep(min(_UPLOAD_BACKOFF_CAP, self.config.retry_window))
+        except asyncio.CancelledError:
+            self._orphans.append(batch)
+            raise
+        self._hand.appendleft(batch)
+        self._hand_events += len(batch)
+        self._signal_hand()
 
-    async def _finish_and_replay(self, run_status: str | None) -> None:
-        await self._finish(run_status)
-        spill = self._spill_state
-        if spill is not None and spill.replay_task is not None:
-            await spill.replay_task  # ends once the journal has given the server everything
-
-    async def _keep_undelivered(self, undelivered: int, run: RunInfo | None, run_status: str | None) -> int:
-        """At shutdown: put the events still buffered or in flight, and a run end the server did
-        not get, in the journal. Returns how many events are lost (0 once the journal has them)."""
-        spill = self._spill_state
-        if spill is None:
-            return undelivered
-        if spill.replay_task is not None:
-            spill.replay_task.cancel()
-        busy = [
-            t for t in (self._worker, *self._inflight, spill.replay_task) if t is not None and not t.done()
-        ]
-        if busy:
-            await asyncio.wait(busy, timeout=1.0)  # a cancelled spill write finishes first
-        events = [e for e in self._buf if type(e) is tuple]
-        for batch in [*self._hand, *spill.unsettled.values()]:
-            events.extend(batch.events())
-        ended = None
-        last = self.last_run
-        if run is not None and run_status is not None and (last is None or last.info.run_id != run.run_id):
-            ended = (run.run_id, run_status, now_ms())
-        if not events and ended is None and not spill.runs:
-            return undelivered
-
-        def name(run_id: str) -> str:
-            return run.run_name if run is not None and run.run_id == run_id else self._run_name(run_id)
-
-        await spill.keep_at_exit(events, name, ended)
-        if spill.broken:
-            return undelivered
-        self.spilled += len(events)
-        self._buf.clear()
-        self._hand.clear()
-        spill.unsettled.clear()
-        return 0
-
-    def _warn_unclosed(self) -> None:
-        # The loop is shutting down under a client nobody closed (like an unclosed aiohttp
-        # session): say so once rather than hang the shutdown waiting for the server. A logged
-        # warning, not a ResourceWarning: those are hidden by Python's default filters.
-        logger.warning(
-            "tracklane: the event loop stopped with a tracking client still open; %d event(s) were "
-            "not delivered. Use `async with AsyncTrackingClient(...)` or `await tc.aclose()`.",
-            self.pending(),
-        )
+    def _sent(self, n: int) -> None:
+        self.delivered += n
+        self._last_progress = time.monotonic()
 
     def _reject(self, events: Iterable[Event], reason: str) -> None:
         events = list(events)
+        if not events:
+            return
+        self._last_progress = time.monotonic()  # the server answered
         self.rejected_total += len(events)
         self._rejected.extend(RejectedEvent(e[1], KIND_NAMES[e[0]], e[2], e[3], reason) for e in events)
-        self.warn_once(
+        self._warn_once(
             "rejected",
             "tracklane: the server refused %d event(s) (first: %s %r: %s); the next flush() or "
             "end_run() raises DeliveryError listing them.",
@@ -563,114 +365,338 @@ class Engine(Lifecycle):
             reason,
         )
 
+    def _block(self, exc: AuthenticationError) -> None:
+        """STOP: no more requests; everything goes to the journal until ``tracklane sync``."""
+        if self._blocked is not None:
+            return
+        command = self.spool.sync_command() if self.spool is not None else "tracklane sync"
+        where = self.spool.path if self.spool is not None else "the local journal"
+        self._blocked = type(exc)(
+            f"{exc} Delivery has stopped and every event is kept in the local journal {where}; fix "
+            f"the key or the URL, then run: {command}",
+            status=exc.status,
+            error_code=exc.error_code,
+        )
+        logger.error("tracklane: %s", self._blocked)
+        self._spooling = True
+        self._signal_hand()
+        for marker, _ in self._waiters:
+            _resolve(marker)
+        self._waiters.clear()
+
+    # -- the uploader ----------------------------------------------------------------------------
+
+    def _kick_uploader(self) -> None:
+        if self.spool is None or self._blocked is not None or self._loop is None:
+            return
+        if self._uploader is None or self._uploader.done():
+            self._uploader = self._loop.create_task(self._upload_loop(), name="tracklane-uploader")
+
+    async def _resume(self) -> None:
+        """At start: deliver what earlier processes left in this storage's journal for this server."""
+        assert self.spool is not None
+        try:
+            left = await self.spool.pending(None)
+        except TrackingError as exc:  # a damaged journal: say so, log online regardless
+            logger.error("tracklane: %s", exc)
+            return
+        if left:
+            logger.warning(
+                "tracklane: resuming delivery of %d event(s) left in %s for %s by an earlier process.",
+                left,
+                self.spool.path,
+                self.spool.api_host,
+            )
+            self._kick_uploader()
+
+    async def _upload_loop(self) -> None:
+        spool = self.spool
+        assert spool is not None
+        attempt = 0
+        waiting_on_other = False
+        while self._blocked is None:
+            if self._spooling:
+                # This engine's journal rows follow the requests already in flight.
+                await self._settle()
+            try:
+                if not await spool.lock():
+                    if not waiting_on_other:
+                        waiting_on_other = True
+                        logger.info("tracklane: another process is uploading %s; waiting for it.", spool.path)
+                    await asyncio.sleep(_POLL * 2)
+                    await self._check_waiters(None)
+                    continue
+                writes = spool.writes
+                hi = await spool.high_water()
+                moved = await spool.upload(
+                    self.backend, self._sent_from_journal, self._reject, hi, self.config.max_in_flight
+                )
+                attempt = 0
+                await self._check_waiters(hi)
+                if moved == 0 and spool.writes == writes and not spool.writing:
+                    # Everything written is delivered and nothing is being written: memory again.
+                    self._spooling = False
+                    spool.unlock()
+                    self._wake_taker()
+                    if self._outage:
+                        self._outage = False
+                        self._warned.discard("outage")
+                        logger.warning(
+                            "tracklane: %s answers again; every event kept in the journal is delivered.",
+                            spool.api_host,
+                        )
+                    if self._waiters:  # written between the round's snapshot and now: none, see above
+                        await self._check_waiters(await spool.high_water())
+                    return
+            except AuthenticationError as exc:
+                self._block(exc)
+                spool.unlock()
+                return
+            except ServerUnavailableError:
+                await self._pause(attempt)
+                attempt += 1
+            except (OSError, TrackingError) as exc:
+                self._warn_once("upload", "tracklane: delivering from the journal failed: %s; retrying", exc)
+                await self._pause(attempt)
+                attempt += 1
+            except asyncio.CancelledError:
+                spool.unlock()
+                raise
+            except Exception:  # the uploader must not die: it is how spooled events get home
+                logger.exception("tracklane: delivering from the journal failed; retrying")
+                await self._pause(attempt)
+                attempt += 1
+
+    async def _pause(self, attempt: int) -> None:
+        """Back off before the next attempt on a server that does not answer; a waiting flush cuts
+        the pause short, so a server that is back is seen at once rather than after the backoff."""
+        assert self._retry_now is not None
+        delay = backoff(attempt, base=0.25, cap=min(_UPLOAD_BACKOFF_CAP, self.config.retry_window / 2))
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._retry_now.wait(), delay)
+        self._retry_now.clear()
+
+    def _sent_from_journal(self, run_id: str, n: int) -> None:
+        self._last_progress = time.monotonic()
+        assert self.spool is not None
+        if run_id in self.spool.runs and self.spilled:
+            moved = min(n, self.spilled)
+            self.spilled -= moved
+            self.delivered += moved
+            n -= moved
+        self.resumed += n
+
+    async def _check_waiters(self, done_upto: tuple[int, int] | None) -> None:
+        """Resolve flushes whose journal rows are delivered: all rows up to ``done_upto`` (a round
+        just finished), or, while another process uploads, as the journal's marks say."""
+        if not self._waiters or self.spool is None:
+            return
+        still = []
+        for marker, target in self._waiters:
+            if marker.done():
+                continue
+            if done_upto is not None and target <= done_upto:
+                _resolve(marker)
+            elif done_upto is None and await self.spool.pending(self.spool.runs, target) == 0:
+                self._last_progress = time.monotonic()  # the other uploader delivered them
+                _resolve(marker)
+            else:
+                still.append((marker, target))
+        self._waiters = still
+
     # -- flush -----------------------------------------------------------------------------------
 
-    async def flush(self) -> None:
-        """Return once every event logged before the call is settled (delivered or refused).
+    async def flush(self, deadline: float | None = None) -> bool:
+        """Wait until every event logged before the call is on the server (or refused): True.
 
-        Raises DeliveryError listing events the server refused since the last flush.
+        Waits while the server keeps taking events; False once ``retry_window`` seconds pass with
+        none taken, at the monotonic ``deadline``, or when told to give up (Ctrl-C at exit). Raises
+        DeliveryError for refused events and AuthenticationError once delivery has stopped.
         """
-        marker: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._markers += 1
-        self._buf.append(marker)
-        assert self._wake is not None
+        assert self._wake is not None and self._giving_up is not None
+        marker: Marker = asyncio.get_running_loop().create_future()
+        self.buffer.put_marker(marker)
         self._wake.set()
-        await marker
-        self.raise_rejected()
+        if self._retry_now is not None:
+            self._retry_now.set()
+        started = time.monotonic()
+        giving_up: asyncio.Future[Any] = asyncio.ensure_future(self._giving_up.wait())
+        try:
+            while not marker.done():
+                await asyncio.wait({marker, giving_up}, timeout=_POLL)
+                now = time.monotonic()
+                if giving_up.done() or (deadline is not None and now >= deadline):
+                    return False
+                if now - max(self._last_progress, started) > self.config.retry_window:
+                    return False
+        finally:
+            giving_up.cancel()
+        self.raise_problems()
+        return True
 
-    def raise_rejected(self) -> None:
+    def raise_problems(self) -> None:
+        """Raise what the caller must hear: delivery stopped, or events the server refused."""
+        if self._blocked is not None:
+            raise self._blocked
         if self._rejected:
             rejected, self._rejected = self._rejected, []
             raise DeliveryError(rejected)
 
+    @property
+    def blocked(self) -> AuthenticationError | None:
+        return self._blocked
+
+    async def keep_run_end(self, end: RunEnd) -> bool:
+        """After giving up on the server: the run's events go to the journal (not memory) and its end
+        is recorded there, for this engine's uploader or a later ``tracklane sync``. False if the
+        journal cannot be written."""
+        if not self._may_spool("failure"):
+            return False
+        assert self.spool is not None
+        self._spooling = True
+        self._signal_hand()
+        for _ in range(200):  # the sender moves the hand at disk speed; bounded regardless
+            if not any(isinstance(i, Batch) for i in self._hand):
+                break
+            await asyncio.sleep(0.025)
+        return await self.spool.record_end(end)
+
+    async def journal_notice(self, when: str) -> None:
+        """Log what the server has not got of this engine's runs, where it is kept, and the command
+        that delivers it (nothing when everything is delivered)."""
+        if self.spool is not None:
+            await self.spool.notice(when)
+
     def pending(self) -> int:
         """Events accepted but not yet settled: in the buffer, or taken by the worker."""
-        return self._buffered() + self._taken()
-
-    def _buffered(self) -> int:
-        return max(0, len(self._buf) - self._markers)
+        return len(self.buffer) + self._taken()
 
     def _taken(self) -> int:
-        """Events the worker took from the buffer: being packed, or in requests not yet answered."""
-        return sum(len(b) for b in [*self._hand, *self._inflight.values()])
+        return self._hand_events + sum(len(b) for b in self._inflight.values())
 
     def stats(self) -> dict[str, float]:
         """Counters of the client's own work, for dashboards and for tests of loss.
 
         ``enqueued`` counts events accepted into the buffer; each ends ``delivered``, ``spilled``
-        (kept in the journal for later), ``rejected`` (refused by the server, reported) or is
-        still in the buffer (``buffer_depth``) or with the worker (``in_flight_events``).
-        ``dropped`` events were never accepted (drop policies).
+        (in the journal, delivered from there later), ``rejected`` (refused by the server, reported)
+        or is still in the buffer (``buffer_depth``) or with the worker (``in_flight_events``).
+        ``dropped`` events were never accepted.
         """
-        buffered, taken = self._buffered(), self._taken()
-        oldest = [b.events()[0][4] for b in [*self._hand, *self._inflight.values()] if len(b)]
-        with contextlib.suppress(IndexError):
-            head = self._buf[0]
-            if type(head) is tuple:
-                oldest.append(head[4])
+        buffered, taken = len(self.buffer), self._taken()
+        stamps = [e[4] for b in [*self._inflight.values()] for e in b.metrics[:1]]
+        stamps += [i.metrics[0][4] for i in list(self._hand)[:1] if isinstance(i, Batch) and i.metrics]
+        head = self.buffer.oldest_timestamp()
+        if head is not None:
+            stamps.append(head)
         return {
             "enqueued": self.delivered + self.spilled + self.rejected_total + buffered + taken,
             "delivered": self.delivered,
             "spilled": self.spilled,
-            "dropped": self.dropped,
+            "dropped": self.buffer.dropped,
             "rejected": self.rejected_total,
-            "retries": getattr(self.backend, "retries", 0),
+            "resumed": self.resumed,
+            "retries": self.backend.retries,
             "in_flight_requests": len(self._inflight),
             "in_flight_events": taken,
             "buffer_depth": buffered,
-            "oldest_undelivered_age_s": max(0.0, (now_ms() - min(oldest)) / 1000) if oldest else 0.0,
+            "oldest_undelivered_age_s": max(0.0, (now_ms() - min(stamps)) / 1000) if stamps else 0.0,
         }
+
+    def _warn_once(self, topic: str, message: str, *args: Any) -> None:
+        if topic not in self._warned:
+            self._warned.add(topic)
+            logger.warning(message, *args)
 
     # -- shutdown --------------------------------------------------------------------------------
 
-    async def shutdown(self, timeout: float, run_status: str | None = "FINISHED") -> int:
-        """Flush within ``timeout`` seconds (or until ``give_up``), end a still-active run, stop
-        the worker, keep what is left in the journal, close I/O.
-
-        Returns how many events could be neither delivered nor journaled (0 normally).
-        """
+    async def shutdown(self, deadline: float | None) -> int:
+        """Deliver what is left (by progress, never past ``deadline``), then keep the rest in the
+        journal, stop the tasks and close I/O. Returns how many events could be neither delivered
+        nor kept (0 normally)."""
         self._closing = True
-        self._giving_up = asyncio.Event()
-        undelivered = 0
-        run = self.run if self._owns_run else None  # a forked child leaves the run to its parent
-        finish = asyncio.ensure_future(self._finish_and_replay(run_status))
-        gave_up = asyncio.ensure_future(self._giving_up.wait())
-        try:
-            await asyncio.wait({finish, gave_up}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-            if finish.done():
-                finish.result()
-            else:  # out of time, or told to stop waiting: what is left goes to the journal
-                finish.cancel()
-                await asyncio.wait({finish}, timeout=1.0)
-                undelivered = self.pending()
-        except TrackingError as exc:
-            logger.warning("tracklane: at shutdown: %s", exc)
-        finally:
-            gave_up.cancel()
-            for task in [self._sampler, self._worker, *self._inflight]:
-                if task is not None:
-                    task.cancel()
-            undelivered = await self._keep_undelivered(undelivered, run, run_status)
+        with contextlib.suppress(TrackingError):  # the run model has reported these already
+            done = await self.flush(deadline)
+            if done and self._uploader is not None and not self._uploader.done():
+                await self._wait_for_uploader(deadline)  # leftovers of earlier processes too
+        tasks = [*self._tasks, *self._inflight]
+        if self._uploader is not None:
+            tasks.append(self._uploader)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=2.0)  # a cancelled journal write finishes first
+        lost = await self._keep_leftovers()
+        if self._blocked is None:  # blocked: the error already gave the command
+            await self.journal_notice("before exit")
+        with contextlib.suppress(Exception):
             await self.backend.aclose()
-        return undelivered
+        if self.spool is not None:
+            with contextlib.suppress(Exception):
+                await self.spool.close()
+        return lost
+
+    async def _wait_for_uploader(self, deadline: float | None) -> None:
+        assert self._uploader is not None and self._giving_up is not None
+        started = time.monotonic()
+        while not self._uploader.done():
+            await asyncio.wait({self._uploader}, timeout=_POLL)
+            now = time.monotonic()
+            if self._giving_up.is_set() or (deadline is not None and now >= deadline):
+                return
+            if now - max(self._last_progress, started) > self.config.retry_window:
+                return
+
+    def leftovers(self) -> list[Event]:
+        """Every event not delivered and not in the journal: buffer, hand, in flight, orphaned."""
+        events = self.buffer.events()
+        for item in [*self._hand, *self._inflight.values(), *self._orphans]:
+            if isinstance(item, Batch):
+                events.extend(item.events())
+        return events
+
+    async def _keep_leftovers(self) -> int:
+        events = self.leftovers()
+        if not events:
+            return 0
+        kept = False
+        if self.spool is not None and not self.spool.broken:
+            batches = list(pack(events, time.time_ns()))
+            kept = await self.spool.write(batches, self._reject)
+            if kept:
+                self.spilled += len(events)
+        else:
+            lost = self.backend.keep_now(events, [])
+            kept = lost == 0
+        if not kept:
+            return len(events)
+        self._clear_leftovers()
+        return 0
+
+    def _clear_leftovers(self) -> None:
+        self.buffer.clear()
+        self._hand.clear()
+        self._hand_events = 0
+        self._inflight.clear()
+        self._orphans.clear()
+
+    def keep_now(self, ends: list[RunEnd]) -> int:
+        """Blocking, with no event loop (interpreter exit after an async client's loop is gone):
+        keep every leftover event, and ``ends``, in the journal. Returns how many were lost."""
+        events = self.leftovers()
+        lost = self.backend.keep_now(events, ends)
+        if lost is None:
+            lost = self.spool.keep_now(events, ends) if self.spool is not None else len(events)
+        if lost == 0:
+            self.spilled += len(events)
+            self._clear_leftovers()
+        return lost
 
     def give_up(self) -> None:
-        """Stop waiting for the server in a running ``shutdown`` (Ctrl-C at exit). Loop thread only."""
+        """Stop waiting for the server in a running flush or shutdown (Ctrl-C at exit). Loop thread only."""
         if self._giving_up is not None:
             self._giving_up.set()
 
-    async def _finish(self, run_status: str | None) -> None:
-        if self.run is not None and run_status is not None and self._owns_run:
-            await self.end_run(run_status)
-        else:
-            await self.flush()
 
-
-def _nothing() -> None:
-    pass
-
-
-def _items(mapping: Mapping[str, Any], what: str) -> Iterable[tuple[Any, Any]]:
-    if not isinstance(mapping, Mapping):
-        raise InvalidInputError(f"{what} takes a dict of key -> value, got {type(mapping).__name__}.")
-    return mapping.items()
+def _resolve(marker: Marker) -> None:
+    if not marker.done():
+        marker.set_result(None)

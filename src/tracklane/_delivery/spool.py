@@ -1,14 +1,12 @@
-"""Outage spill: batches a tracking server cannot take go to the local journal, and come back.
+"""The journal as the buffer's disk, for an engine that delivers to a tracking server.
 
-When a request fails past the retry window (or, under ``overflow="spill"``, the buffer is full
-while the server sits on a request), the engine writes that batch to the journal and turns
-*degraded*: every later batch goes straight to disk, so waiting callers are released at disk
-speed and memory stays bounded. A replay task probes the server with backoff; once it answers,
-the task sends the journal's rows in order, and when nothing is left it returns the engine to
-direct sending. Whatever is still in the journal at exit is named in one log line with the
-``tracklane sync`` command that delivers it.
+When the producer outruns the server (or the server is slow, down, or refusing the key), the engine
+writes events here at disk speed instead of holding them in memory or making callers wait, and an
+uploader sends them on in order, at the server's pace. The same file keeps what is left at exit,
+with each run's end status, so a later client on the same storage (or ``tracklane sync``) finishes
+the job. One uploader at a time per journal and server, across processes (``UploadLock``).
 
-The journal is opened on the first spill: an online client that never spills creates no file.
+The journal is opened on first use: an online client that never needs it creates no file.
 """
 
 from __future__ import annotations
@@ -17,204 +15,277 @@ import asyncio
 import logging
 import shlex
 import sqlite3
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
 
-from .._delivery.batching import Batch, Event
-from .._delivery.upload import OnRejected, upload_run
-from .._exceptions import ServerUnavailableError
-from .._stores.journal import Journal, JournalThread, server_key
-from .._stores.rest import RestBackend, backoff
+from .._settings import ServerConfig
+from .._stores.journal import JOURNAL_DIR, JOURNAL_FILE, Journal, JournalThread, UploadLock, server_key
+from .batching import Batch, Event
+from .outcome import OnRejected
+from .upload import Uploader, upload_run
 
 logger = logging.getLogger("tracklane")
 
-#: How long one replay request may take before the server counts as still down.
-PROBE_TIMEOUT = 2.0
-#: Longest pause between two probes of a server that is down.
-PROBE_BACKOFF_CAP = 5.0
+
+class Destination(Protocol):
+    """The server a spool's rows are for (``RestBackend``)."""
+
+    config: ServerConfig
+    workspace_id: str | None
+
+    def server_key(self) -> str: ...
 
 
-class Spill:
-    """The journal side of one engine's delivery to one server. See the module docstring."""
+@dataclass(frozen=True)
+class RunEnd:
+    """A run's end the server has not been told yet: applied after the run's events."""
 
-    def __init__(self, backend: RestBackend, storage: str | None) -> None:
-        self.backend = backend
+    run_id: str
+    status: str
+    end_time: int
+    run_name: str = ""
+
+
+class Spool:
+    """One engine's journal for one server. See the module docstring."""
+
+    def __init__(self, storage: str | None, destination: Destination) -> None:
         self.storage = storage or "."
+        self.destination = destination
         self.journal: Journal | None = None
-        self.degraded = False
-        self.broken = False  # the journal cannot be written: fall back to retrying in memory
-        #: Batches being sent or spilled: what shutdown must keep if their task is cancelled.
-        self.unsettled: dict[int, Batch] = {}
-        self.runs: dict[str, str] = {}  # run id -> run name, of runs spilled by this engine
-        self.replay_task: asyncio.Task[None] | None = None
+        #: The journal cannot be written (a full or read-only disk): events stay in memory.
+        self.broken = False
+        #: Run ids this engine wrote rows of: flushes wait for these.
+        self.runs: set[str] = set()
+        self.writes = 0  # completed writes: the uploader may stop only if none happened meanwhile
+        self.writing = 0
         self._opening = asyncio.Lock()
-        self._writes = 0  # completed spill writes: replay may only stop when none happened meanwhile
-        self._writing = 0
+        self._lock: UploadLock | None = None
 
     @property
     def server(self) -> str:
-        return server_key(self.backend.config.api_host, self.backend.workspace_id)
+        """The journal's name for the destination (host, and workspace on OICM)."""
+        return self.destination.server_key()
 
-    async def _open(self) -> Journal:
-        # Two batches can fail at once; both must get the one journal, not open a second
-        # connection that races the first on creating the file ("database is locked").
+    @property
+    def api_host(self) -> str:
+        return server_key(self.destination.config.api_host, None)  # never credentials in a log line
+
+    @property
+    def path(self) -> Path:
+        return (
+            self.journal.path if self.journal is not None else Path(self.storage) / JOURNAL_DIR / JOURNAL_FILE
+        )
+
+    async def open(self, create: bool = True) -> Journal | None:
+        """The journal (None if it cannot be opened, or does not exist and ``create`` is False)."""
+        # Two batches can fail at once; both must get the one journal, not race to create it.
         async with self._opening:
-            if self.journal is None:
+            if self.journal is None and not self.broken:
+                if not create and not self.path.exists():
+                    return None
                 thread = JournalThread()
-                self.journal = await thread.call(Journal.at, self.storage, thread)
+                try:
+                    self.journal = await thread.call(Journal.at, self.storage, thread)
+                except (OSError, sqlite3.Error) as exc:
+                    self._break(exc)
+                    thread.stop()
+                    return None
+                self._lock = UploadLock(self.journal.path, self.server)
         return self.journal
 
-    async def write(
-        self, events: list[Event], names: Callable[[str], str], batch: Batch | None = None
-    ) -> bool:
-        """Keep ``events`` (of ``batch``) in the journal; False if it cannot be written (warned once).
+    def _break(self, exc: BaseException) -> None:
+        self.broken = True
+        logger.error(
+            "tracklane: cannot write the local journal %s (%s); undelivered events stay in memory and are "
+            "retried, and callers wait for room at most block_timeout when memory is full. Give "
+            "path_to_storage= a writable directory with free space.",
+            self.path,
+            exc,
+        )
 
-        A write that has started is finished even if the caller is cancelled, and its batch is no
-        longer unsettled, so shutdown never writes the same batch twice.
+    async def write(self, batches: list[Batch], on_rejected: OnRejected) -> bool:
+        """Keep ``batches`` in the journal, in order; False if the journal cannot be written.
+
+        An event the journal cannot store (a value SQLite refuses) is isolated and reported through
+        ``on_rejected``; the others are kept. A write that has started finishes even if the caller is
+        cancelled, so shutdown never loses or doubles it.
         """
-        if self.broken:
+        journal = await self.open()
+        if journal is None:
             return False
-        self._writing += 1
+        self.writing += 1
         try:
-            journal = await self._open()
-            per_run: dict[str, list[Event]] = {}
-            for e in events:
-                per_run.setdefault(e[1], []).append(e)
-            server = self.server
-            for run_id, run_events in per_run.items():
-                name = self.runs.setdefault(run_id, names(run_id))
-                write = asyncio.ensure_future(journal.call(journal.spill, server, run_id, name, run_events))
+            for batch in batches:
+                write = asyncio.ensure_future(self._write_batch(journal, batch, on_rejected))
                 try:
                     await asyncio.shield(write)
                 except asyncio.CancelledError:
                     await write
-                    if batch is not None and len(per_run) == 1:
-                        self.unsettled.pop(id(batch), None)
                     raise
-            if batch is not None:
-                self.unsettled.pop(id(batch), None)
             return True
-        except (OSError, sqlite3.Error) as exc:
-            self.broken = True
-            logger.warning(
-                "tracklane: cannot write the local journal under %s (%s); undelivered events stay in "
-                "memory and are retried. Give path_to_storage= a writable directory.",
-                self.storage,
-                exc,
-            )
+        except (OSError, sqlite3.OperationalError) as exc:
+            self._break(exc)
             return False
         finally:
-            self._writing -= 1
-            self._writes += 1
+            self.writing -= 1
+            self.writes += 1
 
-    def degrade(self, reason: Exception, on_sent: Callable[[int], None], on_rejected: OnRejected) -> None:
-        """Send every batch to the journal from now on, and start replaying it to the server."""
-        if self.degraded:
-            return
-        self.degraded = True
-        logger.warning(
-            "tracklane: %s Keeping events in the local journal %s and replaying them when the server "
-            "answers.",
-            reason,
-            self.journal.path if self.journal is not None else self.storage,
-        )
-        if self.replay_task is None or self.replay_task.done():
-            self.replay_task = asyncio.get_running_loop().create_task(
-                self._replay(on_sent, on_rejected), name="tracklane-replay"
-            )
-
-    async def _replay(self, on_sent: Callable[[int], None], on_rejected: OnRejected) -> None:
-        attempt = 0
-        while True:
-            writes = self._writes
-            try:
-                sent = await self._replay_once(on_sent, on_rejected)
-            except ServerUnavailableError:
-                await asyncio.sleep(_backoff(attempt))
-                attempt += 1
-                continue
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # the replay must not die: it is how spilled events get home
-                logger.exception("tracklane: replaying the journal failed; trying again")
-                await asyncio.sleep(_backoff(attempt))
-                attempt += 1
-                continue
-            attempt = 0
-            if sent == 0 and writes == self._writes and self._writing == 0:
-                self.degraded = False
-                logger.warning(
-                    "tracklane: %s answers again; every spilled event is delivered.", self.backend.describe
-                )
+    async def _write_batch(self, journal: Journal, batch: Batch, on_rejected: OnRejected) -> None:
+        self.runs.add(batch.run_id)
+        try:
+            await journal.call(journal.spill, self.server, batch.run_id, "", batch.events(), batch.seq)
+        except (OSError, sqlite3.OperationalError):
+            raise
+        except Exception as exc:  # one event SQLite will not store: isolate it by halves
+            if len(batch) == 1:
+                on_rejected(batch.events(), f"cannot be stored in the journal ({type(exc).__name__}: {exc})")
                 return
+            for half in batch.halves():
+                await self._write_batch(journal, half, on_rejected)
 
-    async def _replay_once(self, on_sent: Callable[[int], None], on_rejected: OnRejected) -> int:
-        journal = await self._open()
-        sent = 0
+    async def record_end(self, end: RunEnd) -> bool:
+        """Keep a run's end in the journal, applied once its events are delivered."""
+        journal = await self.open()
+        if journal is None:
+            return False
+        self.runs.add(end.run_id)
+        try:
+            await journal.call(journal.spill, self.server, end.run_id, end.run_name, [])
+            await journal.call(journal.set_spilled_status, end.run_id, end.status, end.end_time)
+        except (OSError, sqlite3.Error) as exc:
+            logger.error("tracklane: cannot record the end of run %s in %s: %s", end.run_id, self.path, exc)
+            return False
+        return True
 
-        def count(n: int) -> None:
-            nonlocal sent
-            sent += n
-            on_sent(n)
+    def keep_now(self, events: list[Event], ends: list[RunEnd]) -> int:
+        """Blocking: journal ``events`` and ``ends`` from a thread with no event loop (interpreter
+        exit after the loop is gone). Returns how many events could not be kept."""
+        try:
+            journal = self.journal or Journal.at(self.storage)
+            per_run: dict[str, list[Event]] = {}
+            for e in events:
+                per_run.setdefault(e[1], []).append(e)
+            for run_id, run_events in per_run.items():
+                journal.spill(self.server, run_id, "", run_events)
+                self.runs.add(run_id)
+            for end in ends:
+                journal.spill(self.server, end.run_id, end.run_name, [])
+                journal.set_spilled_status(end.run_id, end.status, end.end_time)
+                self.runs.add(end.run_id)
+            self.journal = journal
+        except Exception as exc:
+            logger.error(
+                "tracklane: could not keep %d event(s) in %s at exit: %s", len(events), self.path, exc
+            )
+            return len(events)
+        return 0
 
-        server = self.server
-        for d in await journal.call(journal.deliveries, server, list(self.runs)):
+    # -- reading back ----------------------------------------------------------------------------
+
+    async def high_water(self) -> tuple[int, int]:
+        journal = await self.open()
+        return (0, 0) if journal is None else await journal.call(journal.high_water)
+
+    async def pending(self, runs: set[str] | None, upto: tuple[int, int] | None = None) -> int:
+        """Rows (and run ends) of ``runs`` (default: every run spilled for this server) not yet
+        delivered, up to ``upto``; 0 when there is no journal."""
+        journal = await self.open(create=False)
+        if journal is None:
+            return 0
+        if runs is None:
+            runs = {d.run_uuid for d in await journal.call(journal.deliveries, self.server, None, True)}
+        hi = upto or await journal.call(journal.high_water)
+        return await journal.call(journal.pending_upto, self.server, runs, hi)
+
+    async def notice(self, when: str) -> bool:
+        """Log what of this engine's runs the server has not got, where it is kept and the exact
+        command that delivers it; False (and nothing logged) when nothing is left."""
+        journal = self.journal
+        if journal is None or not self.runs:
+            return False
+        try:
+            events, ends = await journal.call(journal.pending_summary, self.server, self.runs)
+        except (OSError, sqlite3.Error):
+            return False
+        if not events and not ends:
+            return False
+        ending = "".join(f" and the end ({status}) of run {run_id}" for run_id, status in ends)
+        logger.warning(
+            "tracklane: %d event(s)%s did not reach %s %s; they are kept in %s, and the next client on "
+            "this storage delivers them by itself. Deliver them with: %s",
+            events,
+            ending,
+            self.api_host,
+            when,
+            self.path,
+            self.sync_command(),
+        )
+        return True
+
+    async def lock(self) -> bool:
+        """Become this server's uploader for the journal; False while another process is."""
+        journal = await self.open()
+        if journal is None or self._lock is None:
+            return False
+        return await journal.call(self._lock.acquire)
+
+    def unlock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+
+    async def upload(
+        self,
+        target: Uploader,
+        on_sent: Callable[[str, int], None],
+        on_rejected: OnRejected,
+        upto: tuple[int, int],
+        in_flight: int,
+    ) -> int:
+        """One round, holding the lock: deliver every spilled run's rows up to ``upto`` (this engine's
+        runs first), then its end. Returns how many rows and run ends it moved (0: nothing pending)."""
+        journal = self.journal
+        assert journal is not None and self._lock is not None and self._lock.held
+        moved = 0
+        deliveries = await journal.call(journal.deliveries, self.server, None, True)
+        deliveries.sort(key=lambda d: d.run_uuid not in self.runs)
+        for d in deliveries:
+
+            def sent(n: int, run_id: str = d.run_uuid) -> None:
+                nonlocal moved
+                moved += n
+                on_sent(run_id, n)
+
+            def rejected(events: list[Event], reason: str) -> None:
+                nonlocal moved
+                moved += len(events)
+                on_rejected(events, reason)
+
+            ended = d.wanted_state is not None and d.wanted_state != d.state
             await upload_run(
                 journal,
-                self.backend,
+                target,
                 d,
-                server,
-                on_sent=count,
-                on_rejected=on_rejected,
-                attempt_timeout=PROBE_TIMEOUT,
+                self.server,
+                on_sent=sent,
+                on_rejected=rejected,
+                upto=upto,
+                in_flight=in_flight,
             )
-        return sent
-
-    async def keep_at_exit(
-        self, events: list[Event], names: Callable[[str], str], ended: tuple[str, str, int] | None
-    ) -> int:
-        """Journal what shutdown could not deliver (and the run's end, if the server missed it);
-        log one line with the command that delivers it. Returns events left in the journal."""
-        if events and not await self.write(events, names):
-            return len(events)
-        if ended is not None and not self.broken:
-            run_id, status, end_time = ended
-            name = self.runs.setdefault(run_id, names(run_id))
-            try:
-                journal = await self._open()
-                await journal.call(journal.spill, self.server, run_id, name, [])
-                await journal.call(journal.set_spilled_status, run_id, status, end_time)
-            except (OSError, sqlite3.Error) as exc:
-                logger.warning("tracklane: cannot record the end of run %s in the journal: %s", run_id, exc)
-        if not self.runs or self.journal is None:
-            return 0
-        left = await self.journal.call(_pending, self.journal, self.server, self.runs)
-        if left or ended is not None:
-            ending = f" and the end ({ended[1]}) of run {ended[0]}" if ended is not None else ""
-            logger.warning(
-                "tracklane: %d event(s)%s did not reach %s before exit; they are kept in %s. Deliver "
-                "them with: %s",
-                left,
-                ending,
-                self.backend.config.api_host,
-                self.journal.path,
-                self.sync_command(),
-            )
-        return left
+            moved += ended
+        return moved
 
     def sync_command(self) -> str:
         """The exact command that delivers this journal's leftovers to this server."""
-        assert self.journal is not None
-        storage = self.journal.path.parent.parent.resolve()
-        host = server_key(self.backend.config.api_host, None)  # never a password in a log line
-        command = f"tracklane sync {shlex.quote(str(storage))} --to {shlex.quote(host)}"
-        if self.backend.workspace_id:
-            command += f" --workspace-id {shlex.quote(self.backend.workspace_id)}"
+        storage = self.path.parent.parent.resolve()
+        command = f"tracklane sync {shlex.quote(str(storage))} --to {shlex.quote(self.api_host)}"
+        if self.destination.workspace_id:
+            command += f" --workspace-id {shlex.quote(self.destination.workspace_id)}"
         return command
 
-
-def _pending(journal: Journal, server: str, runs: Iterable[str]) -> int:
-    return sum(sum(journal.pending_counts(d)) for d in journal.deliveries(server, runs))
-
-
-def _backoff(attempt: int) -> float:
-    return backoff(attempt, base=0.25, cap=PROBE_BACKOFF_CAP)
+    async def close(self) -> None:
+        self.unlock()
+        if self.journal is not None:
+            await self.journal.call(self.journal.close)

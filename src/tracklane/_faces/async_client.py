@@ -15,29 +15,34 @@ extra thread.
 from __future__ import annotations
 
 import asyncio
+import atexit
+import functools
+import logging
+import time
 from collections.abc import Generator, Mapping
 from types import TracebackType
 from typing import Any
 
-from .._delivery.engine import Engine
+from .._delivery.buffer import Buffer
 from .._entities import ActiveRun, Experiment, Metric, Run, exit_status
 from .._exceptions import ConfigurationError
 from .._faces.base import ClientBase
-from .._runs.lifecycle import USER_TAG_VALUE, _tag_names
+from .._runs.lifecycle import USER_TAG_VALUE, OicmRuns, checked_tag_names
+from .._runtime.process import exit_status_of_process
 from .._validation import check_status
 
 
 class Room:
     """What an async logging call returns: awaiting it waits for room in the buffer."""
 
-    __slots__ = ("_engine",)
+    __slots__ = ("_buffer",)
 
-    def __init__(self, engine: Engine) -> None:
-        self._engine = engine
+    def __init__(self, buffer: Buffer) -> None:
+        self._buffer = buffer
 
     def __await__(self) -> Generator[Any, None, None]:
-        if not self._engine.has_room():
-            yield from self._engine.wait_for_room().__await__()
+        if not self._buffer.has_room():
+            yield from self._buffer.wait_for_room().__await__()
 
 
 class AsyncActiveRun(ActiveRun):
@@ -69,8 +74,8 @@ class StartRun:
         self._run: AsyncActiveRun | None = None
 
     async def _start(self) -> AsyncActiveRun:
-        engine = await self._client._engine_now()
-        run = await engine.start_run(*self._args)
+        runs = await self._client._attached()
+        run = await runs.start_run(*self._args)
         self._run = AsyncActiveRun(run, self._client)
         return self._run
 
@@ -104,23 +109,29 @@ class AsyncTrackingClient(ClientBase[AsyncActiveRun]):
                 "AsyncTrackingClient cannot block its own event loop: await the logging calls for "
                 "backpressure, and use overflow='spill' (default), 'drop_newest' or 'drop_oldest'."
             )
-        self._room = Room(self._engine)
+        self._room = Room(self._buffer)
         self._closed = False
+        self._exit_hook: functools.partial[None] | None = None
 
     def _wrap(self, run: Run) -> AsyncActiveRun:
         return AsyncActiveRun(run, self)
 
-    async def _engine_now(self) -> Engine:
-        """The engine, attached to the running loop on first use."""
+    async def _attached(self) -> OicmRuns:
+        """The run model, its engine attached to the running loop on first use."""
         if self._closed:
             raise ConfigurationError("This AsyncTrackingClient is closed; create a new one.")
         if not self._engine.attached:
             self._engine.attach(asyncio.get_running_loop())
-            await self._engine.on_attach()
-        return self._engine
+            if self._exit_hook is None:
+                # A client nobody closed keeps its events: at interpreter exit, with its loop gone,
+                # they (and the active run's end) go to the journal for the next client or sync.
+                self._exit_hook = functools.partial(_keep_at_exit, self._runs)
+                atexit.register(self._exit_hook)
+            await self._runs.check_platform()
+        return self._runs
 
     async def __aenter__(self) -> AsyncTrackingClient:
-        await self._engine_now()
+        await self._attached()
         return self
 
     async def __aexit__(
@@ -132,39 +143,42 @@ class AsyncTrackingClient(ClientBase[AsyncActiveRun]):
         await self.aclose(status=exit_status(exc_type))
 
     async def aclose(self, timeout: float | None = None, status: str = "FINISHED") -> int:
-        """Flush within ``timeout`` (default ``exit_timeout``), end an active run with ``status``,
-        stop the worker. Returns how many events could not be delivered in time. Idempotent."""
+        """Deliver what is left (while the server makes progress, or at most ``timeout`` s), end an
+        active run with ``status``, stop the worker; the rest stays in the local journal. Returns
+        how many events could not even be kept there (0 normally). Idempotent."""
         if self._closed:
             return 0
         self._closed = True
+        if self._exit_hook is not None:
+            atexit.unregister(self._exit_hook)
         if not self._engine.attached:
             return 0
-        wait = self._engine.config.exit_timeout if timeout is None else timeout
-        return await asyncio.shield(self._engine.shutdown(wait, status))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return await asyncio.shield(self._runs.close(status, deadline))
 
     # -- experiments -----------------------------------------------------------------------------
 
     async def set_experiment(self, experiment_name: str, workspace_id: str | None = None) -> Experiment:
         """Make ``experiment_name`` the active experiment, creating it if missing."""
-        return await (await self._engine_now()).set_experiment(experiment_name, workspace_id)
+        return await (await self._attached()).set_experiment(experiment_name, workspace_id)
 
     async def create_experiment(
         self, experiment_name: str, workspace_id: str | None = None, tags: list[str] | None = None
     ) -> Experiment:
         """Create an experiment (or return the one with that name), adding tag names to it."""
-        return await (await self._engine_now()).create_experiment(experiment_name, workspace_id, tags or ())
+        return await (await self._attached()).create_experiment(experiment_name, workspace_id, tags or ())
 
     async def get_experiment_by_name(self, name: str) -> Experiment | None:
         """The experiment called ``name``, or None."""
-        return await (await self._engine_now()).get_experiment_by_name(name)
+        return await (await self._attached()).get_experiment_by_name(name)
 
     async def delete_experiment(self, experiment_id: str) -> None:
         """Mark an experiment deleted."""
-        await (await self._engine_now()).delete_experiment(experiment_id)
+        await (await self._attached()).delete_experiment(experiment_id)
 
     async def set_experiment_tags(self, tag_names: list[str]) -> None:
         """Add tag names to the active experiment."""
-        await (await self._engine_now()).set_experiment_tags(tag_names)
+        await (await self._attached()).set_experiment_tags(tag_names)
 
     # -- runs ------------------------------------------------------------------------------------
 
@@ -182,26 +196,23 @@ class AsyncTrackingClient(ClientBase[AsyncActiveRun]):
     async def end_run(self, status: str = "FINISHED") -> None:
         """Deliver the run's events, then end it. Cancelling the caller does not cancel this:
         the run still ends and no event is lost. Raises DeliveryError for refused events."""
-        engine = await self._engine_now()
-        await asyncio.shield(engine.end_run(check_status(status)))
+        runs = await self._attached()
+        await asyncio.shield(runs.end_run(check_status(status)))
 
     async def get_run(self, run_id: str) -> Run:
         """The run as stored, including everything logged before this call."""
-        return await (await self._engine_now()).get_run(run_id)
+        return await (await self._attached()).get_run(run_id)
 
     async def get_metric_history(self, run_id: str, key: str) -> list[Metric]:
         """Every point of metric ``key``, including those logged before this call."""
-        return await (await self._engine_now()).get_metric_history(run_id, key)
+        return await (await self._attached()).get_metric_history(run_id, key)
 
     async def flush(self, timeout: float | None = None) -> bool:
         """Wait until every event logged before this call is delivered; False on timeout.
         Cancelling it loses nothing: the events stay queued."""
-        engine = await self._engine_now()
-        try:
-            await asyncio.wait_for(engine.flush(), timeout)
-        except asyncio.TimeoutError:
-            return False
-        return True
+        await self._attached()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return await self._engine.flush(deadline)
 
     # -- logging: validate, stamp, enqueue; await for backpressure --------------------------------
 
@@ -209,40 +220,51 @@ class AsyncTrackingClient(ClientBase[AsyncActiveRun]):
         self, key: str, value: float, step: int | None = None, timestamp: int | None = None
     ) -> Room:
         """Log one metric point. Raises InvalidInputError at the call."""
-        self._engine.log_metric(key, value, step, timestamp)
+        self._buffer.log_metric(self._runs.run_id, key, value, step, timestamp)
         return self._room
 
     def log_metrics(
         self, metrics: Mapping[str, float], step: int | None = None, timestamp: int | None = None
     ) -> Room:
         """Log several metrics at one step and time."""
-        self._engine.log_metrics(metrics, step, timestamp)
+        self._buffer.log_metrics(self._runs.run_id, metrics, step, timestamp)
         return self._room
 
     def log_param(self, key: str, value: Any) -> Room:
         """Log a param, stored as ``str(value)``."""
-        self._engine.log_params({key: value})
+        self._buffer.log_params(self._runs.run_id, {key: value}, self._runs.params)
         return self._room
 
     def log_params(self, params: Mapping[str, Any]) -> Room:
         """Log several params."""
-        self._engine.log_params(params)
+        self._buffer.log_params(self._runs.run_id, params, self._runs.params)
         return self._room
 
     def set_tag(self, key: str, value: Any) -> Room:
         """Set a run tag; the last value set wins."""
-        self._engine.set_tags({key: value})
+        self._buffer.set_tags(self._runs.run_id, {key: value})
         return self._room
 
     def set_tags(self, tags: Mapping[str, Any]) -> Room:
         """Set several run tags."""
-        self._engine.set_tags(tags)
+        self._buffer.set_tags(self._runs.run_id, tags)
         return self._room
 
     def set_run_tags(self, tag_names: list[str]) -> Room:
         """Add tag names to the active run (name as key, ``_OI_USER_TAG`` as value)."""
-        self._engine.set_tags(dict.fromkeys(_tag_names(tag_names, "run"), USER_TAG_VALUE))
+        self._buffer.set_tags(
+            self._runs.run_id, dict.fromkeys(checked_tag_names(tag_names, "run"), USER_TAG_VALUE)
+        )
         return self._room
+
+
+def _keep_at_exit(runs: OicmRuns) -> None:
+    loop = runs.engine.buffer.loop
+    if loop is not None and loop.is_running():
+        return  # its loop still runs (in another thread): that loop's shutdown is in charge
+    lost = runs.keep_now(exit_status_of_process())
+    if lost:
+        logging.getLogger("tracklane").error("tracklane: %d event(s) could not be kept at exit.", lost)
 
 
 def _no_sync_end(status: str) -> None:

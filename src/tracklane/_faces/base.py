@@ -1,4 +1,5 @@
-"""What both client faces share: turning arguments into an engine, and views of its context.
+"""What both client faces share: turning arguments into a store, an engine and a run model that
+holds it, and views of the run model's context.
 
 Like httpx's ``BaseClient``: the faces add only how they wait (a loop thread for
 ``TrackingClient``, the caller's loop for ``AsyncTrackingClient``).
@@ -7,13 +8,14 @@ Like httpx's ``BaseClient``: the faces add only how they wait (a loop thread for
 from __future__ import annotations
 
 import logging
-import os
 from typing import Generic, TypeVar
 
 from .._delivery.engine import Engine
+from .._delivery.spool import Spool
 from .._entities import ActiveRun, Run
 from .._exceptions import ConfigurationError
-from .._settings import EngineConfig, check_overflow, resolve_server
+from .._runs.lifecycle import OicmRuns
+from .._settings import EngineConfig, overflow_setting, resolve_server
 from .._stores.offline import offline_backend
 from .._stores.rest import RestBackend
 
@@ -34,7 +36,7 @@ class ClientBase(Generic[RunT]):
         verify_ssl: bool = True,
         max_buffer: int = 100_000,
         overflow: str | None = None,
-        block_timeout: float | None = None,
+        block_timeout: float | None = 10.0,
         flush_interval: float = 0.5,
         retry_window: float = 30.0,
         exit_timeout: float = 10.0,
@@ -58,7 +60,7 @@ class ClientBase(Generic[RunT]):
             )
         config = EngineConfig(
             max_buffer=max_buffer,
-            overflow=check_overflow(overflow or os.environ.get("TRACKLANE_OVERFLOW", "spill")),
+            overflow=overflow_setting(overflow),
             block_timeout=block_timeout,
             flush_interval=flush_interval,
             retry_window=retry_window,
@@ -67,10 +69,14 @@ class ClientBase(Generic[RunT]):
             system_metrics_interval=system_metrics_interval,
         )
         if journal is not None:
-            self._engine = Engine(journal, config)
+            self._engine = Engine(journal, config, spool=None)
+            self._runs = OicmRuns(self._engine, journal, config)
         else:
             assert server is not None
-            self._engine = Engine(RestBackend(server, retry_window=retry_window), config)
+            rest = RestBackend(server, retry_window=retry_window)
+            self._engine = Engine(rest, config, spool=Spool(path_to_storage, rest))
+            self._runs = OicmRuns(self._engine, rest, config)
+        self._buffer = self._engine.buffer
         self._start()
 
     def _start(self) -> None:
@@ -84,15 +90,17 @@ class ClientBase(Generic[RunT]):
 
     def active_run(self) -> RunT | None:
         """The active run, or None."""
-        run = self._engine.active
+        run = self._runs.active
         return None if run is None else self._wrap(run)
 
     def last_active_run(self) -> RunT | None:
         """The active run, else the run most recently ended by this client, else None."""
-        run = self._engine.active or self._engine.last_run
+        run = self._runs.active or self._runs.last_run
         return None if run is None else self._wrap(run)
 
     def stats(self) -> dict[str, float]:
-        """Counters of the client's own work: enqueued, delivered, spilled, dropped, rejected,
-        retries, in-flight requests and events, buffer depth, oldest undelivered event's age (s)."""
+        """Counters of the client's own work: enqueued, delivered, spilled (in the journal, to be
+        delivered from there), dropped, rejected, resumed (left by earlier processes, delivered by
+        this one), retries, in-flight requests and events, buffer depth, oldest undelivered event's
+        age (s)."""
         return self._engine.stats()

@@ -7,13 +7,14 @@ waited for here, with a bound.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Coroutine, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
 
 from .._entities import ActiveRun, Experiment, Metric, Run
 from .._faces.base import ClientBase
-from .._runs.lifecycle import USER_TAG_VALUE, _tag_names
+from .._runs.lifecycle import USER_TAG_VALUE, checked_tag_names
 from .._runtime.process import SyncRuntime
 from .._validation import check_status
 
@@ -53,11 +54,11 @@ class TrackingClient(ClientBase[ActiveRun]):
     """
 
     def _start(self) -> None:
-        self._runtime = SyncRuntime(self._engine)
+        self._runtime = SyncRuntime(self._runs)
         try:  # on OICM: the liveness and version checks, one attempt each
-            self._runtime.call(self._engine.on_attach(), timeout=self._engine.config.retry_window + 60.0)
+            self._runtime.call(self._runs.check_platform(), timeout=self._engine.config.retry_window + 60.0)
         except BaseException:
-            self._runtime.shutdown(timeout=1.0)
+            self._runtime.shutdown(1.0)
             raise
 
     def _wrap(self, run: Run) -> ActiveRun:
@@ -73,7 +74,7 @@ class TrackingClient(ClientBase[ActiveRun]):
 
         Raises TrackingError while a run is active or when the experiment is deleted.
         """
-        return self._call(self._engine.set_experiment(experiment_name, workspace_id))
+        return self._call(self._runs.set_experiment(experiment_name, workspace_id))
 
     def create_experiment(
         self,
@@ -82,19 +83,19 @@ class TrackingClient(ClientBase[ActiveRun]):
         tags: list[str] | None = None,
     ) -> Experiment:
         """Create an experiment (or return the one with that name), adding tag names to it."""
-        return self._call(self._engine.create_experiment(experiment_name, workspace_id, tags or ()))
+        return self._call(self._runs.create_experiment(experiment_name, workspace_id, tags or ()))
 
     def get_experiment_by_name(self, name: str) -> Experiment | None:
         """The experiment called ``name``, or None."""
-        return self._call(self._engine.get_experiment_by_name(name))
+        return self._call(self._runs.get_experiment_by_name(name))
 
     def delete_experiment(self, experiment_id: str) -> None:
         """Mark an experiment deleted (its lifecycle stage becomes ``deleted``)."""
-        self._call(self._engine.delete_experiment(experiment_id))
+        self._call(self._runs.delete_experiment(experiment_id))
 
     def set_experiment_tags(self, tag_names: list[str]) -> None:
         """Add tag names to the active experiment; existing ones are kept, none duplicated."""
-        self._call(self._engine.set_experiment_tags(tag_names))
+        self._call(self._runs.set_experiment_tags(tag_names))
 
     # -- runs ------------------------------------------------------------------------------------
 
@@ -113,23 +114,27 @@ class TrackingClient(ClientBase[ActiveRun]):
         NotFoundError for an unknown ``run_id``, TrackingError with no experiment set or a run
         already active.
         """
-        run = self._call(self._engine.start_run(run_id, run_name, tags, log_system_metrics))
+        run = self._call(self._runs.start_run(run_id, run_name, tags, log_system_metrics))
         return ActiveRun(run, self.end_run)
 
     def end_run(self, status: str = "FINISHED") -> None:
         """Deliver the active run's events, then end it as FINISHED, FAILED or KILLED.
 
-        No active run: does nothing. Raises DeliveryError if the server refused events of it.
+        Waits as long as the server keeps taking events. If it stops (down, or no progress for
+        ``retry_window`` s), the run's events and its end are kept in the local journal, a warning
+        names it and the ``tracklane sync`` command, and this returns. No active run: does nothing.
+        Raises DeliveryError if the server refused events of it, AuthenticationError if it refused
+        the key.
         """
-        self._call(self._engine.end_run(check_status(status)))
+        self._call(self._runs.end_run(check_status(status)))
 
     def get_run(self, run_id: str) -> Run:
         """The run as the server stores it, including everything logged before this call."""
-        return self._call(self._engine.get_run(run_id))
+        return self._call(self._runs.get_run(run_id))
 
     def get_metric_history(self, run_id: str, key: str) -> list[Metric]:
         """Every point of metric ``key`` of a run, including those logged before this call."""
-        return self._call(self._engine.get_metric_history(run_id, key))
+        return self._call(self._runs.get_metric_history(run_id, key))
 
     # -- logging: validate, stamp, enqueue; no I/O ----------------------------------------------
 
@@ -137,53 +142,56 @@ class TrackingClient(ClientBase[ActiveRun]):
         self, key: str, value: float, step: int | None = None, timestamp: int | None = None
     ) -> None:
         """Log one metric point (timestamp in ms, default now). Raises InvalidInputError."""
-        self._engine.log_metric(key, value, step, timestamp)
+        self._buffer.log_metric(self._runs.run_id, key, value, step, timestamp)
 
     def log_metrics(
         self, metrics: Mapping[str, float], step: int | None = None, timestamp: int | None = None
     ) -> None:
         """Log several metrics at one step and time. Raises InvalidInputError for bad entries
         (after logging the good ones)."""
-        self._engine.log_metrics(metrics, step, timestamp)
+        self._buffer.log_metrics(self._runs.run_id, metrics, step, timestamp)
 
     def log_param(self, key: str, value: Any) -> None:
         """Log a param, stored as ``str(value)``. Raises InvalidInputError if it changes."""
-        self._engine.log_params({key: value})
+        self._buffer.log_params(self._runs.run_id, {key: value}, self._runs.params)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log several params. Raises InvalidInputError for bad entries (after the good ones)."""
-        self._engine.log_params(params)
+        self._buffer.log_params(self._runs.run_id, params, self._runs.params)
 
     def set_tag(self, key: str, value: Any) -> None:
         """Set a run tag; the last value set wins."""
-        self._engine.set_tags({key: value})
+        self._buffer.set_tags(self._runs.run_id, {key: value})
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Set several run tags."""
-        self._engine.set_tags(tags)
+        self._buffer.set_tags(self._runs.run_id, tags)
 
     def set_run_tags(self, tag_names: list[str]) -> None:
         """Add tag names to the active run, the OICM way (name as key, ``_OI_USER_TAG`` value)."""
-        self._engine.set_tags(dict.fromkeys(_tag_names(tag_names, "run"), USER_TAG_VALUE))
+        self._buffer.set_tags(
+            self._runs.run_id, dict.fromkeys(checked_tag_names(tag_names, "run"), USER_TAG_VALUE)
+        )
 
     # -- delivery --------------------------------------------------------------------------------
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every event logged before this call is settled: delivered, or kept in the
-        journal while the server is unreachable. False on timeout.
+        """Wait until the server holds every event logged before this call: True.
 
-        Raises DeliveryError listing events the server refused since the last flush.
+        Waits as long as the server keeps taking events; False after ``timeout`` seconds, or after
+        ``retry_window`` seconds in which the server took none (the events are then in the local
+        journal, delivered later). Raises DeliveryError listing events the server refused since the
+        last flush, and AuthenticationError once the server has refused the key (or is not an
+        MLflow server): fix it, then run the ``tracklane sync`` command the error gives.
         """
-        try:
-            self._call(self._engine.flush(), timeout)
-        except TimeoutError:
-            return False
-        return True
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return self._call(self._engine.flush(deadline))
 
     def close(self, timeout: float | None = None) -> int:
-        """Flush (at most ``timeout`` s, default ``exit_timeout``), end an active run FINISHED,
-        stop the worker. Returns how many events were left undelivered (kept in the journal).
-        Idempotent."""
+        """Deliver what is left (as long as the server makes progress, or at most ``timeout`` s),
+        end an active run FINISHED, stop the worker. What is not delivered stays in the local journal
+        for the next client on this storage or ``tracklane sync``. Returns how many events could
+        not even be kept there (0 normally). Idempotent."""
         return self._runtime.shutdown(timeout, status="FINISHED")
 
     def __enter__(self) -> TrackingClient:

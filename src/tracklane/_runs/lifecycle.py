@@ -1,8 +1,9 @@
-"""Experiments and runs: the OICM client's rules for the active experiment and run.
+"""The OICM client's run model: one active experiment, at most one active run, and their rules.
 
-``Lifecycle`` is the half of the engine that decides *which* run events belong to: set and create
-experiments, start (create, resume by name, attach by id) and end runs. It runs on the engine's
-loop; the other half (``_engine.Engine``: buffer, worker, delivery) inherits it.
+``OicmRuns`` decides *which* run events belong to: set and create experiments, start (create, resume
+by name, attach by id) and end runs. It holds the engine (``_delivery.engine``), which delivers the
+events and knows nothing about runs, and a store for the lifecycle calls. It runs on the engine's
+loop.
 """
 
 from __future__ import annotations
@@ -10,21 +11,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import time
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import Protocol
 
-from .._delivery.batching import Batch
+from .._delivery.buffer import now_ms
+from .._delivery.engine import Engine
+from .._delivery.spool import RunEnd
 from .._entities import Experiment, Metric, Run, RunData, RunInfo
-from .._exceptions import DeliveryError, InvalidInputError, NotFoundError, ServerError, TrackingError
+from .._exceptions import (
+    AuthenticationError,
+    DeliveryError,
+    InvalidInputError,
+    NotFoundError,
+    ServerError,
+    ServerUnavailableError,
+    TrackingError,
+)
 from .._limits import MAX_EXPERIMENT_TAG_VALUE_LENGTH
-from .._runs.sysmetrics import sampler_interval, start_sampler, stop_sampler
 from .._settings import EngineConfig
-from .._stores.rest import log_ui_links
 from .._validation import check_key, text_value
-
-if TYPE_CHECKING:
-    from .._delivery.engine import Engine
+from .sysmetrics import sampler_interval, start_sampler, stop_sampler
 
 logger = logging.getLogger("tracklane")
 
@@ -32,13 +38,15 @@ logger = logging.getLogger("tracklane")
 USER_TAG_VALUE = "_OI_USER_TAG"
 
 
-class Backend(Protocol):
-    """What the engine needs from a store: a tracking server, or the local journal."""
+class RunStore(Protocol):
+    """What the run model needs from a store: a tracking server, or the local journal."""
 
     workspace_id: str | None
 
     @property
     def describe(self) -> str: ...
+    async def check_platform(self) -> str | None: ...
+    def ui_links(self, run: Run) -> tuple[str, str] | None: ...
     async def get_experiment_by_name(self, name: str) -> Experiment | None: ...
     async def get_experiment(self, experiment_id: str) -> Experiment: ...
     async def create_experiment(self, name: str, tags: Mapping[str, str]) -> str: ...
@@ -50,36 +58,38 @@ class Backend(Protocol):
     async def get_run(self, run_id: str) -> Run: ...
     async def search_runs_by_name(self, experiment_id: str, run_name: str) -> list[Run]: ...
     async def update_run(self, run_id: str, status: str, end_time: int | None) -> None: ...
-    async def log_batch(self, batch: Batch, deadline: float | None = None) -> None: ...
     async def get_metric_history(self, run_id: str, key: str) -> list[Metric]: ...
-    async def aclose(self) -> None: ...
 
 
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-class Lifecycle:
+class OicmRuns:
     """The active experiment and run of one client, and the calls that change them."""
 
-    backend: Backend
-    config: EngineConfig
-
-    def __init__(self) -> None:
+    def __init__(self, engine: Engine, store: RunStore, config: EngineConfig) -> None:
+        self.engine = engine
+        self.store = store
+        self.config = config
         self.experiment: Experiment | None = None
         self.run: RunInfo | None = None
         self.active: Run | None = None
-        self._run_id: str | None = None  # read on the hot path; written only on the loop
+        #: The active run's id: read on the hot path (any thread), written only on the loop.
+        self.run_id: str | None = None
+        #: Params logged to the active run, so a changing param is refused at the call.
+        self.params: dict[str, str] = {}
         self.last_run: Run | None = None
-        self._params: dict[str, dict[str, str]] = {}
-        self._owns_run = False  # False in a forked child: the parent ends the run
+        self.owns_run = False  # False in a forked child: the parent ends the run
         self._sampler: asyncio.Task[None] | None = None  # system metrics of the active run
 
-    async def flush(self) -> None:
-        raise NotImplementedError  # the engine's: runs end only after their events are settled
+    def after_fork(self) -> None:
+        """In a forked child: log into the parent's run, but leave ending it to the parent."""
+        self.owns_run = False
+        self._sampler = None
 
-    def set_tags(self, tags: Mapping[str, Any]) -> None:
-        raise NotImplementedError
+    async def check_platform(self) -> None:
+        """On OICM: the liveness and version checks, run once the engine has a loop."""
+        await self.store.check_platform()
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        self.engine.buffer.set_tags(self.run_id, tags)
 
     # -- experiments -----------------------------------------------------------------------------
 
@@ -90,10 +100,10 @@ class Lifecycle:
                 f"block) before switching to experiment {name!r}."
             )
         self._use_workspace(workspace_id)
-        experiment = await self.backend.get_experiment_by_name(name)
+        experiment = await self.store.get_experiment_by_name(name)
         if experiment is None:
             experiment_id = await self._create_experiment(name, {})
-            experiment = await self.backend.get_experiment(experiment_id)
+            experiment = await self.store.get_experiment(experiment_id)
         elif experiment.lifecycle_stage == "deleted":
             raise TrackingError(
                 f"Experiment {name!r} (id {experiment.experiment_id}) is deleted. Restore it on the "
@@ -104,7 +114,7 @@ class Lifecycle:
 
     def _use_workspace(self, workspace_id: str | None) -> None:
         if workspace_id is not None:
-            self.backend.workspace_id = workspace_id
+            self.store.workspace_id = workspace_id
 
     def _require_experiment(self, what: str) -> Experiment:
         if self.experiment is None:
@@ -113,11 +123,11 @@ class Lifecycle:
 
     async def _create_experiment(self, name: str, tags: Mapping[str, str]) -> str:
         try:
-            return await self.backend.create_experiment(name, tags)
+            return await self.store.create_experiment(name, tags)
         except ServerError as exc:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
-        found = await self.backend.get_experiment_by_name(name)  # created meanwhile elsewhere
+        found = await self.store.get_experiment_by_name(name)  # created meanwhile elsewhere
         if found is None:
             raise TrackingError(f"Experiment {name!r} exists but cannot be read back.")
         return found.experiment_id
@@ -126,30 +136,30 @@ class Lifecycle:
         self, name: str, workspace_id: str | None, tag_names: Iterable[str]
     ) -> Experiment:
         self._use_workspace(workspace_id)
-        names = _tag_names(tag_names, "experiment")
-        existing = await self.backend.get_experiment_by_name(name)
+        names = checked_tag_names(tag_names, "experiment")
+        existing = await self.store.get_experiment_by_name(name)
         if existing is None:
             experiment_id = await self._create_experiment(name, dict.fromkeys(names, USER_TAG_VALUE))
         else:
             experiment_id = existing.experiment_id
             for tag in names:
                 if tag not in existing.tags:
-                    await self.backend.set_experiment_tag(experiment_id, tag, USER_TAG_VALUE)
-        return await self.backend.get_experiment(experiment_id)
+                    await self.store.set_experiment_tag(experiment_id, tag, USER_TAG_VALUE)
+        return await self.store.get_experiment(experiment_id)
 
     async def set_experiment_tags(self, tag_names: Iterable[str]) -> None:
         experiment = self._require_experiment("set_experiment_tags()")
-        names = _tag_names(tag_names, "experiment")
+        names = checked_tag_names(tag_names, "experiment")
         for tag in names:
             if tag not in experiment.tags:
-                await self.backend.set_experiment_tag(experiment.experiment_id, tag, USER_TAG_VALUE)
-        self.experiment = await self.backend.get_experiment(experiment.experiment_id)
+                await self.store.set_experiment_tag(experiment.experiment_id, tag, USER_TAG_VALUE)
+        self.experiment = await self.store.get_experiment(experiment.experiment_id)
 
     async def get_experiment_by_name(self, name: str) -> Experiment | None:
-        return await self.backend.get_experiment_by_name(name)
+        return await self.store.get_experiment_by_name(name)
 
     async def delete_experiment(self, experiment_id: str) -> None:
-        await self.backend.delete_experiment(str(experiment_id))
+        await self.store.delete_experiment(str(experiment_id))
         if self.experiment is not None and self.experiment.experiment_id == str(experiment_id):
             self.experiment = None
 
@@ -173,7 +183,7 @@ class Lifecycle:
                 "block) before starting another."
             )
         sampling = sampler_interval(log_system_metrics, self.config.system_metrics_interval)
-        names = _tag_names(tag_names or (), "run")
+        names = checked_tag_names(tag_names or (), "run")
         run: Run | None = None
         if run_id is not None:
             if run_name is not None:
@@ -184,10 +194,10 @@ class Lifecycle:
                     run_name,
                 )
             try:
-                run = await self.backend.get_run(str(run_id))
+                run = await self.store.get_run(str(run_id))
             except NotFoundError:
                 raise NotFoundError(
-                    f"start_run: no run with id {run_id!r} on {self.backend.describe}. Check the id, "
+                    f"start_run: no run with id {run_id!r} on {self.store.describe}. Check the id, "
                     "or pass run_name= to create a new run."
                 ) from None
             if run.info.lifecycle_stage == "deleted":
@@ -195,7 +205,7 @@ class Lifecycle:
         else:
             experiment = self._require_experiment("start_run()")
             if run_name is not None:
-                matches = await self.backend.search_runs_by_name(experiment.experiment_id, run_name)
+                matches = await self.store.search_runs_by_name(experiment.experiment_id, run_name)
                 if len(matches) > 1:
                     logger.warning(
                         "start_run: %d runs named %r in experiment %r; continuing the first listed "
@@ -208,62 +218,109 @@ class Lifecycle:
                 run = matches[0] if matches else None
             if run is None:
                 name = run_name if run_name is not None else f"run-{secrets.token_hex(4)}"
-                run = await self.backend.create_run(
+                run = await self.store.create_run(
                     experiment.experiment_id, name, now_ms(), dict.fromkeys(names, USER_TAG_VALUE)
                 )
                 names = []
         if run.info.status != "RUNNING":
-            await self.backend.update_run(run.info.run_id, "RUNNING", None)
+            await self.store.update_run(run.info.run_id, "RUNNING", None)
         self.run = RunInfo(**{**run.info.__dict__, "status": "RUNNING", "end_time": None})
         self.active = Run(self.run, run.data)
-        self._params[run.info.run_id] = dict(run.data.params)
-        self._run_id = run.info.run_id
-        self._owns_run = True
+        self.params = dict(run.data.params)
+        self.run_id = run.info.run_id
+        self.owns_run = True
         new_tags = [t for t in names if t not in run.data.tags]
         if new_tags:
             self.set_tags(dict.fromkeys(new_tags, USER_TAG_VALUE))
-        self._sampler = start_sampler(
-            cast("Engine", self), run, sampling
-        )  # the engine is always the subclass
-        log_ui_links(self.backend, run)
+        self._sampler = start_sampler(self.engine.buffer, self.store.get_metric_history, run, sampling)
+        links = self.store.ui_links(run)
+        if links is not None:
+            logger.info(
+                "tracklane: run %s: %s (experiment: %s)", run.info.run_name or run.info.run_id, *links
+            )
         return run
 
-    async def end_run(self, status: str = "FINISHED") -> None:
-        """Flush the run's events, then mark it ``status`` with an end time. No run: no-op.
+    async def end_run(
+        self, status: str = "FINISHED", deadline: float | None = None, notice: bool = True
+    ) -> None:
+        """Deliver the run's events, then mark it ``status`` with an end time. No run: no-op.
 
-        Raises DeliveryError afterwards if the server refused some of its events.
+        Waits while the server makes progress (see ``Engine.flush``). When it gives up, or the server
+        is down or refuses the key, the run's events and its end are kept in the journal (a warning
+        names it and the command that delivers them) and this returns. Raises DeliveryError
+        afterwards if the server refused some events, AuthenticationError if delivery has stopped.
         """
         run = self.run
         if run is None:
             return
         await stop_sampler(self._sampler)  # its last samples go out with the flush below
         self._sampler = None
-        failure: DeliveryError | None = None
-        try:
-            await self.flush()
-        except DeliveryError as exc:
-            failure = exc
-        finally:
-            data = self.active.data if self.active is not None else RunData()
-            self._run_id = None
-            self.run = self.active = None
+        data = self.active.data if self.active is not None else RunData()
+        self.run_id = None  # nothing more is logged to it
+        self.run = self.active = None
+        self.params = {}
         end = now_ms()
-        await self.backend.update_run(run.run_id, status, end)
+        problem: TrackingError | None = None
+        try:
+            delivered = await self.engine.flush(deadline)
+        except DeliveryError as exc:
+            problem, delivered = exc, True
+        except AuthenticationError as exc:
+            problem, delivered = exc, False
+        if delivered:
+            try:
+                await self.store.update_run(run.run_id, status, end)
+            except AuthenticationError as exc:
+                problem, delivered = problem or exc, False
+            except ServerUnavailableError:
+                delivered = False
+        if not delivered:
+            if await self.engine.keep_run_end(RunEnd(run.run_id, status, end, run.run_name)):
+                if notice and self.engine.blocked is None:
+                    await self.engine.journal_notice("in the retry window")
+            else:
+                logger.error(
+                    "tracklane: run %s could not be ended as %s on %s, and the local journal cannot "
+                    "keep its end; its events stay in memory and are retried.",
+                    run.run_id,
+                    status,
+                    self.store.describe,
+                )
         self.last_run = Run(RunInfo(**{**run.__dict__, "status": status, "end_time": end}), data)
-        self._params.pop(run.run_id, None)
-        if failure is not None:
-            raise failure
+        if problem is not None:
+            raise problem
+
+    async def close(self, status: str | None, deadline: float | None) -> int:
+        """End the active run with ``status`` (unless it is a forked child's parent's, or ``status``
+        is None), then shut the engine down. Returns how many events could not be kept."""
+        if self.run is not None and self.owns_run and status is not None:
+            try:
+                await self.end_run(status, deadline, notice=False)
+            except TrackingError as exc:
+                logger.warning("tracklane: at shutdown: %s", exc)
+        return await self.engine.shutdown(deadline)
+
+    def keep_now(self, status: str) -> int:
+        """Blocking, at interpreter exit with no event loop left: keep every undelivered event and the
+        active run's end in the journal, for the next client on this storage or ``tracklane sync``."""
+        ends = []
+        run = self.run
+        if run is not None and self.owns_run:
+            ends.append(RunEnd(run.run_id, status, now_ms(), run.run_name))
+            self.run_id = None
+            self.run = self.active = None
+        return self.engine.keep_now(ends)
 
     async def get_run(self, run_id: str) -> Run:
-        await self.flush()  # read your writes
-        return await self.backend.get_run(str(run_id))
+        await self.engine.flush()  # read your writes
+        return await self.store.get_run(str(run_id))
 
     async def get_metric_history(self, run_id: str, key: str) -> list[Metric]:
-        await self.flush()
-        return await self.backend.get_metric_history(str(run_id), key)
+        await self.engine.flush()
+        return await self.store.get_metric_history(str(run_id), key)
 
 
-def _tag_names(names: Iterable[str], what: str) -> list[str]:
+def checked_tag_names(names: Iterable[str], what: str) -> list[str]:
     if isinstance(names, str):
         raise InvalidInputError(
             f"{what} tags are a list of tag names, got the string {names!r}; pass [{names!r}]."

@@ -17,62 +17,28 @@ import contextlib
 import importlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from types import ModuleType
 from typing import TYPE_CHECKING
 
 import psutil
 
-from .._exceptions import ConfigurationError
-from .._settings import check_interval
+from .._settings import system_metrics_interval, system_metrics_wanted
 
 if TYPE_CHECKING:
-    from .._delivery.engine import Engine
-    from .._entities import Run
+    from .._delivery.buffer import Buffer
+    from .._entities import Metric, Run
+
+    #: Reads a run's metric history (the store's ``get_metric_history``).
+    History = Callable[[str, str], Awaitable[list[Metric]]]
 
 logger = logging.getLogger("tracklane")
 
-#: MLflow's variables (``mlflow/environment_variables.py``); read, never written.
-ENABLE_ENV = "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING"
-INTERVAL_ENV = "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"
-#: MLflow's ``SystemMetricsMonitor`` default ``sampling_interval``, in seconds.
-DEFAULT_INTERVAL = 10.0
 PREFIX = "system/"
 #: A key the sampler always logs; on a resumed run its last step tells where counting goes on.
 _PROBE_KEY = PREFIX + "cpu_utilization_percentage"
-_TRUE, _FALSE = ("true", "1"), ("false", "0")
 #: Longest end_run waits for a cancelled sampler; it stops at its next await, i.e. at once.
 _STOP_WAIT = 2.0
-
-
-def wanted(log_system_metrics: bool | None) -> bool:
-    """Whether a run samples system metrics: the argument, else ``$MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING``,
-    else on (the OICM platform's default; MLflow's own default is off)."""
-    if log_system_metrics is not None:
-        return bool(log_system_metrics)
-    raw = os.environ.get(ENABLE_ENV)
-    if raw is None or not raw.strip():
-        return True
-    value = raw.strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise ConfigurationError(
-        f"{ENABLE_ENV}={raw!r} is not a boolean; set it to 'true' or 'false' (or '1'/'0'), or pass "
-        "start_run(log_system_metrics=...)."
-    )
-
-
-def sampling_interval(configured: float | None) -> float:
-    """The constructor's ``system_metrics_interval``, else ``$MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL``,
-    else 10 s. (An explicit argument wins over the environment, as everywhere in tracklane.)"""
-    if configured is not None:
-        return check_interval(configured, "system_metrics_interval")
-    raw = os.environ.get(INTERVAL_ENV)
-    if raw is None or not raw.strip():
-        return DEFAULT_INTERVAL
-    return check_interval(raw.strip(), INTERVAL_ENV)
 
 
 class _Gpus:
@@ -129,10 +95,10 @@ class _Gpus:
 
 
 class SystemMetricsSampler:
-    """Samples the machine every ``interval`` seconds and logs through ``engine.log_metrics``."""
+    """Samples the machine every ``interval`` seconds and logs through the buffer's hot path."""
 
-    def __init__(self, engine: Engine, interval: float, first_step: int = 0) -> None:
-        self.engine = engine
+    def __init__(self, buffer: Buffer, interval: float, first_step: int = 0) -> None:
+        self.buffer = buffer
         self.interval = interval
         self.step = first_step
         self._net_base = (0, 0)
@@ -169,7 +135,7 @@ class SystemMetricsSampler:
             self.begin()
             while True:
                 await asyncio.sleep(self.interval)
-                self.engine.log_metrics(self.sample(), step=self.step)
+                self.buffer.log_metrics(run_id, self.sample(), step=self.step)
                 self.step += 1
         except asyncio.CancelledError:
             raise
@@ -187,17 +153,17 @@ class SystemMetricsSampler:
                 self._gpus.close()
 
 
-async def _resume_step(engine: Engine, run: Run) -> int:
+async def _resume_step(history: History, run: Run) -> int:
     """The first step for a continued run: one past the last system sample it already holds."""
     if _PROBE_KEY not in run.data.metrics:
         return 0
-    points = await engine.backend.get_metric_history(run.info.run_id, _PROBE_KEY)
+    points = await history(run.info.run_id, _PROBE_KEY)
     return max((p.step for p in points), default=-1) + 1
 
 
-async def _sample_run(engine: Engine, run: Run, interval: float) -> None:
+async def _sample_run(buffer: Buffer, history: History, run: Run, interval: float) -> None:
     try:
-        first = await _resume_step(engine, run)
+        first = await _resume_step(history, run)
     except asyncio.CancelledError:
         raise
     except Exception as exc:
@@ -207,7 +173,7 @@ async def _sample_run(engine: Engine, run: Run, interval: float) -> None:
             exc,
         )
         first = 0
-    await SystemMetricsSampler(engine, interval, first).run(run.info.run_id)
+    await SystemMetricsSampler(buffer, interval, first).run(run.info.run_id)
 
 
 def sampler_interval(log_system_metrics: bool | None, configured: float | None) -> float | None:
@@ -216,16 +182,18 @@ def sampler_interval(log_system_metrics: bool | None, configured: float | None) 
     Called before the run is created, so a bad ``MLFLOW_*`` variable or interval raises
     ConfigurationError without leaving a run behind.
     """
-    return sampling_interval(configured) if wanted(log_system_metrics) else None
+    return system_metrics_interval(configured) if system_metrics_wanted(log_system_metrics) else None
 
 
-def start_sampler(engine: Engine, run: Run, interval: float | None) -> asyncio.Task[None] | None:
+def start_sampler(
+    buffer: Buffer, history: History, run: Run, interval: float | None
+) -> asyncio.Task[None] | None:
     """Start sampling ``run`` on the running loop (None: sampling is off). The caller keeps the task
     and hands it to :func:`stop_sampler` when the run ends."""
     if interval is None:
         return None
     return asyncio.get_running_loop().create_task(
-        _sample_run(engine, run, interval), name=f"tracklane-sysmetrics-{run.info.run_id}"
+        _sample_run(buffer, history, run, interval), name=f"tracklane-sysmetrics-{run.info.run_id}"
     )
 
 

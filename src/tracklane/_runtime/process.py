@@ -21,13 +21,14 @@ import selectors
 import signal
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Coroutine
 from types import FrameType
 from typing import Any, TypeVar
 
-from .._delivery.engine import Engine
 from .._exceptions import ConfigurationError
+from .._runs.lifecycle import OicmRuns
 from .._runtime.loop_thread import LoopThread
 
 logger = logging.getLogger("tracklane")
@@ -40,8 +41,9 @@ _GRACE = 2.0
 class SyncRuntime:
     """Runs an engine on a daemon loop thread for a synchronous face, for the life of a process."""
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def __init__(self, runs: OicmRuns) -> None:
+        self.runs = runs
+        self.engine = runs.engine
         self.closed = False
         self.thread = self._start()
         self._exit_hook = functools.partial(_shutdown_quietly, self)
@@ -70,22 +72,23 @@ class SyncRuntime:
             raise ConfigurationError("This TrackingClient is closed; create a new one.")
         return self.thread.run(coro, timeout)
 
-    def shutdown(self, timeout: float | None = None, status: str | None = None) -> int:
-        """Flush within ``timeout`` (default ``exit_timeout``), end an active run with ``status``
-        (default: FAILED if the interpreter is dying of an uncaught exception, else FINISHED),
-        stop the loop thread. Returns how many events were left undelivered. Idempotent."""
+    def shutdown(self, timeout: float | None, status: str | None = None) -> int:
+        """Deliver what is left (while the server makes progress, never past ``timeout`` seconds if
+        given), end an active run with ``status`` (default: see ``exit_status_of_process``), keep the
+        rest in the journal, stop the loop thread. Returns how many events could not even be kept.
+        Idempotent."""
         if self.closed or not self.thread.alive:
             self.closed = True
             return 0
         self.closed = True
         atexit.unregister(self._exit_hook)
         if status is None:
-            dying = getattr(sys, "last_value", None) or getattr(sys, "last_exc", None)
-            status = "FAILED" if dying is not None else "FINISHED"
-        wait = self.engine.config.exit_timeout if timeout is None else timeout
-        future = asyncio.run_coroutine_threadsafe(self.engine.shutdown(wait, status), self.thread.loop)
+            status = exit_status_of_process()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        future = asyncio.run_coroutine_threadsafe(self.runs.close(status, deadline), self.thread.loop)
         try:
-            left = future.result(wait + _GRACE)
+            # Bounded by the engine's own rule (no progress for retry_window) when timeout is None.
+            left = future.result(None if timeout is None else timeout + _GRACE)
         except KeyboardInterrupt:
             # Ctrl-C during the exit flush: stop waiting for the server at once; what is left
             # goes to the journal, a local write bounded by the grace period. A second Ctrl-C
@@ -102,9 +105,7 @@ class SyncRuntime:
         finally:
             self.thread.stop()
         if left:
-            logger.warning(
-                "tracklane: %d event(s) could not be delivered within the exit wait of %.1fs.", left, wait
-            )
+            logger.error("tracklane: %d event(s) could be neither delivered nor kept in the journal.", left)
         return left
 
     def _install_sigterm_handler(self, ref: weakref.ref[SyncRuntime]) -> None:
@@ -117,7 +118,7 @@ class SyncRuntime:
         def on_sigterm(signum: int, frame: FrameType | None) -> None:
             runtime = ref()
             if runtime is not None and not runtime.closed and runtime.thread.alive:
-                _shutdown_quietly(runtime, status="KILLED")  # the application's handler runs regardless
+                _shutdown_quietly(runtime, "KILLED")  # the application's handler runs regardless
             if callable(previous):
                 previous(signum, frame)
             elif previous == signal.SIG_DFL:
@@ -127,10 +128,20 @@ class SyncRuntime:
         signal.signal(signal.SIGTERM, on_sigterm)
 
 
+def exit_status_of_process() -> str:
+    """How a run still active at interpreter exit ends: KILLED if the process is dying of Ctrl-C
+    (an uncaught KeyboardInterrupt), FAILED of another uncaught exception, else FINISHED."""
+    dying = getattr(sys, "last_exc", None) or getattr(sys, "last_value", None)
+    if isinstance(dying, KeyboardInterrupt):
+        return "KILLED"
+    return "FAILED" if dying is not None else "FINISHED"
+
+
 def _shutdown_quietly(runtime: SyncRuntime, status: str | None = None) -> None:
-    """The atexit hook: a clean exit must never turn into a traceback because of telemetry."""
+    """The atexit hook (and SIGTERM's): bounded by ``exit_timeout``; a clean exit must never turn
+    into a traceback because of telemetry."""
     try:
-        runtime.shutdown(status=status)
+        runtime.shutdown(runtime.engine.config.exit_timeout, status)
     except Exception as exc:
         logger.warning("tracklane: exit flush failed: %s", exc)
 
@@ -163,6 +174,7 @@ def _after_fork_in_child(ref: weakref.ref[SyncRuntime]) -> None:
     # The parent's loop thread does not exist here, and its buffer is the parent's to send.
     _disown(runtime.thread.loop)
     runtime.engine.reset_after_fork()
+    runtime.runs.after_fork()
     runtime.thread = runtime._start()
     atexit.unregister(runtime._exit_hook)
     atexit.register(runtime._exit_hook)

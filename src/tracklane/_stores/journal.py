@@ -15,6 +15,12 @@ Why it is shaped this way:
   has been delivered" is one high-water mark per (run, server) and table.
 - SQLite stores a NaN REAL as NULL. A point always has a value, so NULL in ``metrics.value``
   means NaN; the infinities are stored as they are.
+- The schema version is ``PRAGMA user_version``; an older journal is migrated in place when opened,
+  and a file that is not a journal (damaged, another program's database, a newer tracklane's) is
+  refused with an error that names it and says what to do, never a raw ``sqlite3`` traceback.
+- One uploader at a time per journal and server, across processes (``UploadLock``): two
+  ``tracklane sync`` runs, or a sync beside a client replaying its outage, never send the same rows
+  twice, create a server run twice, or reorder a tag's values.
 
 All methods are blocking and thread-safe (one lock around the connection); async callers run them
 with ``await journal.call(journal.method, ...)`` on the journal's own thread (``JournalThread``).
@@ -24,6 +30,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import hashlib
 import json
 import os
 import queue
@@ -45,11 +53,14 @@ from .._exceptions import ConfigurationError, NotFoundError, ServerError
 #: ``<path_to_storage>/ml_runs/<JOURNAL_FILE>``.
 JOURNAL_DIR = "ml_runs"
 JOURNAL_FILE = "tracklane.db"
-SCHEMA_VERSION = "1"
+#: ``PRAGMA user_version`` of the journal this tracklane writes. 1 (kept in ``meta``): the first
+#: journal; 2: ``texts.seq``, so a late retry never replaces a newer tag value.
+SCHEMA_VERSION = 2
 _BUSY_TIMEOUT_MS = 30_000
 _NAN = float("nan")
 T = TypeVar("T")
 
+_TABLES = ("meta", "experiments", "runs", "keys", "metrics", "texts", "deliveries")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS experiments (
@@ -64,7 +75,7 @@ CREATE TABLE IF NOT EXISTS metrics (
     run INTEGER NOT NULL, key INTEGER NOT NULL, value REAL, ts INTEGER NOT NULL, step INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS texts (
     id INTEGER PRIMARY KEY AUTOINCREMENT, run INTEGER NOT NULL, kind INTEGER NOT NULL,
-    key INTEGER NOT NULL, value TEXT NOT NULL, UNIQUE (run, kind, key));
+    key INTEGER NOT NULL, value TEXT NOT NULL, seq INTEGER NOT NULL DEFAULT 0, UNIQUE (run, kind, key));
 CREATE TABLE IF NOT EXISTS deliveries (
     run INTEGER NOT NULL, server TEXT NOT NULL, server_run_id TEXT NOT NULL,
     metric_mark INTEGER NOT NULL DEFAULT 0, text_mark INTEGER NOT NULL DEFAULT 0, state TEXT,
@@ -188,12 +199,18 @@ class Journal:
                 "(path_to_storage, default '.'), its ml_runs folder, or the journal file."
             )
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._connect()
-        with self._write() as db:
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    db.execute(statement)
-            db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+        try:
+            self._connect()
+            with self._write() as db:
+                self._check_schema(db)
+        except sqlite3.DatabaseError as exc:
+            with contextlib.suppress(Exception):
+                self._db.close()
+            raise ConfigurationError(
+                f"{self.path} is not a tracklane journal, or it is damaged ({exc}). Move it out of the "
+                f"way (e.g. `mv {self.path} {self.path}.bad`) to start a new journal there, or give "
+                "path_to_storage= another directory."
+            ) from None
         self._run_ids: dict[str, int] = {}
         self._key_ids: dict[str, int] = {}
         self._key_names_by_id: dict[int, str] = {}
@@ -207,6 +224,35 @@ class Journal:
         self._db.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
+
+    def _check_schema(self, db: sqlite3.Connection) -> None:
+        """Create, migrate or refuse the file; inside the write lock, so processes opening one new
+        journal together do it once."""
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        tables.discard("sqlite_sequence")
+        if version > SCHEMA_VERSION:
+            raise ConfigurationError(
+                f"{self.path} was written by a newer tracklane (journal version {version}; this one "
+                f"reads up to {SCHEMA_VERSION}). Upgrade tracklane (pip install -U tracklane) to use it."
+            )
+        if version == 0 and tables:
+            first = (
+                db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
+                if "meta" in tables
+                else None
+            )
+            if first is None or first[0] != "1" or not set(_TABLES) <= tables:
+                raise sqlite3.DatabaseError(f"it holds tables {sorted(tables)} of another program")
+            version = 1
+        if version and not set(_TABLES) <= tables:
+            raise sqlite3.DatabaseError(f"tables {sorted(set(_TABLES) - tables)} are missing")
+        if version == 1:  # journal version 1 -> 2
+            db.execute("ALTER TABLE texts ADD COLUMN seq INTEGER NOT NULL DEFAULT 0")
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                db.execute(statement)
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def _check_fork(self) -> None:
         # SQLite forbids using a connection opened before fork() in the child; the lock may also
@@ -324,7 +370,7 @@ class Journal:
                 (run_uuid, _int_id(experiment_id), run_name, start_time),
             )
             assert cursor.lastrowid is not None
-            self._put_texts(db, cursor.lastrowid, [(TAG, k, v) for k, v in tags.items()], {})
+            self._put_texts(db, cursor.lastrowid, [(TAG, k, v) for k, v in tags.items()], {}, 0)
         return self.get_run(run_uuid)
 
     def _run_id(self, run_uuid: str) -> int:
@@ -398,15 +444,15 @@ class Journal:
 
     # -- events ----------------------------------------------------------------------------------
 
-    def write_events(self, run_uuid: str, events: Sequence[Event]) -> None:
+    def write_events(self, run_uuid: str, events: Sequence[Event], seq: int = 0) -> None:
         """Append one run's events in one transaction: all of them are stored, or none.
 
         Raises ServerError (HTTP 400, as the server would) when a param would change value.
         """
         run = self._run_id(run_uuid)
-        self._write_rows(run, events)
+        self._write_rows(run, events, seq)
 
-    def _write_rows(self, run: int, events: Sequence[Event]) -> None:
+    def _write_rows(self, run: int, events: Sequence[Event], seq: int) -> None:
         new_keys: dict[str, int] = {}
         with self._write() as db:
             ids = self._ids_for(db, {e[2] for e in events}, new_keys)
@@ -417,7 +463,7 @@ class Journal:
             )
             texts = [(e[0], e[2], e[3]) for e in events if e[0] != METRIC]
             if texts:
-                self._put_texts(db, run, texts, new_keys)
+                self._put_texts(db, run, texts, new_keys, seq)
         self._key_ids.update(new_keys)  # only ids that are committed are remembered
 
     def _ids_for(self, db: sqlite3.Connection, names: Iterable[str], new: dict[str, int]) -> dict[str, int]:
@@ -432,15 +478,20 @@ class Journal:
         return out
 
     def _put_texts(
-        self, db: sqlite3.Connection, run: int, texts: Sequence[tuple[int, str, str]], new: dict[str, int]
+        self,
+        db: sqlite3.Connection,
+        run: int,
+        texts: Sequence[tuple[int, str, str]],
+        new: dict[str, int],
+        seq: int,
     ) -> None:
         ids = self._ids_for(db, {t[1] for t in texts}, new)
         for kind, name, value in texts:
             row = db.execute(
-                "SELECT value FROM texts WHERE run = ? AND kind = ? AND key = ?", (run, kind, ids[name])
+                "SELECT value, seq FROM texts WHERE run = ? AND kind = ? AND key = ?", (run, kind, ids[name])
             ).fetchone()
-            if row is not None and row[0] == value:
-                continue
+            if row is not None and (row[0] == value or (kind == TAG and row[1] > seq)):
+                continue  # unchanged, or a late retry of a tag value set again since
             if row is not None and kind == PARAM:
                 raise ServerError(
                     f"Changing param values is not allowed. Param with key={name!r} was already logged "
@@ -450,8 +501,8 @@ class Journal:
                 )
             # REPLACE gives the row a new, never reused id: a changed tag counts as undelivered again.
             db.execute(
-                "INSERT OR REPLACE INTO texts (run, kind, key, value) VALUES (?, ?, ?, ?)",
-                (run, kind, ids[name], value),
+                "INSERT OR REPLACE INTO texts (run, kind, key, value, seq) VALUES (?, ?, ?, ?, ?)",
+                (run, kind, ids[name], value, seq),
             )
 
     def metric_history(self, run_uuid: str, key: str) -> list[Metric]:
@@ -466,7 +517,7 @@ class Journal:
 
     # -- delivery: spill and sync ----------------------------------------------------------------
 
-    def spill(self, server: str, run_uuid: str, run_name: str, events: Sequence[Event]) -> None:
+    def spill(self, server: str, run_uuid: str, run_name: str, events: Sequence[Event], seq: int = 0) -> None:
         """Keep events a server could not take, for run ``run_uuid`` that lives on ``server``."""
         run = self._run_ids.get(run_uuid)
         if run is None:
@@ -482,15 +533,19 @@ class Journal:
                     (run, server, run_uuid),
                 )
             self._run_ids[run_uuid] = run
-        self._write_rows(run, events)
+        self._write_rows(run, events, seq)
 
-    def deliveries(self, server: str, runs: Iterable[str] | None = None) -> list[Delivery]:
-        """Every run that ``server`` should get: runs logged offline, and runs spilled from it."""
+    def deliveries(
+        self, server: str, runs: Iterable[str] | None = None, spilled_only: bool = False
+    ) -> list[Delivery]:
+        """Every run that ``server`` should get: runs logged offline (unless ``spilled_only``), and
+        runs spilled from it."""
+        offline = "r.origin IS NULL OR " if not spilled_only else ""
         rows = self._read(
             "SELECT r.id, r.uuid, r.name, r.experiment, r.status, r.start_time, r.end_time, "
             "d.server_run_id, coalesce(d.metric_mark, 0), coalesce(d.text_mark, 0), d.state "
             "FROM runs r LEFT JOIN deliveries d ON d.run = r.id AND d.server = ? "
-            "WHERE r.origin IS NULL OR r.origin = ? ORDER BY r.id",
+            f"WHERE {offline}r.origin = ? ORDER BY r.id",
             (server, server),
         )
         wanted = None if runs is None else set(runs)
@@ -515,22 +570,57 @@ class Journal:
         texts = self._read("SELECT count(*) FROM texts WHERE id > ? AND run = ?", (d.text_mark, d.run))
         return metrics[0][0], texts[0][0]
 
-    def pending_texts(self, d: Delivery, run_id: str) -> tuple[list[Event], int]:
-        """Params and tags of run ``d`` past its mark, as events of ``run_id``; and the new mark."""
+    def high_water(self) -> tuple[int, int]:
+        """(largest metric rowid, largest text id) written so far: rows up to these exist now."""
+        metric = self._read("SELECT max(rowid) FROM metrics")[0][0] or 0
+        text = self._read("SELECT seq FROM sqlite_sequence WHERE name = 'texts'")
+        return metric, (text[0][0] if text else 0)
+
+    def pending_upto(self, server: str, runs: Iterable[str], upto: tuple[int, int]) -> int:
+        """Rows of ``runs`` (uuids) up to ``upto`` (see ``high_water``) that ``server`` has not got."""
+        left = 0
+        for d in self.deliveries(server, runs):
+            left += self._read(
+                "SELECT count(*) FROM metrics WHERE rowid > ? AND rowid <= ? AND run = ?",
+                (d.metric_mark, upto[0], d.run),
+            )[0][0]
+            left += self._read(
+                "SELECT count(*) FROM texts WHERE id > ? AND id <= ? AND run = ?",
+                (d.text_mark, upto[1], d.run),
+            )[0][0]
+            if d.wanted_state is not None and d.wanted_state != d.state:
+                left += 1  # the run's end, still to be applied
+        return left
+
+    def pending_summary(self, server: str, runs: Iterable[str]) -> tuple[int, list[tuple[str, str]]]:
+        """(events of ``runs`` ``server`` has not got, [(run uuid, status) of ends not applied])."""
+        events, ends = 0, []
+        for d in self.deliveries(server, runs):
+            events += sum(self.pending_counts(d))
+            if d.status is not None and d.wanted_state != d.state:
+                ends.append((d.run_uuid, d.status))
+        return events, ends
+
+    def pending_texts(self, d: Delivery, run_id: str, upto: int | None = None) -> tuple[list[Event], int]:
+        """Params and tags of run ``d`` past its mark (and at most ``upto``), as events of ``run_id``;
+        and the new mark."""
         rows = self._read(
             "SELECT t.id, t.kind, k.name, t.value FROM texts t JOIN keys k ON k.id = t.key "
-            "WHERE t.run = ? AND t.id > ? ORDER BY t.id",
-            (d.run, d.text_mark),
+            "WHERE t.run = ? AND t.id > ? AND t.id <= ? ORDER BY t.id",
+            (d.run, d.text_mark, _MAX_ID if upto is None else upto),
         )
         events = [(kind, run_id, name, value, 0, 0) for _, kind, name, value in rows]
         return events, (rows[-1][0] if rows else d.text_mark)
 
-    def pending_metrics(self, run: int, mark: int, run_id: str, limit: int) -> tuple[list[Event], int]:
-        """Up to ``limit`` metric points of ``run`` after rowid ``mark``, and the new mark."""
+    def pending_metrics(
+        self, run: int, mark: int, run_id: str, limit: int, upto: int | None = None
+    ) -> tuple[list[Event], int]:
+        """Up to ``limit`` metric points of ``run`` after rowid ``mark`` (and at most ``upto``), and
+        the new mark."""
         rows = self._read(
-            "SELECT rowid, key, value, ts, step FROM metrics WHERE rowid > ? AND run = ? "
+            "SELECT rowid, key, value, ts, step FROM metrics WHERE rowid > ? AND rowid <= ? AND run = ? "
             "ORDER BY rowid LIMIT ?",
-            (mark, run, limit),
+            (mark, _MAX_ID if upto is None else upto, run, limit),
         )
         if not rows:
             return [], mark
@@ -563,6 +653,49 @@ class Journal:
                 "UPDATE runs SET status = ?, end_time = ? WHERE uuid = ? AND origin IS NOT NULL",
                 (status, end_time, run_uuid),
             )
+
+
+_MAX_ID = 2**63 - 1
+
+
+class UploadLock:
+    """One uploader at a time per journal and server, across processes (an ``flock`` on a file
+    beside the journal; the kernel releases it when the holder dies, so a crash never leaves it)."""
+
+    def __init__(self, journal_path: Path, server: str) -> None:
+        digest = hashlib.sha256(server.encode()).hexdigest()[:16]
+        self.path = journal_path.with_name(f"{journal_path.name}.upload-{digest}.lock")
+        self._fd: int | None = None
+        self._pid = 0
+
+    def acquire(self, wait: bool = False) -> bool:
+        """Take the lock; False if another process holds it (or, with ``wait``, block until free)."""
+        if self.held:
+            return True
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd, self._pid = fd, os.getpid()
+        return True
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None and self._pid == os.getpid()
+
+    def release(self) -> None:
+        if self._fd is not None:
+            if self._pid == os.getpid():  # a forked child's copy is not its lock to drop
+                with contextlib.suppress(OSError):
+                    fcntl.flock(self._fd, fcntl.LOCK_UN)
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
 
 
 def _int_id(experiment_id: str) -> int:

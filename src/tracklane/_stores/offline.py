@@ -10,16 +10,20 @@ so that costs one thread hop per batch, not per event.
 from __future__ import annotations
 
 import logging
-import os
+import sqlite3
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
-from .._delivery.batching import Batch
+from .._delivery.batching import Batch, Event
 from .._entities import Experiment, Metric, Run
-from .._settings import ServerConfig
-from .._stores.journal import Journal
+from .._exceptions import NotFoundError, ServerError
+from .._settings import ServerConfig, offline_mode_setting
+from .journal import Journal
+
+if TYPE_CHECKING:
+    from .._delivery.spool import RunEnd
 
 logger = logging.getLogger("tracklane")
-_FALSE = ("", "0", "false", "no", "off")
 
 
 def offline_backend(
@@ -30,8 +34,7 @@ def offline_backend(
     Offline when asked (``offline_mode=True`` or ``$OIP_OFFLINE_MODE`` truthy), and by default when
     no server is configured at all; then it says so once, with the command that uploads later.
     """
-    if offline_mode is None and "OIP_OFFLINE_MODE" in os.environ:
-        offline_mode = os.environ["OIP_OFFLINE_MODE"].strip().lower() not in _FALSE
+    offline_mode = offline_mode_setting(offline_mode)
     if offline_mode is False or (offline_mode is None and server is not None):
         return None
     storage = path_to_storage or "."
@@ -52,6 +55,7 @@ class JournalBackend:
     def __init__(self, journal: Journal) -> None:
         self.journal = journal
         self.workspace_id: str | None = None  # offline, every workspace is the same local one
+        self.retries = 0  # nothing to retry: the disk answers
 
     def __repr__(self) -> str:
         return f"JournalBackend({str(self.journal.path)!r})"
@@ -89,10 +93,55 @@ class JournalBackend:
     async def update_run(self, run_id: str, status: str, end_time: int | None) -> None:
         await self.journal.call(self.journal.update_run, run_id, status, end_time)
 
-    async def log_batch(self, batch: Batch, deadline: float | None = None) -> None:
+    async def log_batch(self, batch: Batch, body: bytes) -> None:
         """Store one batch in one transaction; a param that changes value refuses the whole batch
-        with the server's 400, so the engine isolates it exactly as it does online."""
-        await self.journal.call(self.journal.write_events, batch.run_id, batch.events())
+        with the server's 400, so the engine isolates it exactly as it does online, and so does a
+        value SQLite will not store."""
+        try:
+            await self.journal.call(self.journal.write_events, batch.run_id, batch.events(), batch.seq)
+        except (ServerError, OSError, sqlite3.OperationalError):
+            raise
+        except Exception as exc:
+            raise ServerError(
+                f"cannot be stored in the journal ({type(exc).__name__}: {exc})", status=400
+            ) from None
+
+    async def run_is_open(self, run_id: str) -> bool:
+        try:
+            run = await self.get_run(run_id)
+        except NotFoundError:
+            return False
+        return run.info.lifecycle_stage != "deleted"
+
+    def keep_now(self, events: list[Event], ends: list[RunEnd]) -> int:
+        """Blocking: store leftovers when no event loop is left (interpreter exit)."""
+        lost = 0
+        per_run: dict[str, list[Event]] = {}
+        for e in events:
+            per_run.setdefault(e[1], []).append(e)
+        for run_id, run_events in per_run.items():
+            try:
+                self.journal.write_events(run_id, run_events)
+            except Exception as exc:
+                logger.error(
+                    "tracklane: could not keep %d event(s) of run %s: %s", len(run_events), run_id, exc
+                )
+                lost += len(run_events)
+        for end in ends:
+            try:
+                self.journal.update_run(end.run_id, end.status, end.end_time)
+            except Exception as exc:
+                logger.error("tracklane: could not record the end of run %s: %s", end.run_id, exc)
+        return lost
+
+    def after_fork(self) -> None:
+        """Nothing to forget: the journal reconnects by itself in a forked child."""
+
+    def ui_links(self, run: Run) -> tuple[str, str] | None:
+        return None  # offline: no web UI to point at
+
+    async def check_platform(self) -> str | None:
+        return None
 
     async def get_metric_history(self, run_id: str, key: str) -> list[Metric]:
         return await self.journal.call(self.journal.metric_history, run_id, key)

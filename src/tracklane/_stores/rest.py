@@ -7,9 +7,7 @@ on the engine's event loop; one aiohttp session is opened lazily and reused.
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import logging
-import random
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -19,7 +17,18 @@ import orjson
 if TYPE_CHECKING:
     import aiohttp
 
-from .._delivery.batching import Batch
+    from .._delivery.spool import RunEnd
+
+from .._delivery.batching import Batch, Event
+from .._delivery.outcome import (
+    POISON_AFTER,
+    ServerFault,
+    Verdict,
+    backoff,
+    judge,
+    refusal,
+    retry_after_seconds,
+)
 from .._entities import Experiment, Metric, Run
 from .._exceptions import (
     ConfigurationError,
@@ -28,11 +37,9 @@ from .._exceptions import (
     ServerUnavailableError,
 )
 from .._settings import ServerConfig
+from .journal import server_key
 
 logger = logging.getLogger("tracklane")
-
-#: Statuses MLflow's own client retries (``mlflow/utils/request_utils.py``).
-TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
 
 def _aiohttp() -> Any:
@@ -47,26 +54,6 @@ def _connection_errors() -> tuple[type[BaseException], ...]:
     return (_aiohttp().ClientConnectionError, asyncio.TimeoutError, OSError)
 
 
-def retry_after_seconds(header: str | None) -> float | None:
-    """Parse a Retry-After header: delta-seconds or an HTTP date."""
-    if not header:
-        return None
-    try:
-        return max(0.0, float(header))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(header)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
-def backoff(attempt: int, *, base: float = 0.25, cap: float = 8.0) -> float:
-    """Exponential backoff with full jitter (the AWS architecture blog's recipe)."""
-    return random.uniform(0, min(cap, base * 2**attempt))
-
-
 class RestBackend:
     """Experiments, runs and log-batch on a tracking server that speaks MLflow's REST API."""
 
@@ -75,6 +62,8 @@ class RestBackend:
         self.retry_window = retry_window
         self.workspace_id: str | None = None
         self.retries = 0
+        #: Monotonic time of the server's last answer (any reply that is not a retry).
+        self.last_answer = 0.0
         self.platform_version: str | None = None
         self._session: aiohttp.ClientSession | None = None
         self._parents_session: aiohttp.ClientSession | None = None
@@ -108,6 +97,10 @@ class RestBackend:
         unclosed, so it is not finalized here (with an "Unclosed client session" warning)."""
         self._parents_session, self._session = self._session, None
 
+    def keep_now(self, events: list[Event], ends: list[RunEnd]) -> None:
+        """A server cannot be reached without an event loop: the engine's journal keeps them."""
+        return None
+
     async def aclose(self) -> None:
         if self._session is not None:
             await self._session.close()
@@ -122,35 +115,47 @@ class RestBackend:
         body: bytes | None = None,
         query: Mapping[str, str] | None = None,
         deadline: float | None = None,
+        poison_after: int | None = None,
     ) -> dict[str, Any]:
-        """Call ``endpoint`` and return its JSON reply, retrying transient failures until
-        ``deadline`` (monotonic; default: now + the retry window).
+        """Call ``endpoint`` and return its JSON reply, retrying what the outcome rule says to retry
+        until ``deadline`` (monotonic; default: now + the retry window).
 
-        Raises ServerError (NotFoundError for 404) for an error reply that retrying cannot mend,
-        ServerUnavailableError when the deadline passes first.
+        Raises ServerError (NotFoundError for 404) for a refusal, AuthenticationError for refused
+        credentials or a reply that is not MLflow's, ServerUnavailableError when the deadline passes
+        first, and ServerFault after ``poison_after`` 5xx replies in a row (if given).
         """
         url = f"{self.config.rest_base(self.workspace_id)}/{endpoint}"
         if body is None and payload is not None:
             body = orjson.dumps(payload)
         if deadline is None:
             deadline = time.monotonic() + self.retry_window
-        attempt = 0
+        attempt = faults = 0
         while True:
-            wait: float | None
+            wait: float | None = None
             try:
                 async with self._session_now().request(
                     method, url, data=body, params=query, headers=self._headers()
                 ) as resp:
-                    raw = await resp.read()
-                    if resp.status < 300:
-                        return _parse_json(raw, endpoint)
-                    if resp.status not in TRANSIENT_STATUSES:
-                        raise _error_from_reply(resp.status, raw, endpoint)
-                    problem = f"HTTP {resp.status}"
+                    reply = judge(resp.status, await resp.read())
+                    if reply.verdict is Verdict.DELIVERED:
+                        assert reply.body is not None
+                        self.last_answer = time.monotonic()
+                        return reply.body
+                    if reply.verdict is not Verdict.RETRY:
+                        self.last_answer = time.monotonic()
+                        raise refusal(reply, endpoint, self.config.api_host)
+                    problem = f"HTTP {resp.status} {reply.error_code}".rstrip()
                     wait = retry_after_seconds(resp.headers.get("Retry-After"))
+                    faults = faults + 1 if resp.status >= 500 else 0
+                    if poison_after is not None and faults >= poison_after:
+                        raise ServerFault(
+                            f"{endpoint}: {problem} {faults} times in a row: {reply.message[:200]}",
+                            status=resp.status,
+                            error_code=reply.error_code,
+                        )
             except _connection_errors() as exc:
                 problem = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-                wait = None
+                faults = 0
             if wait is None:
                 wait = backoff(attempt)
             attempt += 1
@@ -234,6 +239,10 @@ class RestBackend:
         """The run's and its experiment's pages in the OICM web UI (None: not OICM, or hide_host)."""
         return self.config.ui_links(self.workspace_id, run.info.experiment_id, run.info.run_id)
 
+    def server_key(self) -> str:
+        """How the journal names this server (and workspace): see ``journal.server_key``."""
+        return server_key(self.config.api_host, self.workspace_id)
+
     # -- experiments ---------------------------------------------------------------------------
 
     async def get_experiment_by_name(self, name: str) -> Experiment | None:
@@ -296,9 +305,25 @@ class RestBackend:
             payload["end_time"] = end_time
         await self.request("POST", "runs/update", payload=payload)
 
-    async def log_batch(self, batch: Batch, deadline: float | None = None) -> None:
-        """Send one log-batch request (``batch`` is already cut to the server's limits)."""
-        await self.request("POST", "runs/log-batch", body=batch.encode(), deadline=deadline)
+    async def log_batch(self, batch: Batch, body: bytes) -> None:
+        """Send one log-batch request (``body``: ``batch`` encoded, already cut to the server's limits).
+
+        Raises ServerFault when the server keeps failing this payload (see ``_delivery.outcome``).
+        """
+        await self.request("POST", "runs/log-batch", body=body, poison_after=POISON_AFTER)
+
+    async def run_is_open(self, run_id: str) -> bool:
+        """Whether the server has run ``run_id`` and it can take data (not deleted): the outcome
+        rule's probe. Raises ServerUnavailableError when the server does not answer."""
+        try:
+            run = await self.get_run(run_id)
+        except NotFoundError:
+            return False
+        except ServerError as exc:
+            if exc.status == 400:  # MLflow answers 400 INVALID_PARAMETER_VALUE for a malformed id
+                return False
+            raise
+        return run.info.lifecycle_stage != "deleted"
 
     async def get_metric_history(self, run_id: str, key: str) -> list[Metric]:
         points: list[Metric] = []
@@ -314,42 +339,11 @@ class RestBackend:
                 return points
 
 
-def log_ui_links(backend: object, run: Run) -> None:
-    """Log where the platform's UI shows ``run`` (INFO, logger "tracklane"); only for an OICM
-    server without ``hide_host``, and never the API key."""
-    links = backend.ui_links(run) if isinstance(backend, RestBackend) else None
-    if links is not None:
-        logger.info("tracklane: run %s: %s (experiment: %s)", run.info.run_name or run.info.run_id, *links)
-
-
 def _parse_json(raw: bytes, endpoint: str) -> dict[str, Any]:
-    if not raw.strip():
-        return {}
-    try:
-        reply = orjson.loads(raw)
-    except orjson.JSONDecodeError:
+    reply = judge(200, raw)
+    if reply.body is None:
         raise ServerError(
             f"{endpoint}: the server's reply is not JSON ({raw[:80]!r}). Is api_host the tracking "
             "server's address, not a web page or proxy in front of it?"
-        ) from None
-    if not isinstance(reply, dict):
-        raise ServerError(f"{endpoint}: the server's reply is not a JSON object ({raw[:80]!r}).")
-    return reply
-
-
-def _error_from_reply(status: int, raw: bytes, endpoint: str) -> ServerError:
-    try:
-        body = orjson.loads(raw)
-        code = str(body.get("error_code", ""))
-        message = str(body.get("message", "")) or raw[:200].decode(errors="replace")
-    except (orjson.JSONDecodeError, AttributeError):
-        code, message = "", raw[:200].decode(errors="replace")
-    if status in (401, 403):
-        return ServerError(
-            f"{endpoint}: the server refused the credentials (HTTP {status}: {message}). Check "
-            "api_key / OIP_WORKLOAD_ACCESS_KEY and that the key may use this workspace.",
-            status=status,
-            error_code=code,
         )
-    cls = NotFoundError if status == 404 or code == "RESOURCE_DOES_NOT_EXIST" else ServerError
-    return cls(f"{endpoint}: HTTP {status} {code}: {message}", status=status, error_code=code)
+    return reply.body

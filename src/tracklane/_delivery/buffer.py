@@ -1,0 +1,351 @@
+"""The bounded in-memory buffer and the hot path that fills it.
+
+Logging calls run on the caller's thread and only validate, stamp and append to a
+``collections.deque``: an atomic append under the GIL, so no lock is taken per event, and nothing here
+does I/O or logs per event (a log call could recurse into a logging handler that logs). The worker
+(``engine``) takes events off the other end. Flush markers (futures) travel in the same deque, so a
+flush sees exactly the events logged before it.
+
+When the buffer is full, the overflow policy decides: ``spill`` and ``block`` wait for room (the
+worker makes room at disk speed under ``spill``), at most ``block_timeout`` seconds, then drop and
+count; ``drop_newest`` / ``drop_oldest`` drop and count at once. Drops are never silent: they are
+counted in ``stats()`` and logged at ERROR, once per run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from .._exceptions import InvalidInputError, NoActiveRunError
+from .._limits import MAX_PARAM_VALUE_LENGTH, MAX_STEP, MAX_TAG_VALUE_LENGTH, MIN_STEP
+from .._settings import EngineConfig
+from .._validation import check_key, check_step, check_timestamp, metric_value, text_value
+from .batching import METRIC, PARAM, TAG, Event
+
+logger = logging.getLogger("tracklane")
+
+_KNOWN_KEYS_CAP = 100_000
+_time_ns = time.time_ns
+_MIN_STEP, _MAX_STEP = MIN_STEP, MAX_STEP
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Buffer:
+    """Events accepted from callers, not yet taken by the worker. See the module docstring."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self._buf: deque[Any] = deque()
+        self._max = config.max_buffer
+        #: Wake the worker once this many events wait (a batch, or half the buffer if smaller);
+        #: the worker raises it while it cannot take more, so a backlog does not wake it per event.
+        self.batch_wake_at = max(1, min(config.batch_size, config.max_buffer // 2))
+        self.wake_at = self.batch_wake_at
+        self._wake_pending = False
+        self.notify: Callable[[], None] = _nothing
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._room = threading.Condition()
+        self._waiting_for_room = 0
+        self._room_async: asyncio.Event | None = None
+        self._markers = 0  # flush markers in the deque, so counting events needs no scan
+        self._known_keys: set[str] = set()
+        self.dropped = 0
+        self._warned: set[str] = set()
+
+    def bind(self, loop: asyncio.AbstractEventLoop, notify: Callable[[], None]) -> None:
+        """Wake the worker on ``loop`` through ``notify``; called once the worker runs there."""
+        self.loop = loop
+        self.notify = notify
+        self._room_async = asyncio.Event()
+
+    def reset_after_fork(self) -> None:
+        """In a forked child: the parent's events and waiters are the parent's."""
+        self._buf = deque()
+        self._markers = 0
+        self._room = threading.Condition()
+        self._waiting_for_room = 0
+        self._wake_pending = False
+        self.notify = _nothing
+        self.loop = None
+        self._room_async = None
+        self.dropped = 0
+
+    # -- the hot path: any thread, no I/O, no lock, no logging -----------------------------------
+
+    def _key(self, key: Any, what: str) -> str:
+        # Keys repeat (the same few names every step): validate each once per client.
+        if type(key) is str and key in self._known_keys:
+            return key
+        check_key(key, what)
+        if len(self._known_keys) >= _KNOWN_KEYS_CAP:
+            self._known_keys.clear()
+        self._known_keys.add(key)
+        return key  # type: ignore[no-any-return]
+
+    def put(self, event: Event) -> None:
+        buf = self._buf
+        if len(buf) >= self._max:
+            self._overflow(event)
+            return
+        buf.append(event)
+        # Wake the worker once per batch, not per event: a wake-up costs a syscall.
+        if len(buf) >= self.wake_at and not self._wake_pending:
+            self._wake_pending = True
+            self.notify()
+
+    def log_metric(
+        self, run_id: str | None, key: str, value: Any, step: int | None = None, timestamp: int | None = None
+    ) -> None:
+        # The common call (a float, an int step or none, a key seen before, no timestamp) is
+        # checked and appended inline: this is the line a training loop runs per metric.
+        if (
+            run_id is not None
+            and type(value) is float
+            and timestamp is None
+            and (step is None or (type(step) is int and _MIN_STEP <= step <= _MAX_STEP))
+            and type(key) is str
+            and key in self._known_keys
+        ):
+            buf = self._buf
+            if len(buf) < self._max:
+                buf.append((METRIC, run_id, key, value, _time_ns() // 1_000_000, step or 0))
+                if len(buf) >= self.wake_at and not self._wake_pending:
+                    self._wake_pending = True
+                    self.notify()
+                return
+        run_id = _require(run_id)
+        key = self._key(key, "metric")
+        self.put(
+            (
+                METRIC,
+                run_id,
+                key,
+                metric_value(key, value),
+                now_ms() if timestamp is None else check_timestamp(key, timestamp),
+                0 if step is None else check_step(key, step),
+            )
+        )
+
+    def log_metrics(
+        self,
+        run_id: str | None,
+        metrics: Mapping[str, Any],
+        step: int | None = None,
+        timestamp: int | None = None,
+    ) -> None:
+        run_id = _require(run_id)
+        ts = now_ms() if timestamp is None else check_timestamp("<log_metrics>", timestamp)
+        st = 0 if step is None else check_step("<log_metrics>", step)
+        events, errors = [], []
+        for key, value in _items(metrics, "log_metrics"):
+            try:
+                key = self._key(key, "metric")
+                events.append((METRIC, run_id, key, metric_value(key, value), ts, st))
+            except InvalidInputError as exc:
+                errors.append(str(exc))
+        self._put_all(events, errors)
+
+    def log_params(self, run_id: str | None, params: Mapping[str, Any], logged: dict[str, str]) -> None:
+        """Log params of ``run_id``; ``logged`` holds the run's params so far (the run model's), so a
+        param that would change value is refused here rather than by the server."""
+        run_id = _require(run_id)
+        events, errors = [], []
+        for key, value in _items(params, "log_params"):
+            try:
+                key = self._key(key, "param")
+                text = text_value(key, value, "param", MAX_PARAM_VALUE_LENGTH)
+                before = logged.get(key)
+                if before is not None and before != text:
+                    raise InvalidInputError(
+                        f"param {key!r} is already {before!r} in run {run_id}; params cannot "
+                        f"change (got {text!r}). Log the new value under another key, or as a "
+                        "metric or tag if it varies."
+                    )
+                logged[key] = text
+                events.append((PARAM, run_id, key, text, 0, 0))
+            except InvalidInputError as exc:
+                errors.append(str(exc))
+        self._put_all(events, errors)
+
+    def set_tags(self, run_id: str | None, tags: Mapping[str, Any]) -> None:
+        run_id = _require(run_id)
+        events, errors = [], []
+        for key, value in _items(tags, "set_tags"):
+            try:
+                key = self._key(key, "tag")
+                text = text_value(key, value, "tag", MAX_TAG_VALUE_LENGTH)
+                events.append((TAG, run_id, key, text, 0, 0))
+            except InvalidInputError as exc:
+                errors.append(str(exc))
+        self._put_all(events, errors)
+
+    def _put_all(self, events: list[Event], errors: list[str]) -> None:
+        # A bad entry must not cost the good ones of the same call: enqueue those, then raise.
+        for event in events:
+            self.put(event)
+        if errors:
+            logged = (
+                f" The other {len(events)} entr{'y was' if len(events) == 1 else 'ies were'} logged."
+                if events
+                else ""
+            )
+            raise InvalidInputError("; ".join(errors) + logged)
+
+    # -- a full buffer ---------------------------------------------------------------------------
+
+    def _overflow(self, event: Event) -> None:
+        policy = self.config.overflow
+        if policy == "drop_newest":
+            self._count_drop(event)
+        elif policy == "drop_oldest":
+            try:
+                oldest = self._buf.popleft()
+            except IndexError:
+                oldest = None
+            if isinstance(oldest, tuple):
+                self._count_drop(oldest)
+                self._buf.append(event)
+            else:  # a flush marker or a race with the worker: keep order, drop the new one
+                if oldest is not None:
+                    self._buf.appendleft(oldest)
+                self._count_drop(event)
+        else:  # "block", and "spill" (the worker moves the backlog to the journal meanwhile)
+            self._wait_for_room(event)
+
+    def _wait_for_room(self, event: Event) -> None:
+        if self._on_loop_thread():
+            # Blocking here would stop the very loop that drains the buffer.
+            self._buf.append(event)
+            return
+        limit = self.config.block_timeout
+        deadline = None if limit is None else time.monotonic() + limit
+        with self._room:
+            self._waiting_for_room += 1
+            try:
+                while len(self._buf) >= self._max:
+                    self.notify()
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        self._count_drop(event)
+                        return
+                    self._room.wait(0.05 if left is None else min(left, 0.05))
+            finally:
+                self._waiting_for_room -= 1
+        self._buf.append(event)
+
+    def _count_drop(self, event: Event) -> None:
+        self.dropped += 1
+        if f"drop:{event[1]}" not in self._warned:  # once per run, never per event
+            self._warned.add(f"drop:{event[1]}")
+            waited = (
+                f" after waiting {self.config.block_timeout:g}s for room"
+                if self.config.overflow in ("spill", "block")
+                else ""
+            )
+            logger.error(
+                "tracklane: buffer full (%d events) and overflow=%r: dropping events of run %s%s. "
+                "stats()['dropped'] counts them. %s",
+                self._max,
+                self.config.overflow,
+                event[1],
+                waited,
+                "Neither the server nor the local journal could take them: check the server and that "
+                "path_to_storage is writable."
+                if self.config.overflow == "spill"
+                else "A larger max_buffer or overflow='spill' keeps them.",
+            )
+
+    def _on_loop_thread(self) -> bool:
+        loop = self.loop
+        if loop is None:
+            return False
+        try:
+            return asyncio.get_running_loop() is loop
+        except RuntimeError:
+            return False
+
+    def has_room(self) -> bool:
+        return len(self._buf) < self._max
+
+    async def wait_for_room(self) -> None:
+        """Backpressure for async callers: return once the buffer is below its bound again."""
+        while len(self._buf) >= self._max and self._room_async is not None:
+            self._room_async.clear()
+            self.notify()
+            await self._room_async.wait()
+
+    # -- the worker's side -----------------------------------------------------------------------
+
+    def put_marker(self, marker: asyncio.Future[None]) -> None:
+        """Queue a flush marker behind every event logged so far (never dropped, never waits)."""
+        self._markers += 1
+        self._buf.append(marker)
+
+    def take(self, limit: int) -> tuple[list[Event], asyncio.Future[None] | None]:
+        """Up to ``limit`` events, stopping after the first flush marker (returned separately)."""
+        self._wake_pending = False
+        buf, out = self._buf, []
+        marker = None
+        for _ in range(limit):
+            try:
+                item = buf.popleft()
+            except IndexError:
+                break
+            if type(item) is tuple:
+                out.append(item)
+            else:
+                self._markers -= 1
+                marker = item
+                break
+        if self._waiting_for_room:
+            with self._room:
+                self._room.notify_all()
+        if self._room_async is not None:
+            self._room_async.set()
+        return out, marker
+
+    def events(self) -> list[Event]:
+        """The buffered events (not markers), oldest first; for shutdown to keep them."""
+        return [e for e in self._buf if type(e) is tuple]
+
+    def clear(self) -> None:
+        self._buf.clear()
+        self._markers = 0
+
+    def __len__(self) -> int:
+        """Events waiting (markers not counted)."""
+        return max(0, len(self._buf) - self._markers)
+
+    def oldest_timestamp(self) -> int | None:
+        try:
+            head = self._buf[0]
+        except IndexError:
+            return None
+        return head[4] if type(head) is tuple and head[0] == METRIC else None
+
+
+def _require(run_id: str | None) -> str:
+    if run_id is None:
+        raise NoActiveRunError(
+            "No active run: call start_run() first, e.g. `with tc.start_run(run_name=...):`."
+        )
+    return run_id
+
+
+def _nothing() -> None:
+    pass
+
+
+def _items(mapping: Mapping[str, Any], what: str) -> Iterable[tuple[Any, Any]]:
+    if not isinstance(mapping, Mapping):
+        raise InvalidInputError(f"{what} takes a dict of key -> value, got {type(mapping).__name__}.")
+    return mapping.items()
