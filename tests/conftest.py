@@ -11,6 +11,7 @@ import pytest
 
 from tracklane import TrackingClient
 
+from postgres import PgMlflowServer, PostgresNotFound, PostgresServer
 from servers import FaultProxy, MlflowServer, OicmGateway, Reader
 
 _counter = itertools.count()
@@ -88,3 +89,26 @@ def fault_proxy(mlflow_server: MlflowServer) -> Iterator[FaultProxy]:
     proxy.start()
     yield proxy
     proxy.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL of the session's own on 127.0.0.1; skips where the binaries are not installed."""
+    server = PostgresServer()
+    try:
+        server.start()
+    except PostgresNotFound as exc:
+        pytest.skip(str(exc))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_mlflow_server(
+    postgres: PostgresServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[PgMlflowServer]:
+    """``mlflow server`` with 2 workers storing into ``postgres``: the setup of a shared team server."""
+    server = PgMlflowServer(tmp_path_factory.mktemp("pg-mlflow"), postgres.url, workers=2)
+    server.start()
+    yield server
+    server.stop()
