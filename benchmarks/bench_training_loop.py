@@ -6,8 +6,10 @@ Each client runs in a fresh process: tracklane (``log_metrics``), MLflow ``log_m
 synchronous=False)``, and the peers when installed (W&B offline, trackio local). In that process
 the same loop runs without logging before (and, once the client has drained, after) the loop
 with logging: a paired baseline, so load from other processes on a shared machine shifts both
-alike. The figure is the loop's wall time; the time to drain what is still buffered after the
-loop is reported beside it, bounded: a client still draining then is reported, not waited for.
+alike. The baseline before runs before the client exists, with nothing else in the process; the
+logged loop starts once the client's warm-up events are delivered. The figure is the loop's wall
+time; the time to drain what is still buffered after the loop is reported beside it, bounded: a
+client still draining then is reported, not waited for.
 """
 
 from __future__ import annotations
@@ -60,11 +62,13 @@ def bounded(fn: Callable[[], object], timeout: float) -> float | None:
     return None if thread.is_alive() else time.perf_counter() - began
 
 
-def variant_child(variant: str, url: str, k: int, steps: int, drain_bound: float) -> dict[str, Any]:
-    """One loop in this (fresh) process; returns wall seconds of the loop and of the drain."""
-    log: Callable[[dict[str, float], int], object]
+def open_client(
+    variant: str, url: str
+) -> tuple[Callable[[dict[str, float], int], object], Callable[[], object], Callable[[], object], Any]:
+    """The variant's client, started: (log, settle, drain, sink); ``settle`` waits until what was
+    logged so far is delivered (where the client can say so), ``drain`` ends the run."""
     sink: Any = None
-    drain: Callable[[], object] = lambda: None  # noqa: E731
+    settle: Callable[[], object] = lambda: None  # noqa: E731
     if variant in ("tracklane", "tracklane_sink"):
         if variant == "tracklane_sink":
             from tracklane._cli.bench import SinkServer
@@ -73,10 +77,9 @@ def variant_child(variant: str, url: str, k: int, steps: int, drain_bound: float
             url = sink.url
         tc = _common.client(url)
         tc.set_experiment("bench-training-loop")
-        tc.start_run(run_name=f"tracklane-{uuid.uuid4().hex[:6]}")
-        log = tc.log_metrics
-        drain = tc.end_run
-    elif variant == "mlflow":
+        tc.start_run(run_name=f"tracklane-{uuid.uuid4().hex[:6]}", log_system_metrics=False)
+        return tc.log_metrics, tc.flush, tc.end_run, sink
+    if variant == "mlflow":
         os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
         import mlflow
 
@@ -84,21 +87,23 @@ def variant_child(variant: str, url: str, k: int, steps: int, drain_bound: float
         mlflow.set_experiment("bench-training-loop")
         mlflow.start_run(run_name=f"mlflow-async-{uuid.uuid4().hex[:6]}")
         log = lambda metrics, step: mlflow.log_metrics(metrics, step=step, synchronous=False)  # noqa: E731
-        drain = mlflow.flush_async_logging
-    elif variant == "wandb":
+        # Not settled: flush_async_logging shuts MLflow's async queue down for good.
+        return log, settle, mlflow.flush_async_logging, sink
+    if variant == "wandb":
         import wandb
 
         run = wandb.init(project="tracklane-bench", name="training-loop")
-        log = lambda metrics, step: run.log(metrics, step=step)  # noqa: E731
-        drain = run.finish
-    elif variant == "trackio":
+        return lambda metrics, step: run.log(metrics, step=step), settle, run.finish, sink
+    if variant == "trackio":
         import trackio
 
         trackio.init(project="tracklane-bench", name="training-loop", auto_log_cpu=False, auto_log_gpu=False)
-        log = lambda metrics, step: trackio.log(metrics, step=step)  # noqa: E731
-        drain = trackio.finish
-    else:
-        raise ValueError(variant)
+        return lambda metrics, step: trackio.log(metrics, step=step), settle, trackio.finish, sink
+    raise ValueError(variant)
+
+
+def variant_child(variant: str, url: str, k: int, steps: int, drain_bound: float) -> dict[str, Any]:
+    """One loop in this (fresh) process; returns wall seconds of the loop and of the drain."""
     values = {key: 0.0 for key in KEYS}
     no_log: Callable[[dict[str, float], int], object] = lambda metrics, step: None  # noqa: E731
 
@@ -111,8 +116,14 @@ def variant_child(variant: str, url: str, k: int, steps: int, drain_bound: float
             fn(values, step)
         return time.perf_counter() - began, time.process_time() - cpu_began
 
-    loop(log, 0, 20)  # warm up the client: first-use checks, connections
+    loop(no_log, 0, 20)  # warm up the loop itself
+    # The baseline before runs with nothing else in the process: no client yet, so no worker
+    # thread still delivering the warm-up's events, which would slow the baseline and flatter
+    # the client's overhead.
     before = loop(no_log, 0, steps)
+    log, settle, drain, sink = open_client(variant, url)
+    loop(log, 0, 20)  # warm up the client: first-use checks, connections
+    bounded(settle, drain_bound)  # the logged loop starts with the warm-up's events delivered
     logged = loop(log, 20, steps)
     drain_s = bounded(drain, drain_bound)
     # The baseline after counts only once the client is idle again; a client still draining
