@@ -64,6 +64,15 @@ class Reply:
     error_code: str = ""
     message: str = ""
 
+    @property
+    def refused_credentials(self) -> bool:
+        return self.status in (401, 403)
+
+    @property
+    def server_error(self) -> bool:
+        """A 5xx: counted towards telling a poison batch from an outage."""
+        return self.status >= 500
+
 
 def judge(status: int, raw: bytes) -> Reply:
     """What a reply with HTTP ``status`` and body ``raw`` means. See the module docstring."""

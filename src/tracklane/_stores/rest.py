@@ -1,6 +1,7 @@
 """MLflow's REST API over aiohttp, for a plain MLflow server or the OICM platform.
 
-``RestBackend`` is the only place that knows URLs, headers, status codes and retry rules. It runs
+``RestBackend`` is the only place that knows URLs and headers; what a reply means (status codes,
+retries) is ``_delivery.outcome``'s. It runs
 on the engine's event loop; one aiohttp session is opened lazily and reused.
 """
 
@@ -146,7 +147,7 @@ class RestBackend:
                         raise refusal(reply, endpoint, self.config.api_host)
                     problem = f"HTTP {resp.status} {reply.error_code}".rstrip()
                     wait = retry_after_seconds(resp.headers.get("Retry-After"))
-                    faults = faults + 1 if resp.status >= 500 else 0
+                    faults = faults + 1 if reply.server_error else 0
                     if poison_after is not None and faults >= poison_after:
                         raise ServerFault(
                             f"{endpoint}: {problem} {faults} times in a row: {reply.message[:200]}",
@@ -211,29 +212,26 @@ class RestBackend:
                 f"Cannot reach the OICM tracking service at {host} ({type(exc).__name__}: {exc}). "
                 "Check api_host (scheme, host name, port) and that this machine can reach it."
             ) from None
-        if status in (404, 405):
-            raise ConfigurationError(
-                f"{url} answered HTTP {status}: {host} does not look like an OICM tracking service. "
-                "api_host must be the platform's address followed by /api/tracking, e.g. "
-                "'https://HOST/api/tracking'; for a plain MLflow server drop the /api/tracking suffix."
-            )
-        if status in (401, 403):
+        reply = judge(status, raw)
+        if reply.refused_credentials:
             raise ConfigurationError(
                 f"{url} refused the credentials (HTTP {status}). Check api_key / "
                 "OIP_WORKLOAD_ACCESS_KEY (OICM: user menu -> API Keys)."
             )
-        if status >= 300:
+        if reply.verdict is Verdict.RETRY:
             raise ServerUnavailableError(
                 f"The OICM tracking service at {host} is not available ({endpoint}: HTTP {status}). "
                 "The host is right but the service is down or restarting: try again later, or ask "
                 "the platform's administrators."
             )
-        try:
-            return _parse_json(raw, endpoint)
-        except ServerError as exc:
+        if reply.verdict is not Verdict.DELIVERED:
             raise ConfigurationError(
-                f"{exc} api_host should be 'https://HOST/api/tracking' (the platform's tracking service)."
-            ) from None
+                f"{url} answered HTTP {status} ({reply.message[:80]!r}): {host} does not look like an OICM "
+                "tracking service. api_host must be the platform's address followed by /api/tracking, "
+                "e.g. 'https://HOST/api/tracking'; for a plain MLflow server drop the /api/tracking suffix."
+            )
+        assert reply.body is not None
+        return reply.body
 
     def ui_links(self, run: Run) -> tuple[str, str] | None:
         """The run's and its experiment's pages in the OICM web UI (None: not OICM, or hide_host)."""
@@ -320,7 +318,7 @@ class RestBackend:
         except NotFoundError:
             return False
         except ServerError as exc:
-            if exc.status == 400:  # MLflow answers 400 INVALID_PARAMETER_VALUE for a malformed id
+            if exc.error_code == "INVALID_PARAMETER_VALUE":  # MLflow's answer for a malformed id
                 return False
             raise
         return run.info.lifecycle_stage != "deleted"
@@ -337,13 +335,3 @@ class RestBackend:
             token = reply.get("next_page_token")
             if not token:
                 return points
-
-
-def _parse_json(raw: bytes, endpoint: str) -> dict[str, Any]:
-    reply = judge(200, raw)
-    if reply.body is None:
-        raise ServerError(
-            f"{endpoint}: the server's reply is not JSON ({raw[:80]!r}). Is api_host the tracking "
-            "server's address, not a web page or proxy in front of it?"
-        )
-    return reply.body
