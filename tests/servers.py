@@ -18,13 +18,17 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Any
+from collections import Counter
+from typing import Any, NamedTuple
 
 from aiohttp import ClientSession, web
 
 from tracklane._cli.bench import MlflowServer, free_port
 
 __all__ = ["FaultProxy", "MlflowServer", "OicmGateway", "Reader", "free_port", "tracklane_cli"]
+
+#: What MLflow's server answers when its store fails on a request (a database error, say).
+INTERNAL_ERROR = b'{"error_code": "INTERNAL_ERROR", "message": "(sqlite3.OperationalError) database failure"}'
 
 
 def tracklane_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -197,6 +201,14 @@ class OicmGateway(BackgroundApp):
         )
 
 
+class Reply(NamedTuple):
+    """A canned answer of the FaultProxy."""
+
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+
+
 class FaultProxy(BackgroundApp):
     """A proxy on 127.0.0.1 in front of the real MLflow server that answers from a script first.
 
@@ -204,6 +216,12 @@ class FaultProxy(BackgroundApp):
     requests to that endpoint fail as scripted; every other request is forwarded. ``calls``
     records (monotonic time, endpoint, status) of each request, so tests can check the waits.
     Used for what a real server will not do on demand: a 503/429 storm, a malformed reply.
+
+    Faults that last until ``heal()``: ``refuse_containing`` answers every request whose body
+    holds a byte string (a server that fails on one value, every time), ``delay`` holds each
+    request of an endpoint before forwarding it (a slow server), and ``answer`` answers every
+    request of an endpoint (a revoked key, a login page). ``requests_to`` counts the requests
+    an endpoint received, faulted ones included.
     """
 
     def __init__(self, upstream: str) -> None:
@@ -212,14 +230,39 @@ class FaultProxy(BackgroundApp):
         self.url = f"http://127.0.0.1:{self.port}"
         self.calls: list[tuple[float, str, int]] = []
         self.batches: list[dict[str, Any]] = []  # every log-batch body forwarded
+        self.requests: Counter[str] = Counter()  # every request received, per endpoint
         self._script: dict[str, list[tuple[int, dict[str, str], bytes]]] = {}
+        self._refusals: list[tuple[str, bytes, Reply]] = []
+        self._answers: dict[str, Reply] = {}
+        self._delays: dict[str, float] = {}
 
     def script(self, endpoint: str, *responses: tuple[int, dict[str, str], bytes]) -> None:
         self._script.setdefault(endpoint, []).extend(responses)
 
+    def refuse_containing(
+        self, endpoint: str, needle: bytes, status: int = 500, body: bytes = INTERNAL_ERROR
+    ) -> None:
+        """Answer ``status`` to every request of ``endpoint`` whose body holds ``needle``."""
+        self._refusals.append((endpoint, needle, Reply(status, body)))
+
+    def answer(self, endpoint: str, status: int, body: bytes, content_type: str = "application/json") -> None:
+        """Answer every request of ``endpoint`` from now on, forwarding none."""
+        self._answers[endpoint] = Reply(status, body, content_type)
+
+    def delay(self, endpoint: str, seconds: float) -> None:
+        """Hold each request of ``endpoint`` for ``seconds`` before forwarding it."""
+        self._delays[endpoint] = seconds
+
     def heal(self) -> None:
-        """Forget what is left of the script: forward everything from now on."""
+        """Forget the script and every fault: forward everything from now on."""
         self._script.clear()
+        self._refusals.clear()
+        self._answers.clear()
+        self._delays.clear()
+
+    def requests_to(self, endpoint: str) -> int:
+        """How many requests ``endpoint`` received so far, faulted or forwarded."""
+        return self.requests[endpoint]
 
     def metrics_sent(self, key: str) -> int:
         """How many metric entities with ``key`` were posted to the server, duplicates included."""
@@ -228,14 +271,29 @@ class FaultProxy(BackgroundApp):
     def calls_to(self, endpoint: str) -> list[tuple[float, int]]:
         return [(t, status) for t, e, status in self.calls if e == endpoint]
 
+    def _fault(self, endpoint: str, body: bytes) -> Reply | None:
+        if endpoint in self._answers:
+            return self._answers[endpoint]
+        for where, needle, reply in self._refusals:
+            if where == endpoint and needle in body:
+                return reply
+        return None
+
     async def _handle(self, request: web.Request) -> web.Response:
         endpoint = request.match_info["rest"]
+        self.requests[endpoint] += 1
         queue = self._script.get(endpoint)
         if queue:
             status, headers, body = queue.pop(0)
             self.calls.append((time.monotonic(), endpoint, status))
             return web.Response(status=status, headers=headers, body=body, content_type="application/json")
         body = await request.read()
+        fault = self._fault(endpoint, body or request.query_string.encode())
+        if fault is not None:
+            self.calls.append((time.monotonic(), endpoint, fault.status))
+            return web.Response(status=fault.status, body=fault.body, content_type=fault.content_type)
+        if endpoint in self._delays:
+            await asyncio.sleep(self._delays[endpoint])
         if endpoint == "runs/log-batch":
             self.batches.append(json.loads(body))
         async with self._session.request(

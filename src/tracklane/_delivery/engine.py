@@ -86,7 +86,10 @@ class Engine:
         self._uploader: asyncio.Task[None] | None = None
         self._hand: deque[Batch | Marker] = deque()
         self._hand_events = 0
-        self._hand_limit = max(config.batch_size * 4, config.batch_size * config.max_in_flight * 2)
+        # What the worker holds (the hand and the requests in flight) is at most max_buffer again, so
+        # memory stays within twice max_buffer whatever the server does.
+        self._take_size = max(1, min(config.batch_size, config.max_buffer // (2 * config.max_in_flight + 2)))
+        self._hand_limit = max(self._take_size, min(self._take_size * 4, config.max_buffer // 2))
         self._spill_at = max(1, config.max_buffer // 2)
         self._inflight: dict[asyncio.Task[None], Batch] = {}
         self._orphans: list[Batch] = []  # batches of cancelled deliveries, for shutdown to keep
@@ -180,7 +183,7 @@ class Engine:
                     return
                 self._spooling = True
             buffer.wake_at = buffer.batch_wake_at
-            events, marker = buffer.take(self.config.batch_size)
+            events, marker = buffer.take(self._take_size)
             if not events and marker is None:
                 return
             batches = list(pack(events, time.time_ns()))
@@ -319,20 +322,21 @@ class Engine:
             why = f"{type(exc).__name__}: {exc}"
         self._outage = True
         if self._may_spool("failure"):
-            self._warn_once(
-                "outage",
-                "tracklane: %s Keeping events in the local journal %s and delivering them from there.",
-                why,
-                self.spool.path if self.spool is not None else "",
-            )
             self._spooling = True
             try:
                 kept = await self._spool_batches([batch])
             except asyncio.CancelledError:
                 return  # the shielded write finished or failed; either way it is not an orphan
             if kept:
+                self._warn_once(
+                    "outage",
+                    "tracklane: %s Keeping events in the local journal %s and delivering them from there.",
+                    why,
+                    self.spool.path if self.spool is not None else "",
+                )
                 self._signal_hand()  # the sender moves the hand behind it
                 return
+            self._spooling = False
         # No journal: keep it in memory, at the front, and try again after a pause.
         self._warn_once("outage", "tracklane: %s Retrying; events stay in memory.", why)
         try:
