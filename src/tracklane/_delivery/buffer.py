@@ -8,7 +8,8 @@ flush sees exactly the events logged before it.
 
 When the buffer is full, the overflow policy decides: ``spill`` and ``block`` wait for room (the
 worker makes room at disk speed under ``spill``), at most ``block_timeout`` seconds, then drop and
-count; ``drop_newest`` / ``drop_oldest`` drop and count at once. Drops are never silent: they are
+count (and later calls drop at once until the worker makes room again, so a loop is never held
+``block_timeout`` per call); ``drop_newest`` / ``drop_oldest`` drop and count at once. Drops are never silent: they are
 counted in ``stats()`` and logged at ERROR, once per run.
 """
 
@@ -57,6 +58,9 @@ class Buffer:
         self._waiting_for_room = 0
         self._room_async: asyncio.Event | None = None
         self._markers = 0  # flush markers in the deque, so counting events needs no scan
+        #: A caller waited block_timeout and no room came: drop at once until the worker takes again,
+        #: rather than make every later call wait the full block_timeout too.
+        self._starved = False
         self._known_keys: set[str] = set()
         self.dropped = 0
         self._warned: set[str] = set()
@@ -73,6 +77,7 @@ class Buffer:
         self._markers = 0
         self._room = threading.Condition()
         self._waiting_for_room = 0
+        self._starved = False
         self._wake_pending = False
         self.notify = _nothing
         self.loop = None
@@ -226,6 +231,9 @@ class Buffer:
             # Blocking here would stop the very loop that drains the buffer.
             self._buf.append(event)
             return
+        if self._starved:
+            self._count_drop(event)
+            return
         limit = self.config.block_timeout
         deadline = None if limit is None else time.monotonic() + limit
         with self._room:
@@ -235,6 +243,7 @@ class Buffer:
                     self.notify()
                     left = None if deadline is None else deadline - time.monotonic()
                     if left is not None and left <= 0:
+                        self._starved = True
                         self._count_drop(event)
                         return
                     self._room.wait(0.05 if left is None else min(left, 0.05))
@@ -306,6 +315,8 @@ class Buffer:
                 self._markers -= 1
                 marker = item
                 break
+        if out:
+            self._starved = False
         if self._waiting_for_room:
             with self._room:
                 self._room.notify_all()
