@@ -9,8 +9,8 @@ flush sees exactly the events logged before it.
 When the buffer is full, the overflow policy decides: ``spill`` and ``block`` wait for room (the
 worker makes room at disk speed under ``spill``), at most ``block_timeout`` seconds, then drop and
 count (and later calls drop at once until the worker makes room again, so a loop is never held
-``block_timeout`` per call); ``drop_newest`` / ``drop_oldest`` drop and count at once. Drops are never silent: they are
-counted in ``stats()`` and logged at ERROR, once per run.
+``block_timeout`` per call); ``drop_newest`` / ``drop_oldest`` drop and count at once. Drops are
+never silent: they are counted in ``stats()`` and logged at ERROR, once per run.
 """
 
 from __future__ import annotations
