@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -157,6 +158,36 @@ def test_a_value_the_server_always_fails_on_blocks_neither_its_run_nor_the_next(
     assert _status(reader, first.info.run_id) == "FINISHED"
     assert _steps(reader, second.info.run_id, "loss") == list(range(5000))
     assert _status(reader, second.info.run_id) == "FINISHED"
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("status", [500, 502, 503])
+def test_a_gateway_answering_5xx_to_everything_for_a_while_is_an_outage_not_poison(
+    fault_proxy: FaultProxy, experiment_name: str, reader: Reader, tmp_path: Path, status: int
+) -> None:
+    # MLflow restarting behind a gateway: every endpoint answers 5xx for a few seconds. Slow logging
+    # makes one-event requests, the ones a mistaken poison verdict would reject outright.
+    tc = TrackingClient(api_host=fault_proxy.url, path_to_storage=str(tmp_path / "storage"))
+    tc.set_experiment(experiment_name)
+    run = tc.start_run(log_system_metrics=False)
+    tc.log_metric("loss", 0.0, step=0)
+    assert tc.flush(timeout=60)
+    for endpoint in ("runs/log-batch", "runs/get", "runs/update"):
+        fault_proxy.answer(
+            endpoint, status, b'{"error_code": "TEMPORARILY_UNAVAILABLE", "message": "restarting"}'
+        )
+    for step in range(1, 30):
+        tc.log_metric("loss", float(step), step=step)
+        tc.set_tag("last", str(step))
+        time.sleep(0.2)  # paces the producer (a slow loop), not a synchronisation
+        if step == 15:
+            fault_proxy.heal()
+    tc.end_run()  # raises DeliveryError if anything was taken for poison
+    tc.close()
+
+    assert _steps(reader, run.info.run_id, "loss") == list(range(30))
+    assert reader.tags(run.info.run_id)["last"] == "29"
+    assert _status(reader, run.info.run_id) == "FINISHED"
 
 
 @pytest.mark.timeout(400)

@@ -63,6 +63,9 @@ class Buffer:
         self._starved = False
         self._known_keys: set[str] = set()
         self.dropped = 0
+        #: Events the worker has taken (or shutdown cleared) so far: with what is buffered, every
+        #: event ever accepted. Counted per take, not per event: the hot path stays an append.
+        self.taken = 0
         self._warned: set[str] = set()
 
     def bind(self, loop: asyncio.AbstractEventLoop, notify: Callable[[], None]) -> None:
@@ -82,7 +85,7 @@ class Buffer:
         self.notify = _nothing
         self.loop = None
         self._room_async = None
-        self.dropped = 0
+        self.dropped = self.taken = 0
 
     # -- the hot path: any thread, no I/O, no lock, no logging -----------------------------------
 
@@ -317,6 +320,7 @@ class Buffer:
                 break
         if out:
             self._starved = False
+            self.taken += len(out)
         if self._waiting_for_room:
             with self._room:
                 self._room.notify_all()
@@ -329,6 +333,7 @@ class Buffer:
         return [e for e in self._buf if type(e) is tuple]
 
     def clear(self) -> None:
+        self.taken += len(self)
         self._buf.clear()
         self._markers = 0
 

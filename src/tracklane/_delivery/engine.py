@@ -175,29 +175,32 @@ class Engine:
     async def _take(self) -> None:
         buffer = self.buffer
         while True:
-            if not self._spooling and self._hand_events >= self._hand_limit:
+            to_journal = self._spooling and self._may_spool("failure")
+            if not to_journal and self._hand_events >= self._hand_limit:
                 # The sender has all it can use. Leave the rest in the buffer while it has room;
                 # once it is half full the producer outruns the server: spool.
-                if len(buffer) < self._spill_at or not self._may_spool("overflow"):
+                if self._spooling or len(buffer) < self._spill_at or not self._may_spool("overflow"):
                     buffer.wake_at = self._spill_at
                     return
-                self._spooling = True
+                self._spooling = to_journal = True
             buffer.wake_at = buffer.batch_wake_at
             events, marker = buffer.take(self._take_size)
             if not events and marker is None:
                 return
             batches = list(pack(events, time.time_ns()))
-            if self._spooling:
-                if not await self._spool_batches(batches):
-                    self._spooling = False  # journal unwritable: memory, and callers wait for room
-                    self._to_hand(batches)
-                if marker is not None:
-                    await self._marker_to_journal(marker)
-            else:
-                self._to_hand(batches)
-                if marker is not None:
-                    self._hand.append(marker)
-                    self._signal_hand()
+            if to_journal:
+                kept = await self._spool_batches(batches)
+                if kept == len(batches):
+                    if marker is not None:
+                        await self._marker_to_journal(marker)
+                    continue
+                # The journal just broke: the rest waits in memory, and is sent only once the
+                # uploader has delivered what the journal holds (``_spooling`` stays on till then).
+                batches = batches[kept:]
+            self._to_hand(batches)
+            if marker is not None:
+                self._hand.append(marker)
+                self._signal_hand()
 
     def _to_hand(self, batches: list[Batch]) -> None:
         for batch in batches:
@@ -215,13 +218,14 @@ class Engine:
             return False
         return why != "overflow" or self.config.overflow == "spill"
 
-    async def _spool_batches(self, batches: list[Batch]) -> bool:
+    async def _spool_batches(self, batches: list[Batch]) -> int:
+        """Write ``batches`` to the journal; how many (the first ones) it took."""
         assert self.spool is not None
-        if not await self.spool.write(batches, self._reject):
-            return False
-        self.spilled += sum(len(b) for b in batches)
-        self._kick_uploader()
-        return True
+        kept = await self.spool.write(batches, self._reject)
+        self.spilled += sum(len(b) for b in batches[:kept])
+        if kept:
+            self._kick_uploader()
+        return kept
 
     async def _marker_to_journal(self, marker: Marker) -> None:
         """A flush marker behind events now in the journal: done once the uploader has delivered
@@ -243,7 +247,14 @@ class Engine:
                 self._hand_ready.clear()
                 await self._hand_ready.wait()
                 continue
-            if (self._spooling or self._blocked is not None) and await self._hand_to_journal():
+            if self._spooling or self._blocked is not None:
+                if await self._hand_to_journal():
+                    continue
+                # The journal cannot take the hand: it waits until the uploader has delivered the
+                # journal's rows (they are older), then goes from memory. Blocked: it just waits.
+                self._hand_ready.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._hand_ready.wait(), _POLL)
                 continue
             item = hand[0]
             if isinstance(item, asyncio.Future):
@@ -270,27 +281,32 @@ class Engine:
 
     async def _hand_to_journal(self) -> bool:
         """While spooling: the hand joins the journal, in order, behind what is there. False if the
-        journal cannot take it (then the hand is sent from memory after all)."""
+        journal cannot take (all of) it; what it did not take stays at the front of the hand."""
+        if not self._may_spool("failure"):
+            return False
         batches: list[Batch] = []
         while self._hand:
-            item = self._hand.popleft()
+            item = self._hand[0]
             if isinstance(item, asyncio.Future):
-                if batches:
-                    if not await self._spool_batches(batches):
-                        self._hand.appendleft(item)
-                        self._hand.extendleft(reversed(batches))
-                        return False
-                    self._hand_events -= sum(len(b) for b in batches)
-                    batches = []
+                if not await self._hand_batches_to_journal(batches):
+                    return False
+                batches = []
+                self._hand.popleft()
                 await self._marker_to_journal(item)
             else:
                 batches.append(item)
-        if batches:
-            if not await self._spool_batches(batches):
-                self._hand.extendleft(reversed(batches))
-                return False
-            self._hand_events -= sum(len(b) for b in batches)
+                self._hand.popleft()
+        ok = await self._hand_batches_to_journal(batches)
         self._wake_taker()
+        return ok
+
+    async def _hand_batches_to_journal(self, batches: list[Batch]) -> bool:
+        """Journal ``batches`` just taken off the hand's front; put back those it did not take."""
+        kept = await self._spool_batches(batches) if batches else 0
+        self._hand_events -= sum(len(b) for b in batches[:kept])
+        if kept < len(batches):
+            self._hand.extendleft(reversed(batches[kept:]))
+            return False
         return True
 
     def _forget(self, task: asyncio.Task[None]) -> None:
@@ -327,7 +343,7 @@ class Engine:
                 kept = await self._spool_batches([batch])
             except asyncio.CancelledError:
                 return  # the shielded write finished or failed; either way it is not an orphan
-            if kept:
+            if kept == 1:
                 self._warn_once(
                     "outage",
                     "tracklane: %s Keeping events in the local journal %s and delivering them from there.",
@@ -336,7 +352,6 @@ class Engine:
                 )
                 self._signal_hand()  # the sender moves the hand behind it
                 return
-            self._spooling = False
         # No journal: keep it in memory, at the front, and try again after a pause.
         self._warn_once("outage", "tracklane: %s Retrying; events stay in memory.", why)
         try:
@@ -417,19 +432,29 @@ class Engine:
         spool = self.spool
         assert spool is not None
         attempt = 0
-        waiting_on_other = False
+        others_left: int | None = None  # rows of ours left while another process uploads
+        writes_seen = spool.writes
         while self._blocked is None:
             if self._spooling:
                 # This engine's journal rows follow the requests already in flight.
                 await self._settle()
             try:
                 if not await spool.lock():
-                    if not waiting_on_other:
-                        waiting_on_other = True
+                    if others_left is None:
                         logger.info("tracklane: another process is uploading %s; waiting for it.", spool.path)
                     await asyncio.sleep(_POLL * 2)
+                    # Its progress with this engine's rows is this engine's progress.
+                    left = await spool.pending(spool.runs)
+                    if others_left is not None and left < others_left:
+                        self._last_progress = time.monotonic()
+                    others_left = left
                     await self._check_waiters(None)
+                    if left == 0 and spool.writes == writes_seen and not spool.writing:
+                        self._all_delivered(spool)
+                        return
+                    writes_seen = spool.writes
                     continue
+                others_left = None
                 writes = spool.writes
                 hi = await spool.high_water()
                 moved = await spool.upload(
@@ -438,19 +463,8 @@ class Engine:
                 attempt = 0
                 await self._check_waiters(hi)
                 if moved == 0 and spool.writes == writes and not spool.writing:
-                    # Everything written is delivered and nothing is being written: memory again.
-                    self._spooling = False
                     spool.unlock()
-                    self._wake_taker()
-                    if self._outage:
-                        self._outage = False
-                        self._warned.discard("outage")
-                        logger.warning(
-                            "tracklane: %s answers again; every event kept in the journal is delivered.",
-                            spool.api_host,
-                        )
-                    if self._waiters:  # written between the round's snapshot and now: none, see above
-                        await self._check_waiters(await spool.high_water())
+                    self._all_delivered(spool)
                     return
             except AuthenticationError as exc:
                 self._block(exc)
@@ -479,6 +493,26 @@ class Engine:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._retry_now.wait(), delay)
         self._retry_now.clear()
+
+    def _all_delivered(self, spool: Spool) -> None:
+        """The journal holds nothing of this engine's any more, and nothing is being written: back
+        to sending from memory (the hand, held meanwhile if the journal broke, goes first)."""
+        self._spooling = False
+        # A tag set again while spooled is one journal row: its earlier values were superseded,
+        # which is as delivered as they can be.
+        self.delivered += self.spilled
+        self.spilled = 0
+        for marker, _ in self._waiters:
+            _resolve(marker)
+        self._waiters.clear()
+        self._signal_hand()
+        self._wake_taker()
+        if self._outage:
+            self._outage = False
+            self._warned.discard("outage")
+            logger.warning(
+                "tracklane: %s answers again; every event kept in the journal is delivered.", spool.api_host
+            )
 
     def _sent_from_journal(self, run_id: str, n: int) -> None:
         self._last_progress = time.monotonic()
@@ -581,10 +615,11 @@ class Engine:
     def stats(self) -> dict[str, float]:
         """Counters of the client's own work, for dashboards and for tests of loss.
 
-        ``enqueued`` counts events accepted into the buffer; each ends ``delivered``, ``spilled``
-        (in the journal, delivered from there later), ``rejected`` (refused by the server, reported)
-        or is still in the buffer (``buffer_depth``) or with the worker (``in_flight_events``).
-        ``dropped`` events were never accepted.
+        ``enqueued`` counts events accepted into the buffer; each ends ``delivered`` (a tag value
+        superseded in the journal by a later one counts as delivered), ``spilled`` (in the journal,
+        delivered from there later), ``rejected`` (refused by the server, reported), or is still in
+        the buffer (``buffer_depth``) or with the worker (``in_flight_events``): so ``enqueued`` equals
+        the sum of those at any quiet moment. ``dropped`` events were never accepted.
         """
         buffered, taken = len(self.buffer), self._taken()
         stamps = [e[4] for b in [*self._inflight.values()] for e in b.metrics[:1]]
@@ -593,7 +628,7 @@ class Engine:
         if head is not None:
             stamps.append(head)
         return {
-            "enqueued": self.delivered + self.spilled + self.rejected_total + buffered + taken,
+            "enqueued": self.buffer.taken + buffered,
             "delivered": self.delivered,
             "spilled": self.spilled,
             "dropped": self.buffer.dropped,
@@ -627,8 +662,8 @@ class Engine:
             tasks.append(self._uploader)
         for task in tasks:
             task.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=2.0)  # a cancelled journal write finishes first
+        if tasks:  # plain waits and local journal writes: they finish at once
+            await asyncio.wait(tasks, timeout=10.0)
         lost = await self._keep_leftovers()
         if self._blocked is None:  # blocked: the error already gave the command
             await self.journal_notice("before exit")
@@ -665,7 +700,7 @@ class Engine:
         kept = False
         if self.spool is not None and not self.spool.broken:
             batches = list(pack(events, time.time_ns()))
-            kept = await self.spool.write(batches, self._reject)
+            kept = await self.spool.write(batches, self._reject) == len(batches)
             if kept:
                 self.spilled += len(events)
         else:

@@ -10,8 +10,9 @@ reply                                                  verdict    what delivery 
 another 4xx (400, 404 ...) with MLflow's JSON error    REFUSED    bisect; deliver the rest; report the
                                                                   refused events (``DeliveryError``)
 408, 429, 5xx, connection error, timeout               RETRY      back off (honouring Retry-After) and
-                                                                  retry; a batch that keeps getting 5xx
-                                                                  while the server answers a probe is
+                                                                  retry; a batch that keeps getting 500
+                                                                  while the server answers a probe at
+                                                                  once, and again when re-sent once, is
                                                                   *poison*: bisect it like REFUSED
 401, 403, or a reply that is not MLflow's JSON         STOP       stop sending; keep every event in the
 (a login page, even with 200)                                     journal; ``AuthenticationError``
@@ -70,8 +71,9 @@ class Reply:
 
     @property
     def server_error(self) -> bool:
-        """A 5xx: counted towards telling a poison batch from an outage."""
-        return self.status >= 500
+        """A 500: counted towards telling a poison batch from an outage. (502, 503 and 504 say the
+        server is unavailable or restarting behind a gateway: an outage, never the payload's fault.)"""
+        return self.status == 500
 
 
 def judge(status: int, raw: bytes) -> Reply:
@@ -162,8 +164,15 @@ class ServerFault(ServerError):
 class BatchTarget(Protocol):
     """What delivering a batch needs from a store."""
 
-    async def log_batch(self, batch: Batch, body: bytes) -> None: ...
-    async def run_is_open(self, run_id: str) -> bool: ...
+    async def log_batch(self, batch: Batch, body: bytes, once: bool = False) -> None:
+        """Send ``body``; with ``once``, a single attempt (ServerFault on a 500, ServerUnavailableError
+        on anything else the rule retries)."""
+        ...
+
+    async def run_is_open(self, run_id: str) -> bool:
+        """The probe: one attempt, no retries. Whether the run exists and can take data; raises
+        ServerUnavailableError when the server does not answer it."""
+        ...
 
 
 async def deliver(batch: Batch, target: BatchTarget, on_sent: OnSent, on_rejected: OnRejected) -> None:
@@ -189,12 +198,20 @@ async def _deliver(
         except AuthenticationError:
             raise
         except ServerFault as exc:
-            # The server answers other requests (the probe) but fails this payload every time.
-            if not await target.run_is_open(batch.run_id):  # raises if the server is really down
+            # Poison, or an outage that answers 500? Ask the server something else, once: a server
+            # that is down fails that too (raised: the caller keeps the batch). One that answers gets
+            # this payload once more, and only a second 500 makes it poison.
+            if not await target.run_is_open(batch.run_id):
                 on_rejected(batch.events(), f"the run is deleted or unknown on the server ({exc})")
                 return
             run_checked = True
-            reason = f"{exc} (every time, while the server answered other requests)"
+            try:
+                await target.log_batch(batch, body, once=True)
+            except ServerFault:
+                reason = f"{exc} (every time, while the server answered other requests)"
+            else:
+                on_sent(len(batch))
+                return
         except ServerError as exc:  # REFUSED
             reason = str(exc)
         else:

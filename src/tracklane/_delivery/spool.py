@@ -106,8 +106,9 @@ class Spool:
             exc,
         )
 
-    async def write(self, batches: list[Batch], on_rejected: OnRejected) -> bool:
-        """Keep ``batches`` in the journal, in order; False if the journal cannot be written.
+    async def write(self, batches: list[Batch], on_rejected: OnRejected) -> int:
+        """Keep ``batches`` in the journal, in order; returns how many were kept (the first ones):
+        fewer than given when the journal cannot be written (then it is ``broken``).
 
         An event the journal cannot store (a value SQLite refuses) is isolated and reported through
         ``on_rejected``; the others are kept. A write that has started finishes even if the caller is
@@ -115,8 +116,9 @@ class Spool:
         """
         journal = await self.open()
         if journal is None:
-            return False
+            return 0
         self.writing += 1
+        kept = 0
         try:
             for batch in batches:
                 write = asyncio.ensure_future(self._write_batch(journal, batch, on_rejected))
@@ -125,13 +127,13 @@ class Spool:
                 except asyncio.CancelledError:
                     await write
                     raise
-            return True
+                kept += 1
         except (OSError, sqlite3.OperationalError) as exc:
             self._break(exc)
-            return False
         finally:
             self.writing -= 1
             self.writes += 1
+        return kept
 
     async def _write_batch(self, journal: Journal, batch: Batch, on_rejected: OnRejected) -> None:
         self.runs.add(batch.run_id)

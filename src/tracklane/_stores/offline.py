@@ -93,7 +93,7 @@ class JournalBackend:
     async def update_run(self, run_id: str, status: str, end_time: int | None) -> None:
         await self.journal.call(self.journal.update_run, run_id, status, end_time)
 
-    async def log_batch(self, batch: Batch, body: bytes) -> None:
+    async def log_batch(self, batch: Batch, body: bytes, once: bool = False) -> None:
         """Store one batch in one transaction; a param that changes value refuses the whole batch
         with the server's 400, so the engine isolates it exactly as it does online, and so does a
         value SQLite will not store."""

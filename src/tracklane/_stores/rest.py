@@ -303,25 +303,30 @@ class RestBackend:
             payload["end_time"] = end_time
         await self.request("POST", "runs/update", payload=payload)
 
-    async def log_batch(self, batch: Batch, body: bytes) -> None:
+    async def log_batch(self, batch: Batch, body: bytes, once: bool = False) -> None:
         """Send one log-batch request (``body``: ``batch`` encoded, already cut to the server's limits).
 
-        Raises ServerFault when the server keeps failing this payload (see ``_delivery.outcome``).
+        Raises ServerFault when the server keeps failing this payload (see ``_delivery.outcome``);
+        ``once``: a single attempt.
         """
-        await self.request("POST", "runs/log-batch", body=body, poison_after=POISON_AFTER)
+        if once:
+            await self.request("POST", "runs/log-batch", body=body, deadline=time.monotonic(), poison_after=1)
+        else:
+            await self.request("POST", "runs/log-batch", body=body, poison_after=POISON_AFTER)
 
     async def run_is_open(self, run_id: str) -> bool:
         """Whether the server has run ``run_id`` and it can take data (not deleted): the outcome
-        rule's probe. Raises ServerUnavailableError when the server does not answer."""
+        rule's probe: one attempt, no retries. Raises ServerUnavailableError when the server does
+        not answer it."""
         try:
-            run = await self.get_run(run_id)
+            reply = await self.request("GET", "runs/get", query={"run_id": run_id}, deadline=time.monotonic())
         except NotFoundError:
             return False
         except ServerError as exc:
             if exc.error_code == "INVALID_PARAMETER_VALUE":  # MLflow's answer for a malformed id
                 return False
             raise
-        return run.info.lifecycle_stage != "deleted"
+        return bool(Run.from_json(reply["run"]).info.lifecycle_stage != "deleted")
 
     async def get_metric_history(self, run_id: str, key: str) -> list[Metric]:
         points: list[Metric] = []
