@@ -1,10 +1,15 @@
-"""``tracklane bench``: tracklane's throughput figures, side by side with MLflow's own client.
+"""``tracklane bench``: how fast tracklane logs to a server, and beside MLflow's own client.
 
-The figures are measured by the scripts in a source checkout's ``benchmarks/`` directory, each in
-a process of its own so that no client's threads or imports colour another's numbers. This module
-starts the MLflow server they share (or uses ``--api-host``), runs them in turn with a bound on
-each, and writes a markdown table and a JSON file holding every figure, the versions and the
-machine. It also holds what the scripts share: the server launchers and the targets.
+Two measurements. The capacity plan (the default) is self-contained, so it runs from an installed
+wheel against the user's own server (``--api-host``): N processes log into one run, side by side
+with the raw ``runs/log-batch`` ceiling of N senders that bypass tracklane, and each rank's cost
+per call. The figures (``--figures``, ``--quick``) are measured by the scripts in a source
+checkout's ``benchmarks/`` directory, each in a process of its own so that no client's threads or
+imports colour another's numbers, with a markdown table and a JSON file holding every figure, the
+versions and the machine.
+
+This module also holds the servers both start and the tests share: ``mlflow server`` on SQLite,
+PostgreSQL and ``mlflow server`` on it with several workers (``--postgres``), and a sink.
 
 Only the console script imports this module; ``import tracklane`` never does.
 """
@@ -12,26 +17,39 @@ Only the console script imports this module; ``import tracklane`` never does.
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import datetime
+import glob
+import http.client
 import importlib.util
 import json
 import os
 import platform
+import queue
+import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
+
+from .._exceptions import ConfigurationError, TrackingError
+from .._settings import EngineConfig, ServerConfig, resolve_server
+from .args import positive_float, positive_int
 
 #: Figure keys in the JSON file, in table order, with the script that measures each.
 FIGURES: dict[str, str] = {
@@ -64,7 +82,7 @@ def wait_for_http(url: str, proc: subprocess.Popen[bytes], timeout: float, log: 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            tail = log.read_text(errors="replace")[-2000:] if log is not None and log.exists() else ""
+            tail = _tail(log) if log is not None else ""
             raise RuntimeError(f"{proc.args!r} exited with {proc.returncode} before answering. {tail}")
         try:
             with urllib.request.urlopen(url, timeout=2) as reply:
@@ -89,17 +107,31 @@ def stop_process(proc: subprocess.Popen[bytes] | None) -> None:
         proc.wait(5)
 
 
-class MlflowServer:
-    """``mlflow server`` on 127.0.0.1 with a fresh SQLite store in ``workdir``."""
+def _tail(path: Path, chars: int = 3000) -> str:
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except OSError:
+        return ""
 
-    def __init__(self, workdir: Path) -> None:
+
+class MlflowServer:
+    """``mlflow server`` on 127.0.0.1 with ``workers`` processes, storing into ``backend_store_uri``
+    (default: a fresh SQLite database in ``workdir``).
+
+    ``start`` may be called again after ``stop``: the same port and database, as after an outage.
+    """
+
+    def __init__(self, workdir: Path, backend_store_uri: str | None = None, workers: int = 1) -> None:
         self.workdir = workdir
+        self.backend_store_uri = backend_store_uri or f"sqlite:///{workdir / 'mlflow.db'}"
+        self.workers = workers
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = workdir / "mlflow-server.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 90.0) -> MlflowServer:
+        """Start the server and wait until ``/health`` answers; raise with its log if it does not."""
         exe = shutil.which("mlflow")
         if exe is None and importlib.util.find_spec("mlflow") is None:
             raise SystemExit(
@@ -110,7 +142,7 @@ class MlflowServer:
         cmd += [
             "server",
             "--backend-store-uri",
-            f"sqlite:///{self.workdir / 'mlflow.db'}",
+            self.backend_store_uri,
             "--default-artifact-root",
             str(self.workdir / "artifacts"),
             "--host",
@@ -118,12 +150,22 @@ class MlflowServer:
             "--port",
             str(self.port),
             "--workers",
-            "1",
+            str(self.workers),
         ]
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env, start_new_session=True)
-        wait_for_http(f"{self.url}/health", self.proc, timeout, self.log)
+        try:
+            wait_for_http(f"{self.url}/health", self.proc, timeout, self.log)
+        except RuntimeError as exc:
+            exited = self.proc.poll() is not None  # then the message already ends with the log
+            self.stop()
+            if exited:
+                raise
+            raise RuntimeError(f"{exc}\n--- {self.log}:\n{_tail(self.log)}") from exc
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def stop(self) -> None:
@@ -197,6 +239,179 @@ def serve_sink(port: int) -> None:
     app.router.add_post(f"{base}/runs/search", empty)
     app.router.add_get("/health", health)
     web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+
+
+# -- PostgreSQL ----------------------------------------------------------------------------------
+
+#: Settings for a throwaway database: no durability, the disk and the shared CPU left to others.
+FAST_SETTINGS = {
+    "fsync": "off",
+    "synchronous_commit": "off",
+    "full_page_writes": "off",
+    "shared_buffers": "64MB",
+    "max_connections": "200",  # MLflow's pool: up to 15 connections per worker process
+}
+
+
+class PostgresNotFound(RuntimeError):
+    """PostgreSQL's server binaries (``initdb``, ``pg_ctl``) are not installed on this machine."""
+
+
+def find_postgres_bin() -> Path | None:
+    """The directory holding ``initdb`` and ``pg_ctl``: Debian's newest version, else ``PATH``."""
+    found: list[tuple[int, Path]] = []
+    for pg_ctl in glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"):
+        bindir = Path(pg_ctl).parent
+        version = re.match(r"\d+", bindir.parent.name)
+        if version and (bindir / "initdb").exists():
+            found.append((int(version.group()), bindir))
+    if found:
+        return max(found)[1]
+    on_path = shutil.which("pg_ctl")
+    if on_path and shutil.which("initdb"):
+        return Path(on_path).parent
+    return None
+
+
+class PostgresServer:
+    """PostgreSQL on 127.0.0.1 at a free port, trust authentication, one database, in a temp dir.
+
+    Debian's ``postgresql`` binaries (``initdb``, ``pg_ctl``) on a data directory of its own in a
+    fresh temporary directory; as root they run as the ``postgres`` user, who owns that directory.
+    ``url`` is the SQLAlchemy URI of the database (``postgresql://USER@127.0.0.1:PORT/DB``, which
+    SQLAlchemy 2 opens with psycopg 3). ``durable=False`` turns fsync off: a test database that a
+    crash may lose. ``stop`` shuts the server down and removes the directory; a process that exits
+    without calling it stops the server at exit.
+    """
+
+    def __init__(self, user: str = "tracklane", database: str = "tracklane", durable: bool = False) -> None:
+        self.user = user
+        self.database = database
+        self.durable = durable
+        self.port = free_port()
+        self.url = f"postgresql://{user}@127.0.0.1:{self.port}/{database}"
+        self.bindir: Path | None = None
+        self.workdir: Path | None = None
+        self._running = False
+
+    @property
+    def log(self) -> Path:
+        """The server's log (``pg_ctl -l``)."""
+        assert self.workdir is not None, "start() first"
+        return self.workdir / "postgres.log"
+
+    @property
+    def datadir(self) -> Path:
+        assert self.workdir is not None, "start() first"
+        return self.workdir / "data"
+
+    def _as_owner(self, argv: Sequence[str]) -> list[str]:
+        # PostgreSQL refuses to run as root: root hands its commands to the package's system user.
+        return ["runuser", "-u", "postgres", "--", *argv] if os.geteuid() == 0 else list(argv)
+
+    def _run(self, argv: Sequence[str], timeout: float) -> None:
+        cmd = self._as_owner(argv)
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=self.workdir)
+        except subprocess.TimeoutExpired as exc:
+            raise RuntimeError(f"{cmd!r} did not finish within {timeout:.0f}s. {_tail(self.log)}") from exc
+        if done.returncode != 0:
+            raise RuntimeError(
+                f"{cmd!r} exited with {done.returncode}: {done.stdout[-1500:]}{done.stderr[-1500:]}"
+                f"\n--- {self.log}:\n{_tail(self.log)}"
+            )
+
+    def start(self, timeout: float = 120.0) -> PostgresServer:
+        """initdb, pg_ctl start (waits until it accepts connections), createdb.
+
+        Raises ``PostgresNotFound`` when the binaries are missing, ``RuntimeError`` (with the
+        server's log) when a step fails or outlasts ``timeout``.
+        """
+        self.bindir = find_postgres_bin()
+        if self.bindir is None:
+            raise PostgresNotFound(
+                "PostgreSQL's initdb/pg_ctl were not found in /usr/lib/postgresql/*/bin or on PATH: "
+                "install Debian's `postgresql` package (`apt-get install -y postgresql`)."
+            )
+        # A fresh directory in the system temp dir, which the postgres user can reach (a test's
+        # or a user's own temp dir may be root's alone, mode 0700).
+        self.workdir = Path(tempfile.mkdtemp(prefix="tracklane-pg-"))
+        if os.geteuid() == 0:
+            import pwd  # POSIX only, as is running PostgreSQL as its own user
+
+            try:
+                owner = pwd.getpwnam("postgres")
+            except KeyError:
+                self.stop()
+                raise RuntimeError("running as root needs the `postgres` user the package creates") from None
+            os.chown(self.workdir, owner.pw_uid, owner.pw_gid)
+        try:
+            initdb = [str(self.bindir / "initdb"), "-D", str(self.datadir), "--username", self.user]
+            self._run([*initdb, "--auth", "trust", "--encoding", "UTF8", "--no-locale"], timeout)
+            settings = {
+                "listen_addresses": "'127.0.0.1'",
+                "port": str(self.port),
+                "unix_socket_directories": f"'{self.workdir}'",
+                **({} if self.durable else FAST_SETTINGS),
+            }
+            with open(self.datadir / "postgresql.conf", "a") as conf:
+                conf.write("\n# tracklane\n")
+                conf.writelines(f"{name} = {value}\n" for name, value in settings.items())
+            self._running = True
+            atexit.register(self.stop)
+            pg_ctl = [str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-l", str(self.log)]
+            self._run([*pg_ctl, "-w", "-t", str(int(timeout)), "start"], timeout + 10)
+            address = ["-h", "127.0.0.1", "-p", str(self.port), "-U", self.user]
+            self._run([str(self.bindir / "createdb"), *address, self.database], 60)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Fast shutdown (bounded), then remove the directory. Safe to call twice."""
+        atexit.unregister(self.stop)
+        if self._running and self.bindir is not None:
+            self._running = False
+            pg_ctl = [str(self.bindir / "pg_ctl"), "-D", str(self.datadir)]
+            try:
+                subprocess.run(
+                    self._as_owner([*pg_ctl, "-m", "fast", "-w", "-t", "30", "stop"]),
+                    capture_output=True,
+                    timeout=40,
+                    cwd=self.workdir,
+                )
+            except subprocess.TimeoutExpired:
+                self._kill_postmaster()
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
+
+    def _kill_postmaster(self) -> None:
+        # The first line of postmaster.pid is the postmaster's pid; SIGKILL ends its children too.
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            pid = int((self.datadir / "postmaster.pid").read_text().split()[0])
+            os.kill(pid, signal.SIGKILL)
+
+
+class PgMlflowServer(MlflowServer):
+    """``mlflow server`` on 127.0.0.1 storing into ``backend_store_uri`` with ``workers`` processes.
+
+    Same ``url``/``log``/``stop`` as ``MlflowServer``. The first start on a fresh database runs
+    MLflow's migrations, which take a few seconds.
+    """
+
+    def __init__(self, workdir: Path, backend_store_uri: str, workers: int = 2) -> None:
+        super().__init__(workdir, backend_store_uri, workers)
+
+    def start(self, timeout: float = 180.0) -> PgMlflowServer:
+        if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is None:
+            raise RuntimeError(
+                "mlflow server opens postgresql:// with SQLAlchemy's psycopg driver, which is not "
+                "installed here: `pip install 'psycopg[binary]'`."
+            )
+        super().start(timeout)
+        return self
 
 
 # -- targets -------------------------------------------------------------------------------------
@@ -444,34 +659,671 @@ def versions() -> dict[str, str | None]:
     return found
 
 
+# -- capacity plan -------------------------------------------------------------------------------
+
+#: Metric points each process logs, and the process counts measured, unless told otherwise.
+CAPACITY_EVENTS = 50_000
+CAPACITY_PROCESSES = "1,2,4"
+#: Metrics per pre-encoded request of the ceiling: the most ``runs/log-batch`` takes
+#: (``MAX_METRICS_PER_BATCH``, mlflow/utils/validation.py), as many as tracklane's own batches hold.
+CEILING_BATCH = 1000
+#: Requests each ceiling process keeps in flight: as many as tracklane's worker keeps at most, so
+#: that the ceiling asks the server as much at once as tracklane may.
+CEILING_IN_FLIGHT = EngineConfig().max_in_flight
+#: log_metric calls timed together: reading the clock around each call would cost more than the call.
+CALL_GROUP = 100
+#: tracklane's aggregate events/s, as a share of the ceiling's, that the capacity plan aims for.
+CEILING_GOAL = 0.9
+#: Longest a process may take to start, import tracklane and reach its run (seconds).
+STARTUP_TIMEOUT = 120.0
+DEFAULT_EXPERIMENT = "tracklane-bench-capacity"
+
+
+def process_counts(text: str) -> list[int]:
+    """``--processes``: comma-separated whole numbers greater than zero (``1,2,4``), each once."""
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError(f"{text!r} names no process count; give e.g. 1,2,4")
+    return list(dict.fromkeys(positive_int(part) for part in parts))
+
+
+def rest_target(server: ServerConfig, workspace_id: str | None) -> tuple[str, dict[str, str]]:
+    """The REST root and the headers of a plain MLflow REST call to ``server``, without tracklane.
+
+    The same headers tracklane's REST store sends: the ceiling must ask what tracklane asks.
+    """
+    headers = {"Content-Type": "application/json"}
+    if server.api_key is not None:
+        headers["Authorization"] = f"Bearer {server.api_key.reveal()}"
+    if server.workload_id:
+        headers["OIP-Workload-Id"] = server.workload_id
+    return server.rest_base(workspace_id), headers
+
+
+@dataclass
+class Phase:
+    """One measurement: ``processes`` processes of one kind (tracklane or ceiling) into one run."""
+
+    kind: str
+    processes: int
+    run_id: str | None = None
+    events_per_s: float | None = None
+    ranks: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None
+
+
+class _Rank:
+    """One process of a measurement, driven over its stdin and stdout, one JSON object a line.
+
+    It runs ``capacity_worker`` of the installed package (``python -c``), so nothing of a source
+    checkout is needed. Its stderr goes to ``log``, quoted when it fails.
+    """
+
+    def __init__(self, rank: int, spec: Mapping[str, Any], env: Mapping[str, str], workdir: Path) -> None:
+        self.rank = rank
+        self.log = workdir / f"{spec['mode']}-n{spec['world']}-rank{rank}.log"
+        code = "import tracklane._cli.bench as bench; bench.capacity_worker()"
+        with open(self.log, "ab") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", code],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                env=dict(env),
+                cwd=workdir,
+                start_new_session=True,
+            )
+        self._lines: queue.Queue[bytes] = queue.Queue()
+        threading.Thread(target=self._read, name=f"bench-rank-{rank}", daemon=True).start()
+        self.send(spec)
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._lines.put(line)
+        self._lines.put(b"")  # its output ended: it exited
+
+    def send(self, message: Mapping[str, Any]) -> None:
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(json.dumps(message).encode() + b"\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, ValueError):
+            raise RuntimeError(self._gone()) from None
+
+    def receive(self, deadline: float) -> dict[str, Any]:
+        """Its next answer; raise with its log if it exits, reports an error or misses ``deadline``."""
+        try:
+            line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            raise RuntimeError(
+                f"rank {self.rank} gave no answer in time. Its log:\n{_tail(self.log)}"
+            ) from None
+        if not line:
+            raise RuntimeError(self._gone())
+        message: dict[str, Any] = json.loads(line)
+        if "error" in message:
+            raise RuntimeError(f"rank {self.rank}: {message['error']}\nIts log:\n{_tail(self.log)}")
+        return message
+
+    def _gone(self) -> str:
+        try:
+            code: int | str = self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            code = "nothing (still running)"
+        return f"rank {self.rank} exited with {code}. Its log:\n{_tail(self.log)}"
+
+    def stop(self, timeout: float) -> None:
+        """Close its stdin (a rank still waiting to start leaves), wait, then end its group."""
+        with contextlib.suppress(OSError, ValueError):
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            stop_process(self.proc)
+
+
+class CapacityPlan:
+    """For each N: tracklane's aggregate events/s with N processes logging into one run, beside
+    the raw ``runs/log-batch`` ceiling of N processes posting the same points without tracklane.
+
+    Each process logs ``events`` points of a key of its own (``rank<r>/loss``): rank 0 creates the
+    run, the others attach to it by id. tracklane's clock runs from the first process's first
+    call until the last process's ``close()`` returned, when the server holds everything.
+    """
+
+    def __init__(
+        self,
+        server: ServerConfig,
+        *,
+        workspace_id: str | None,
+        experiment: str,
+        events: int,
+        timeout: float,
+        workdir: Path,
+    ) -> None:
+        self.server = server
+        self.workspace_id = workspace_id
+        self.experiment = experiment
+        self.events = events
+        self.timeout = timeout
+        self.workdir = workdir
+        self.base, self.headers = rest_target(server, workspace_id)
+        self.tag = uuid.uuid4().hex[:6]
+        # The processes read the key where tracklane reads it; it never goes on a command line.
+        self.env = {k: v for k, v in os.environ.items() if k != "OIP_WORKLOAD_ACCESS_KEY"}
+        if server.api_key is not None:
+            self.env["OIP_WORKLOAD_ACCESS_KEY"] = server.api_key.reveal()
+
+    def run(self, counts: Sequence[int], repeats: int) -> list[dict[str, Any]]:
+        """Measure every N of ``counts``, ``repeats`` times in turn; a row per N."""
+        experiment_id = self._experiment()
+        phases: dict[int, list[Phase]] = {n: [] for n in counts}
+        for repeat in range(repeats):
+            for n in counts:
+                suffix = f"n{n}-{self.tag}" + (f"-{repeat + 1}" if repeats > 1 else "")
+                phases[n].append(self._phase("tracklane", n, None, f"tracklane-{suffix}"))
+                phases[n].append(self._ceiling(n, experiment_id, f"ceiling-{suffix}"))
+        return [capacity_row(n, found, self.events) for n, found in phases.items()]
+
+    def _experiment(self) -> str:
+        """The experiment's id, created through tracklane (on OICM, in the workspace) if new."""
+        from tracklane import TrackingClient
+
+        key = self.server.api_key.reveal() if self.server.api_key is not None else ""
+        storage = self.workdir / "journal-setup"
+        with TrackingClient(
+            api_host=self.server.api_host, api_key=key, offline_mode=False, path_to_storage=str(storage)
+        ) as tc:
+            try:
+                return tc.set_experiment(self.experiment, self.workspace_id).experiment_id
+            except TrackingError as exc:
+                raise SystemExit(f"tracklane bench: {exc}") from None
+
+    def _ceiling(self, n: int, experiment_id: str, run_name: str) -> Phase:
+        try:
+            created = self._rest(
+                "runs/create",
+                {"experiment_id": experiment_id, "run_name": run_name, "start_time": time.time_ns() // 10**6},
+            )
+        except RuntimeError as exc:
+            return Phase("ceiling", n, error=str(exc))
+        run_id = str(created["run"]["info"]["run_id"])
+        phase = self._phase("ceiling", n, run_id, run_name)
+        with contextlib.suppress(RuntimeError):
+            self._rest(
+                "runs/update", {"run_id": run_id, "status": "FINISHED", "end_time": time.time_ns() // 10**6}
+            )
+        return phase
+
+    def _phase(self, kind: str, n: int, run_id: str | None, run_name: str) -> Phase:
+        print(f"  N={n} {kind} ...", end="", flush=True)
+        phase = Phase(kind, n, run_id)
+        ranks: list[_Rank] = []
+        try:
+            ranks.append(self._start(kind, 0, n, run_id, run_name))
+            phase.run_id = str(ranks[0].receive(time.monotonic() + STARTUP_TIMEOUT)["run_id"])
+            for r in range(1, n):  # one at a time: a failed start leaves the others in `ranks`
+                ranks.append(self._start(kind, r, n, phase.run_id, run_name))
+            deadline = time.monotonic() + STARTUP_TIMEOUT
+            for rank in ranks[1:]:
+                rank.receive(deadline)
+            for rank in ranks:  # all ready: start them as close together as a loop can
+                rank.send({"go": True})
+            deadline = time.monotonic() + self.timeout
+            phase.ranks = [rank.receive(deadline) for rank in ranks]
+        except RuntimeError as exc:
+            phase.error = str(exc)
+        finally:
+            for rank in ranks:
+                rank.stop(30.0)
+        if phase.error is None:
+            elapsed = max(r["ended"] for r in phase.ranks) - min(r["began"] for r in phase.ranks)
+            phase.events_per_s = n * self.events / elapsed
+            print(f" {_fmt(phase.events_per_s)} events/s", flush=True)
+        else:
+            print(f" FAILED: {phase.error.splitlines()[0]}", flush=True)
+        return phase
+
+    def _start(self, kind: str, rank: int, n: int, run_id: str | None, run_name: str) -> _Rank:
+        storage = self.workdir / f"journal-{kind}-n{n}-{self.tag}-rank{rank}"
+        storage.mkdir(parents=True, exist_ok=True)
+        spec = {
+            "mode": kind,
+            "rank": rank,
+            "world": n,
+            "url": self.server.api_host,
+            "workspace_id": self.workspace_id,
+            "experiment": self.experiment,
+            "run_id": run_id,
+            "run_name": run_name,
+            "events": self.events,
+            "in_flight": CEILING_IN_FLIGHT,
+            "timeout": self.timeout,
+            "storage": str(storage),
+        }
+        return _Rank(rank, spec, self.env, self.workdir)
+
+    def _rest(self, endpoint: str, payload: Mapping[str, Any]) -> dict[str, Any]:
+        request = urllib.request.Request(
+            f"{self.base}/{endpoint}", data=json.dumps(payload).encode(), headers=self.headers, method="POST"
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=60) as reply:
+                body = reply.read()
+        except urllib.error.HTTPError as exc:
+            raise RuntimeError(f"{endpoint}: HTTP {exc.code}: {exc.read()[:300]!r}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise RuntimeError(f"{endpoint}: {exc}") from None
+        found: dict[str, Any] = json.loads(body or b"{}")
+        return found
+
+
+def capacity_row(n: int, phases: Sequence[Phase], events: int) -> dict[str, Any]:
+    """One row of the table: medians over repeats, each rank's caller cost, what went wrong."""
+    tracklane = [p for p in phases if p.kind == "tracklane"]
+    ceiling = [p for p in phases if p.kind == "ceiling"]
+    tl_rates = [p.events_per_s for p in tracklane if p.events_per_s is not None]
+    ce_rates = [p.events_per_s for p in ceiling if p.events_per_s is not None]
+    row: dict[str, Any] = {
+        "processes": n,
+        "events_per_process": events,
+        "tracklane_events_per_s": statistics.median(tl_rates) if tl_rates else None,
+        "ceiling_events_per_s": statistics.median(ce_rates) if ce_rates else None,
+        "ratio": None,
+        "goal_met": None,
+        "caller_us_per_rank": [],
+        "runs": {"tracklane": [p.run_id for p in tracklane], "ceiling": [p.run_id for p in ceiling]},
+        "errors": [f"{p.kind}: {p.error}" for p in phases if p.error],
+        "notes": [],
+        "measurements": [
+            {"kind": p.kind, "run_id": p.run_id, "events_per_s": p.events_per_s, "ranks": p.ranks}
+            for p in phases
+        ],
+    }
+    if row["tracklane_events_per_s"] and row["ceiling_events_per_s"]:
+        row["ratio"] = row["tracklane_events_per_s"] / row["ceiling_events_per_s"]
+        row["goal_met"] = row["ratio"] >= CEILING_GOAL
+    per_rank: dict[int, list[float]] = {}
+    for phase in tracklane:
+        for rank, result in enumerate(phase.ranks):
+            per_rank.setdefault(rank, []).append(float(result["call_us"]))
+            stats = result.get("stats") or {}
+            trouble = {k: stats.get(k, 0) for k in ("spilled", "dropped", "rejected") if stats.get(k)}
+            if result.get("lost"):
+                trouble["kept nowhere at close"] = result["lost"]
+            if trouble:
+                said = ", ".join(f"{k} {v:,.0f}" for k, v in trouble.items())
+                row["notes"].append(f"N={n} rank {rank} ({phase.run_id}): {said}")
+    row["caller_us_per_rank"] = [statistics.median(per_rank[r]) for r in sorted(per_rank)]
+    return row
+
+
+def capacity_table(report: Mapping[str, Any]) -> str:
+    """The capacity plan as a markdown table, then how it was measured and on what."""
+    goal = f"{CEILING_GOAL:.0%}"
+    lines = [
+        f"| N | tracklane events/s | ceiling events/s | tracklane / ceiling (goal >= {goal}) "
+        "| caller us per log_metric, median rank (slowest) |",
+        "|---:|---:|---:|---|---:|",
+    ]
+    errors: list[str] = []
+    notes: list[str] = []
+    runs: list[str] = []
+    for row in report["rows"]:
+        n = row["processes"]
+        tl, ce, ratio = row["tracklane_events_per_s"], row["ceiling_events_per_s"], row["ratio"]
+        calls = row["caller_us_per_rank"]
+        verdict = "" if ratio is None else f"{ratio:.0%} ({'met' if row['goal_met'] else 'MISSED'})"
+        caller = f"{statistics.median(calls):.2f} ({max(calls):.2f})" if calls else ""
+        rates = [_fmt(rate) if rate else "failed" for rate in (tl, ce)]
+        lines.append(f"| {n} | {rates[0]} | {rates[1]} | {verdict} | {caller} |")
+        errors += [f"N={n} {error.splitlines()[0]}" for error in row["errors"]]
+        notes += row["notes"]
+        ids = ", ".join(f"{kind} {' '.join(str(i) for i in found)}" for kind, found in row["runs"].items())
+        runs.append(f"N={n}: {ids}")
+    server = report["server"]
+    machine = report["machine"]
+    versions = report["versions"]
+    events = f"{report['events_per_process']:,}"
+    foot = [
+        "",
+        f"Each of N processes logs {events} points of a key of its own (`rank<r>/loss`, one "
+        "`log_metric` a point) into one run: rank 0 creates it, the others attach with "
+        "`start_run(run_id=...)`. tracklane events/s: N x points over the time from the first "
+        "process's first call to the last process's `close()` returning (everything on the server). "
+        f"Ceiling: N processes post the same points, pre-encoded as {CEILING_BATCH:,}-metric "
+        "`runs/log-batch` bodies before the clock starts, straight to the server (http.client, no "
+        f"tracklane), into one run, each with {CEILING_IN_FLIGHT} requests in flight as tracklane's worker "
+        "keeps at most. Caller cost: each rank's median time per "
+        f"call over groups of {CALL_GROUP} back-to-back `log_metric` calls while its worker delivers.",
+        "",
+        f"`{report['command']}`: server {server['url']} ({server['backend']}; MLflow "
+        f"{server.get('version')}), {machine['cpu_count']} x {machine['cpu_model']}, "
+        f"{machine['ram_gib']} GiB RAM, Python {machine['python']}, tracklane {versions.get('tracklane')}; "
+        f"{report['repeats']} measurement(s) per N (medians), {report.get('duration_s', 0):.0f}s. The "
+        "server, the database and every process share this machine's cores: on a small or busy machine "
+        "compare the ratios of one run, not absolute figures across runs.",
+        "",
+        f"Runs in experiment {report['experiment']!r}: " + "; ".join(runs) + ".",
+    ]
+    if notes:
+        foot += ["", "Notes:", *[f"- {line}" for line in notes]]
+    if errors:
+        foot += ["", "Failed:", *[f"- {line}" for line in errors]]
+    return "\n".join(lines + foot)
+
+
+def capacity_worker() -> None:
+    """One process of the capacity plan, driven by the ``tracklane bench`` process that started it.
+
+    Reads its orders on stdin (a JSON spec, then ``{"go": true}``) and answers on stdout, one JSON
+    object a line: ready (with the run id), then its figures, or ``{"error": ...}``.
+    """
+    answers = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # anything else printed goes to the log, not among the answers
+
+    def send(message: Mapping[str, Any]) -> None:
+        answers.write(json.dumps(message) + "\n")
+        answers.flush()
+
+    def go() -> bool:
+        line = sys.stdin.readline()  # the parent closing stdin instead: give up
+        return bool(line.strip()) and bool(json.loads(line).get("go"))
+
+    spec = json.loads(sys.stdin.readline() or "{}")
+    measure = _ceiling_rank if spec.get("mode") == "ceiling" else _tracklane_rank
+    try:
+        measure(spec, send, go)
+    except Exception as exc:  # the parent quotes it, with this process's log
+        send({"error": f"{type(exc).__name__}: {exc}"})
+        sys.exit(1)
+
+
+def _tracklane_rank(
+    spec: Mapping[str, Any], send: Callable[[Mapping[str, Any]], None], go: Callable[[], bool]
+) -> None:
+    from tracklane import TrackingClient
+
+    events = int(spec["events"])
+    tc = TrackingClient(
+        api_host=spec["url"], offline_mode=False, path_to_storage=spec["storage"], exit_timeout=5.0
+    )
+    tc.set_experiment(spec["experiment"], spec["workspace_id"])
+    if spec["run_id"] is None:
+        run = tc.start_run(run_name=spec["run_name"], log_system_metrics=False)
+    else:
+        run = tc.start_run(run_id=spec["run_id"], log_system_metrics=False)
+    send({"run_id": run.info.run_id})
+    if not go():
+        tc.close(timeout=5.0)
+        return
+    key = f"rank{spec['rank']}/loss"
+    log_metric = tc.log_metric
+    clock = time.perf_counter
+    per_call: list[float] = []
+    began = time.monotonic()  # system-wide: comparable with the other ranks' clocks
+    for first in range(0, events, CALL_GROUP):
+        last = min(first + CALL_GROUP, events)
+        t0 = clock()
+        for step in range(first, last):
+            log_metric(key, step * 0.001, step)
+        per_call.append((clock() - t0) / (last - first))
+    logged = time.monotonic()
+    lost = tc.close(timeout=float(spec["timeout"]))
+    ended = time.monotonic()
+    send(
+        {
+            "began": began,
+            "logged": logged,
+            "ended": ended,
+            "call_us": statistics.median(per_call) * 1e6,
+            "lost": lost,
+            "stats": tc.stats(),
+        }
+    )
+
+
+def _ceiling_rank(
+    spec: Mapping[str, Any], send: Callable[[Mapping[str, Any]], None], go: Callable[[], bool]
+) -> None:
+    server = resolve_server(spec["url"], None)  # the key, as tracklane reads it, from the environment
+    assert server is not None
+    base, headers = rest_target(server, spec["workspace_id"])
+    root = urlsplit(base)
+    events, key, now = int(spec["events"]), f"rank{spec['rank']}/loss", time.time_ns() // 10**6
+    bodies = [
+        json.dumps(
+            {
+                "run_id": spec["run_id"],
+                "metrics": [
+                    {"key": key, "value": step * 0.001, "timestamp": now, "step": step}
+                    for step in range(first, min(first + CEILING_BATCH, events))
+                ],
+            }
+        ).encode()
+        for first in range(0, events, CEILING_BATCH)
+    ]
+    kind = http.client.HTTPSConnection if root.scheme == "https" else http.client.HTTPConnection
+    path, pending, lock = f"{root.path}/runs/log-batch", iter(bodies), threading.Lock()
+    failures: list[Exception] = []
+
+    def sender() -> None:  # one connection each; http.client lets go of the GIL while it waits
+        connection = kind(root.netloc, timeout=float(spec["timeout"]))
+        try:
+            while not failures:
+                with lock:
+                    body = next(pending, None)
+                if body is None:
+                    return
+                _post(connection, path, body, headers)
+        except Exception as exc:
+            failures.append(exc)
+        finally:
+            connection.close()
+
+    senders = [threading.Thread(target=sender) for _ in range(int(spec["in_flight"]))]
+    send({"run_id": spec["run_id"]})
+    if not go():
+        return
+    began = time.monotonic()
+    for thread in senders:
+        thread.start()
+    for thread in senders:
+        thread.join()
+    ended = time.monotonic()
+    if failures:
+        raise failures[0]
+    send({"began": began, "ended": ended})
+
+
+def _post(connection: http.client.HTTPConnection, path: str, body: bytes, headers: Mapping[str, str]) -> None:
+    """POST on a kept-alive connection; once more on a new one if the server had closed it idle."""
+    for attempt in (1, 2):
+        try:
+            connection.request("POST", path, body=body, headers=dict(headers))
+            reply = connection.getresponse()
+            answer = reply.read()
+        except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+            connection.close()
+            if attempt == 2:
+                raise
+            continue
+        if reply.status != 200:
+            raise RuntimeError(f"runs/log-batch answered HTTP {reply.status}: {answer[:300]!r}")
+        return
+
+
 # -- the command ---------------------------------------------------------------------------------
 
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "bench",
-        help="measure tracklane's throughput next to MLflow's client and print a table",
+        help="measure how fast tracklane logs to a server (a capacity plan), or the figures of benchmarks/",
         description=(
-            "Run the figures of benchmarks/ against a real MLflow server on 127.0.0.1 (started "
-            "here unless --api-host is given); print a markdown table and write a JSON file."
+            "Capacity plan (default): N processes log into one run on the server (--api-host, else "
+            "one started here on 127.0.0.1: SQLite, or PostgreSQL with --postgres), side by side with "
+            "the raw log-batch ceiling of N senders without tracklane; prints a markdown table. "
+            "--figures (or --quick): the figures of a source checkout's benchmarks/ next to MLflow's "
+            "client, a table and a JSON file."
         ),
     )
-    parser.add_argument("--quick", action="store_true", help="smaller counts; finishes in under a minute")
-    parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--api-host", help="use this MLflow server instead of starting one")
-    parser.add_argument(
-        "--out", type=Path, default=Path("bench-results/bench.json"), help="where to write the JSON file"
+    server = parser.add_argument_group("server")
+    server.add_argument("--api-host", help="measure against this server instead of starting one")
+    server.add_argument(
+        "--api-key", help="its API key (default: $OIP_WORKLOAD_ACCESS_KEY); never printed or written"
     )
-    parser.add_argument("--benchmarks", type=Path, help="the benchmarks/ directory (default: found)")
-    parser.add_argument(
+    server.add_argument("--workspace-id", help="the OICM workspace to log into (OICM hosts only)")
+    server.add_argument(
+        "--postgres",
+        action="store_true",
+        help="start PostgreSQL and `mlflow server` on it here (needs Debian's postgresql and mlflow)",
+    )
+    server.add_argument(
+        "--server-workers",
+        type=positive_int,
+        default=2,
+        help="worker processes of the `mlflow server` started with --postgres (default: 2)",
+    )
+    plan = parser.add_argument_group("capacity plan")
+    plan.add_argument(
+        "--processes",
+        type=process_counts,
+        default=CAPACITY_PROCESSES,
+        help=f"process counts to measure, comma-separated (default: {CAPACITY_PROCESSES})",
+    )
+    plan.add_argument(
+        "--events",
+        type=positive_int,
+        default=CAPACITY_EVENTS,
+        help=f"metric points each process logs (default: {CAPACITY_EVENTS:,})",
+    )
+    plan.add_argument(
+        "--repeats", type=positive_int, default=1, help="measurements per N; the table shows medians"
+    )
+    plan.add_argument(
+        "--timeout",
+        type=positive_float,
+        default=600.0,
+        help="longest one measurement may take, in seconds (default: 600)",
+    )
+    plan.add_argument(
+        "--experiment",
+        default=DEFAULT_EXPERIMENT,
+        help=f"experiment that holds the runs measured (default: {DEFAULT_EXPERIMENT})",
+    )
+    figures = parser.add_argument_group("figures (a source checkout's benchmarks/)")
+    figures.add_argument(
+        "--figures", action="store_true", help="run the figures instead of the capacity plan"
+    )
+    figures.add_argument("--quick", action="store_true", help="the figures, smaller counts: under a minute")
+    figures.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
+    figures.add_argument("--benchmarks", type=Path, help="the benchmarks/ directory (default: found)")
+    figures.add_argument(
         "--readme",
         type=Path,
         help="also write the table between the <!-- bench:start/end --> markers of this file",
     )
-    parser.add_argument(
+    figures.add_argument(
         "--only", help="comma-separated figure numbers to run (e.g. 1,4); default: all", default=""
     )
-    parser.set_defaults(run=run)
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="write the JSON report here (figures: default bench-results/bench.json; capacity plan: none)",
+    )
+    parser.set_defaults(run=run, _parser=parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.api_host and args.postgres:
+        args._parser.error("--api-host and --postgres exclude each other: measure one server")
+    if args.figures or args.quick or args.smoke or args.only or args.benchmarks or args.readme:
+        if args.api_key or args.workspace_id:
+            args._parser.error("--api-key and --workspace-id apply to the capacity plan, not to --figures")
+        return run_figures(args)
+    return run_capacity(args)
+
+
+def run_capacity(args: argparse.Namespace) -> int:
+    """The capacity plan against ``--api-host`` (or a server started here); the table on stdout."""
+    started = time.monotonic()
+    report: dict[str, Any] = {
+        "command": _command_line(args),
+        "started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "versions": versions(),
+        "events_per_process": args.events,
+        "repeats": args.repeats,
+        "experiment": args.experiment,
+    }
+    with tempfile.TemporaryDirectory(prefix="tracklane-bench-") as tmp, _server(args, Path(tmp)) as found:
+        url, backend = found
+        try:
+            # An explicit --api-key, else $OIP_WORKLOAD_ACCESS_KEY, read the way the client reads it;
+            # a server started here needs none.
+            server = resolve_server(url, args.api_key if args.api_host else "")
+        except ConfigurationError as exc:
+            raise SystemExit(f"tracklane bench: {exc}") from None
+        assert server is not None
+        report["server"] = {
+            "url": _shown(server.api_host),
+            "backend": backend,
+            "started_by_bench": args.api_host is None,
+            "version": _server_version(url),
+        }
+        print(
+            f"tracklane bench: capacity plan against {report['server']['url']} ({backend}), "
+            f"N = {', '.join(map(str, args.processes))}, {args.events:,} points per process",
+            flush=True,
+        )
+        plan = CapacityPlan(
+            server,
+            workspace_id=args.workspace_id,
+            experiment=args.experiment,
+            events=args.events,
+            timeout=args.timeout,
+            workdir=Path(tmp),
+        )
+        report["rows"] = plan.run(args.processes, args.repeats)
+    report["duration_s"] = round(time.monotonic() - started, 1)
+    report["table"] = table = capacity_table(report)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print()
+    print(table)
+    if args.out is not None:
+        print(f"\nWrote {args.out}.")
+    return 1 if any(row["errors"] for row in report["rows"]) else 0
+
+
+def _command_line(args: argparse.Namespace) -> str:
+    """The command as run, for the report: every option but the key, and no host's credentials."""
+    parts = ["tracklane bench"]
+    if args.api_host:
+        parts.append(f"--api-host {_shown(args.api_host)}")
+    if args.workspace_id:
+        parts.append(f"--workspace-id {args.workspace_id}")
+    if args.postgres:
+        parts.append(
+            "--postgres" + (f" --server-workers {args.server_workers}" if args.server_workers != 2 else "")
+        )
+    parts.append(f"--processes {','.join(map(str, args.processes))}")
+    if args.events != CAPACITY_EVENTS:
+        parts.append(f"--events {args.events}")
+    if args.repeats != 1:
+        parts.append(f"--repeats {args.repeats}")
+    return " ".join(parts)
+
+
+def _shown(url: str) -> str:
+    """``url`` without any user:password part, fit to print."""
+    parts = urlsplit(url)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return parts._replace(netloc=host).geturl().rstrip("/")
 
 
 def find_benchmarks(given: Path | None) -> Path:
@@ -488,21 +1340,23 @@ def find_benchmarks(given: Path | None) -> Path:
         if path is not None and (path / "_common.py").is_file():
             return path
     raise SystemExit(
-        "tracklane bench: no benchmarks/ directory found (looked in "
+        "tracklane bench --figures: no benchmarks/ directory found (looked in "
         f"{', '.join(str(p) for p in candidates)}). The figures live in a source checkout of "
-        "tracklane: run from one, or pass --benchmarks DIR."
+        "tracklane: run from one, or pass --benchmarks DIR. Without --figures, tracklane bench "
+        "measures the capacity plan, which needs no checkout."
     )
 
 
-def run(args: argparse.Namespace) -> int:
+def run_figures(args: argparse.Namespace) -> int:
+    """The figures of ``benchmarks/``: a table on stdout and every figure in a JSON file."""
     scale = "smoke" if args.smoke else "quick" if args.quick else "full"
     bench_dir = find_benchmarks(args.benchmarks)
+    out: Path = args.out if args.out is not None else Path("bench-results/bench.json")
     wanted = {part.strip() for part in args.only.split(",") if part.strip()}
     figures = {k: v for k, v in FIGURES.items() if not wanted or k.split("_", 1)[0] in wanted}
     started = time.monotonic()
     report: dict[str, Any] = {
-        "command": "tracklane bench"
-        + "".join(f" {flag}" for flag, on in (("--quick", args.quick), ("--smoke", args.smoke)) if on),
+        "command": f"tracklane bench --{'figures' if scale == 'full' else scale}",
         "scale": scale,
         "started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(),
@@ -510,12 +1364,11 @@ def run(args: argparse.Namespace) -> int:
         "figures": {},
         "failures": {},
     }
-    with (
-        tempfile.TemporaryDirectory(prefix="tracklane-bench-") as tmp,
-        _server(args.api_host, Path(tmp)) as url,
-    ):
+    with tempfile.TemporaryDirectory(prefix="tracklane-bench-") as tmp, _server(args, Path(tmp)) as found:
+        url, backend = found
         report["server"] = {
             "url": url,
+            "backend": backend,
             "started_by_bench": args.api_host is None,
             "version": _server_version(url),
         }
@@ -531,11 +1384,11 @@ def run(args: argparse.Namespace) -> int:
     report["ratios"] = ratios(report["figures"])
     report["duration_s"] = round(time.monotonic() - started, 1)
     report["table"] = table = markdown_table(report)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")  # first: the table below may be cut short
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")  # first: the table below may be cut short
     print()
     print(table)
-    print(f"\nWrote {args.out} ({report['duration_s']:.0f}s).")
+    print(f"\nWrote {out} ({report['duration_s']:.0f}s).")
     if args.readme is not None:
         update_readme(args.readme, report)
         print(f"Updated the table in {args.readme}.")
@@ -543,17 +1396,33 @@ def run(args: argparse.Namespace) -> int:
 
 
 @contextlib.contextmanager
-def _server(api_host: str | None, tmp: Path) -> Iterator[str]:
-    if api_host:
-        yield api_host.rstrip("/")
+def _server(args: argparse.Namespace, tmp: Path) -> Iterator[tuple[str, str]]:
+    """The server to measure and what it is: ``--api-host``, else one started here (and stopped)."""
+    if args.api_host:
+        yield args.api_host.rstrip("/"), "given"
         return
     workdir = tmp / "mlflow"
     workdir.mkdir()
-    server = MlflowServer(workdir).start()
+    if not args.postgres:
+        server = MlflowServer(workdir).start()
+        try:
+            yield server.url, "MLflow on SQLite, 1 worker, started here"
+        finally:
+            server.stop()
+        return
+    print("starting PostgreSQL and mlflow server on it ...", flush=True)
+    database = PostgresServer()
     try:
-        yield server.url
+        database.start()
+        pg_server = PgMlflowServer(workdir, database.url, workers=args.server_workers).start()
+    except (PostgresNotFound, RuntimeError) as exc:
+        database.stop()
+        raise SystemExit(f"tracklane bench --postgres: {exc}") from None
+    try:
+        yield pg_server.url, f"MLflow on PostgreSQL, {args.server_workers} workers, started here"
     finally:
-        server.stop()
+        pg_server.stop()
+        database.stop()
 
 
 def _server_version(url: str) -> str | None:

@@ -264,7 +264,7 @@ class Buffer:
                 else ""
             )
             logger.error(
-                "tracklane: buffer full (%d events) and overflow=%r: dropping events of run %s%s. "
+                "tracklane: the buffer is full (%d events) and overflow=%r: dropping events of run %s%s. "
                 "stats()['dropped'] counts them. %s",
                 self._max,
                 self.config.overflow,
