@@ -28,6 +28,11 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         "TRACKLANE_OVERFLOW",
         "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING",
         "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL",
+        "MLFLOW_SYSTEM_METRICS_NODE_ID",
+        "MLFLOW_RUN_ID",
+        "RANK",
+        "LOCAL_RANK",
+        "WORLD_SIZE",
     ):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(tmp_path)

@@ -9,6 +9,7 @@ variable tracklane reads is named in ``ENV`` below, and every boolean one goes t
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -25,7 +26,14 @@ ENV = {
     # MLflow's own (mlflow/environment_variables.py), read the way MLflow reads them:
     "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "start_run(log_system_metrics=) (boolean)",
     "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "system_metrics_interval",
+    "MLFLOW_SYSTEM_METRICS_NODE_ID": "system metrics under system/<node>/ (default in a job: the host name)",
+    "MLFLOW_RUN_ID": "start_run() with no run_id or run_name attaches to this run",
+    # Set by torchrun, torch.distributed, DeepSpeed, Accelerate and most launchers:
+    "RANK": "this process's rank in the job (0 creates and ends the run)",
+    "LOCAL_RANK": "this process's rank on its node (0 samples the node's system metrics)",
+    "WORLD_SIZE": "processes in the job (> 1: a distributed job)",
 }
+RANK_LOGGING = ("all", "zero_only", "prefixed")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
@@ -231,3 +239,57 @@ def system_metrics_interval(configured: float | None) -> float:
     if raw is None:
         return DEFAULT_SAMPLING_INTERVAL
     return check_interval(raw, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL")
+
+
+@dataclass(frozen=True)
+class JobRanks:
+    """Where this process stands in a distributed job (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def leader(self) -> bool:
+        """Rank 0 creates (or resumes) the job's run and is the only one to end it."""
+        return self.rank == 0
+
+
+def job_ranks() -> JobRanks:
+    """``$RANK``, ``$LOCAL_RANK`` and ``$WORLD_SIZE`` as the launchers set them."""
+    values = {}
+    for name, default in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)):
+        raw = env(name)
+        try:
+            values[name] = default if raw is None else int(raw)
+        except ValueError:
+            raise ConfigurationError(
+                f"{name}={raw!r} is not a whole number; the job launcher sets it."
+            ) from None
+    ranks = JobRanks(values["RANK"], values["LOCAL_RANK"], values["WORLD_SIZE"])
+    if ranks.world_size < 1 or not 0 <= ranks.rank < ranks.world_size:
+        raise ConfigurationError(
+            f"RANK={ranks.rank} is not a rank of a job of WORLD_SIZE={ranks.world_size}."
+        )
+    return ranks
+
+
+def launcher_run_id() -> str | None:
+    """``$MLFLOW_RUN_ID``: the run a launcher made for this job, as MLflow's start_run reads it."""
+    return env("MLFLOW_RUN_ID")
+
+
+def system_metrics_node_id(ranks: JobRanks) -> str | None:
+    """``$MLFLOW_SYSTEM_METRICS_NODE_ID``, else the host name in a distributed job (so several nodes'
+    samples do not mix under one key), else None (``system/...`` as MLflow names them)."""
+    return env("MLFLOW_SYSTEM_METRICS_NODE_ID") or (socket.gethostname() if ranks.distributed else None)
+
+
+def check_rank_logging(mode: str) -> str:
+    if mode not in RANK_LOGGING:
+        raise ConfigurationError(f"rank_logging={mode!r} is not one of {', '.join(map(repr, RANK_LOGGING))}.")
+    return mode

@@ -109,7 +109,7 @@ class AsyncTrackingClient(ClientBase[AsyncActiveRun]):
                 "AsyncTrackingClient cannot block its own event loop: await the logging calls for "
                 "backpressure, and use overflow='spill' (default), 'drop_newest' or 'drop_oldest'."
             )
-        self._room = Room(self._buffer)
+        self._room = Room(self._engine.buffer)
         self._closed = False
         self._exit_hook: functools.partial[None] | None = None
 

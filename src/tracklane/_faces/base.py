@@ -10,12 +10,14 @@ from __future__ import annotations
 import logging
 from typing import Generic, TypeVar
 
+from .._delivery.buffer import Buffer
 from .._delivery.engine import Engine
 from .._delivery.spool import Spool
 from .._entities import ActiveRun, Run
 from .._exceptions import ConfigurationError
 from .._runs.lifecycle import OicmRuns
-from .._settings import EngineConfig, overflow_setting, resolve_server
+from .._runs.ranks import PrefixedMetrics, Silent
+from .._settings import EngineConfig, check_rank_logging, job_ranks, overflow_setting, resolve_server
 from .._stores.offline import offline_backend
 from .._stores.rest import RestBackend
 
@@ -43,6 +45,7 @@ class ClientBase(Generic[RunT]):
         request_timeout: float = 30.0,
         system_metrics_interval: float | None = None,
         hide_host: bool = False,
+        rank_logging: str = "all",
     ) -> None:
         server = resolve_server(
             api_host, api_key, verify_ssl=verify_ssl, request_timeout=request_timeout, hide_host=hide_host
@@ -68,15 +71,21 @@ class ClientBase(Generic[RunT]):
             journal_dir=path_to_storage,
             system_metrics_interval=system_metrics_interval,
         )
+        ranks = job_ranks()
+        mode = check_rank_logging(rank_logging)
         if journal is not None:
             self._engine = Engine(journal, config, spool=None)
-            self._runs = OicmRuns(self._engine, journal, config)
+            self._runs = OicmRuns(self._engine, journal, config, ranks)
         else:
             assert server is not None
             rest = RestBackend(server, retry_window=retry_window)
             self._engine = Engine(rest, config, spool=Spool(path_to_storage, rest))
-            self._runs = OicmRuns(self._engine, rest, config)
-        self._buffer = self._engine.buffer
+            self._runs = OicmRuns(self._engine, rest, config, ranks)
+        self._buffer: Buffer | PrefixedMetrics | Silent = self._engine.buffer
+        if ranks.distributed and mode == "prefixed":
+            self._buffer = PrefixedMetrics(self._engine.buffer, ranks.rank)
+        elif ranks.distributed and mode == "zero_only" and not ranks.leader:
+            self._buffer = Silent()
         self._start()
 
     def _start(self) -> None:

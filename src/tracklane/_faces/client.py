@@ -46,6 +46,11 @@ class TrackingClient(ClientBase[ActiveRun]):
         system_metrics_interval: seconds between system metrics samples of a run (default
             ``$MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL``, else 10).
         hide_host: on OICM, do not log the run's UI links (they show the platform's address).
+        rank_logging: in a distributed job (``WORLD_SIZE`` > 1): ``"all"`` ranks log as they are
+            (default), ``"zero_only"``: only rank 0 logs, ``"prefixed"``: each rank's metrics go
+            under ``rank<R>/``. In a job, rank 0 creates (or resumes) the run and is the only one to
+            end it; the other ranks attach (``MLFLOW_RUN_ID``, ``run_id=``, or rank 0's
+            ``run_name``, which they wait for rather than create) and never end it.
 
     Raises:
         ConfigurationError: settings that cannot work, an OICM host without an API key, or an

@@ -28,11 +28,14 @@ from .._exceptions import (
     TrackingError,
 )
 from .._limits import MAX_EXPERIMENT_TAG_VALUE_LENGTH
-from .._settings import EngineConfig
+from .._settings import EngineConfig, JobRanks, launcher_run_id, system_metrics_node_id
 from .._validation import check_key, text_value
 from .sysmetrics import sampler_interval, start_sampler, stop_sampler
 
 logger = logging.getLogger("tracklane")
+
+#: Longest a rank > 0 waits for rank 0 to create the job's run (model loading can take minutes).
+RANK_ATTACH_WAIT = 600.0
 
 #: The value OICM stores for a tag given by name only (``set_run_tags(["baseline"])``).
 USER_TAG_VALUE = "_OI_USER_TAG"
@@ -64,10 +67,12 @@ class RunStore(Protocol):
 class OicmRuns:
     """The active experiment and run of one client, and the calls that change them."""
 
-    def __init__(self, engine: Engine, store: RunStore, config: EngineConfig) -> None:
+    def __init__(self, engine: Engine, store: RunStore, config: EngineConfig, ranks: JobRanks) -> None:
         self.engine = engine
         self.store = store
         self.config = config
+        #: In a distributed job only rank 0 creates and ends the run; the others attach to it.
+        self.ranks = ranks
         self.experiment: Experiment | None = None
         self.run: RunInfo | None = None
         self.active: Run | None = None
@@ -185,6 +190,9 @@ class OicmRuns:
         sampling = sampler_interval(log_system_metrics, self.config.system_metrics_interval)
         names = checked_tag_names(tag_names or (), "run")
         run: Run | None = None
+        if run_id is None and run_name is None:
+            run_id = launcher_run_id()  # a launcher's run for this job, as MLflow reads it
+        follower = self.ranks.distributed and not self.ranks.leader
         if run_id is not None:
             if run_name is not None:
                 logger.warning(
@@ -216,29 +224,61 @@ class OicmRuns:
                         matches[0].info.run_id,
                     )
                 run = matches[0] if matches else None
+                if run is None and follower:
+                    run = await self._await_leaders_run(experiment, run_name)
+            elif follower:
+                raise TrackingError(
+                    f"rank {self.ranks.rank} of {self.ranks.world_size}: start_run() needs the job's run: "
+                    "pass the run_name rank 0 uses (the other ranks wait for its run), or run_id=, or set "
+                    "MLFLOW_RUN_ID."
+                )
             if run is None:
                 name = run_name if run_name is not None else f"run-{secrets.token_hex(4)}"
                 run = await self.store.create_run(
                     experiment.experiment_id, name, now_ms(), dict.fromkeys(names, USER_TAG_VALUE)
                 )
                 names = []
-        if run.info.status != "RUNNING":
+        if run.info.status != "RUNNING" and not follower:
             await self.store.update_run(run.info.run_id, "RUNNING", None)
         self.run = RunInfo(**{**run.info.__dict__, "status": "RUNNING", "end_time": None})
         self.active = Run(self.run, run.data)
         self.params = dict(run.data.params)
         self.run_id = run.info.run_id
-        self.owns_run = True
+        self.owns_run = not follower
+        if self.ranks.distributed and self.ranks.local_rank != 0:
+            sampling = None  # one sampler per node: LOCAL_RANK 0's
         new_tags = [t for t in names if t not in run.data.tags]
         if new_tags:
             self.set_tags(dict.fromkeys(new_tags, USER_TAG_VALUE))
-        self._sampler = start_sampler(self.engine.buffer, self.store.get_metric_history, run, sampling)
+        self._sampler = start_sampler(
+            self.engine.buffer,
+            self.store.get_metric_history,
+            run,
+            sampling,
+            system_metrics_node_id(self.ranks),
+        )
         links = self.store.ui_links(run)
         if links is not None:
             logger.info(
                 "tracklane: run %s: %s (experiment: %s)", run.info.run_name or run.info.run_id, *links
             )
         return run
+
+    async def _await_leaders_run(self, experiment: Experiment, run_name: str) -> Run:
+        """A rank > 0 never creates the job's run (ranks racing to create it make one run each):
+        it waits for rank 0's, at most ``RANK_ATTACH_WAIT`` seconds."""
+        logger.info("tracklane: rank %d waits for rank 0's run %r.", self.ranks.rank, run_name)
+        deadline = asyncio.get_running_loop().time() + RANK_ATTACH_WAIT
+        while asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.5)
+            matches = await self.store.search_runs_by_name(experiment.experiment_id, run_name)
+            if matches:
+                return matches[0]
+        raise TrackingError(
+            f"rank {self.ranks.rank}: no run named {run_name!r} appeared in experiment {experiment.name!r} "
+            f"within {RANK_ATTACH_WAIT:.0f}s; rank 0 creates it. Check that rank 0 runs with the same "
+            "experiment and run_name, or pass run_id= (or MLFLOW_RUN_ID) to every rank."
+        )
 
     async def end_run(
         self, status: str = "FINISHED", deadline: float | None = None, notice: bool = True
@@ -260,6 +300,11 @@ class OicmRuns:
         self.run = self.active = None
         self.params = {}
         end = now_ms()
+        if not self.owns_run:
+            # A rank > 0 (or a forked child): its events are delivered; the run is rank 0's to end.
+            self.last_run = Run(run, data)
+            await self.engine.flush(deadline)
+            return
         problem: TrackingError | None = None
         try:
             delivered = await self.engine.flush(deadline)

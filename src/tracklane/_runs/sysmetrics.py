@@ -97,8 +97,9 @@ class _Gpus:
 class SystemMetricsSampler:
     """Samples the machine every ``interval`` seconds and logs through the buffer's hot path."""
 
-    def __init__(self, buffer: Buffer, interval: float, first_step: int = 0) -> None:
+    def __init__(self, buffer: Buffer, interval: float, first_step: int = 0, node: str | None = None) -> None:
         self.buffer = buffer
+        self.node = node  # MLflow's node-id form: system/<node>/...
         self.interval = interval
         self.step = first_step
         self._net_base = (0, 0)
@@ -135,7 +136,10 @@ class SystemMetricsSampler:
             self.begin()
             while True:
                 await asyncio.sleep(self.interval)
-                self.buffer.log_metrics(run_id, self.sample(), step=self.step)
+                sample = self.sample()
+                if self.node:
+                    sample = {_node_key(k, self.node): v for k, v in sample.items()}
+                self.buffer.log_metrics(run_id, sample, step=self.step)
                 self.step += 1
         except asyncio.CancelledError:
             raise
@@ -153,17 +157,22 @@ class SystemMetricsSampler:
                 self._gpus.close()
 
 
-async def _resume_step(history: History, run: Run) -> int:
+def _node_key(key: str, node: str) -> str:
+    return f"{PREFIX}{node}/{key[len(PREFIX) :]}"
+
+
+async def _resume_step(history: History, run: Run, node: str | None) -> int:
     """The first step for a continued run: one past the last system sample it already holds."""
-    if _PROBE_KEY not in run.data.metrics:
+    probe = _node_key(_PROBE_KEY, node) if node else _PROBE_KEY
+    if probe not in run.data.metrics:
         return 0
-    points = await history(run.info.run_id, _PROBE_KEY)
+    points = await history(run.info.run_id, probe)
     return max((p.step for p in points), default=-1) + 1
 
 
-async def _sample_run(buffer: Buffer, history: History, run: Run, interval: float) -> None:
+async def _sample_run(buffer: Buffer, history: History, run: Run, interval: float, node: str | None) -> None:
     try:
-        first = await _resume_step(history, run)
+        first = await _resume_step(history, run, node)
     except asyncio.CancelledError:
         raise
     except Exception as exc:
@@ -173,7 +182,7 @@ async def _sample_run(buffer: Buffer, history: History, run: Run, interval: floa
             exc,
         )
         first = 0
-    await SystemMetricsSampler(buffer, interval, first).run(run.info.run_id)
+    await SystemMetricsSampler(buffer, interval, first, node).run(run.info.run_id)
 
 
 def sampler_interval(log_system_metrics: bool | None, configured: float | None) -> float | None:
@@ -186,14 +195,14 @@ def sampler_interval(log_system_metrics: bool | None, configured: float | None) 
 
 
 def start_sampler(
-    buffer: Buffer, history: History, run: Run, interval: float | None
+    buffer: Buffer, history: History, run: Run, interval: float | None, node: str | None = None
 ) -> asyncio.Task[None] | None:
     """Start sampling ``run`` on the running loop (None: sampling is off). The caller keeps the task
     and hands it to :func:`stop_sampler` when the run ends."""
     if interval is None:
         return None
     return asyncio.get_running_loop().create_task(
-        _sample_run(buffer, history, run, interval), name=f"tracklane-sysmetrics-{run.info.run_id}"
+        _sample_run(buffer, history, run, interval, node), name=f"tracklane-sysmetrics-{run.info.run_id}"
     )
 
 
