@@ -16,7 +16,7 @@ import pytest
 from tracklane import TrackingClient
 
 from postgres import PgMlflowServer
-from servers import Reader
+from servers import MlflowServer, Reader
 
 RANK_SCRIPT = """
 import os, sys
@@ -196,3 +196,71 @@ def test_system_metrics_of_a_node_go_under_its_node_id(
     keys = {m["key"] for m in reader.run(run.info.run_id)["data"].get("metrics", [])}
     assert "system/node-a/cpu_utilization_percentage" in keys
     assert not [k for k in keys if k.startswith("system/") and not k.startswith("system/node-a/")]
+
+
+SPILLING_RANK = """
+import os, sys
+from tracklane import TrackingClient
+
+url, storage = sys.argv[1:3]
+tc = TrackingClient(
+    api_host=url, path_to_storage=storage, rank_logging="prefixed", retry_window=1, exit_timeout=3
+)
+tc.start_run(log_system_metrics=False)  # MLFLOW_RUN_ID: the launcher's run
+print("attached", flush=True)
+sys.stdin.readline()  # the launcher stops the server, then says go
+for step in range(20_000):
+    tc.log_metric("loss", float(step), step=step)
+# exits with the server down: what is left, and rank 0's end of the run, go to the shared journal
+"""
+
+
+@pytest.mark.timeout(600)
+def test_ranks_sharing_a_journal_leave_leftovers_that_a_later_client_delivers_once(
+    restartable_server: MlflowServer, tmp_path: Path
+) -> None:
+    reader = Reader(restartable_server.url)
+    experiment_id = reader.call("POST", "experiments/create", {"name": "shared-journal"})["experiment_id"]
+    run_id = reader.call("POST", "runs/create", {"experiment_id": experiment_id, "run_name": "job"})["run"][
+        "info"
+    ]["run_id"]
+    script = tmp_path / "rank.py"
+    script.write_text(textwrap.dedent(SPILLING_RANK))
+    storage = tmp_path / "node"
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("OIP_", "MLFLOW_"))}
+    env = {**base, "MLFLOW_RUN_ID": run_id, "WORLD_SIZE": "2"}
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, str(script), restartable_server.url, str(storage)],
+            env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    try:
+        for p in ranks:
+            _read_until(p, "attached")
+        restartable_server.stop()
+        for p in ranks:
+            assert p.stdin is not None
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        errors = [p.communicate(timeout=180)[1] for p in ranks]
+    finally:
+        for p in ranks:
+            if p.poll() is None:
+                p.kill()
+                p.communicate(timeout=30)
+    assert [p.returncode for p in ranks] == [0, 0], errors
+    restartable_server.start()
+
+    with TrackingClient(api_host=restartable_server.url, path_to_storage=str(storage)) as later:
+        later.flush()  # the resume runs in the background; close() below waits for it
+    # leaving the block delivered both ranks' leftovers and rank 0's end of the run
+
+    assert [s for _, s, _ in reader.history(run_id, "rank0/loss")] == list(range(20_000))
+    assert [s for _, s, _ in reader.history(run_id, "rank1/loss")] == list(range(20_000))
+    assert reader.run(run_id)["info"]["status"] == "FINISHED"
