@@ -32,6 +32,7 @@ ENV = {
     "RANK": "this process's rank in the job (0 creates and ends the run)",
     "LOCAL_RANK": "this process's rank on its node (0 samples the node's system metrics)",
     "WORLD_SIZE": "processes in the job (> 1: a distributed job)",
+    "TERM": "'dumb': tracklane sync prints plain progress lines, no bar",
 }
 RANK_LOGGING = ("all", "zero_only", "prefixed")
 _TRUE = ("1", "true", "yes", "on")

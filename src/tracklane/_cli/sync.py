@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import shlex
 import sys
 import time
@@ -30,7 +29,7 @@ from typing import Any, TextIO
 from .._delivery.batching import KIND_NAMES, Event
 from .._delivery.upload import upload_run
 from .._exceptions import ConfigurationError, ServerError, ServerUnavailableError, TrackingError
-from .._settings import ServerConfig, resolve_server
+from .._settings import ServerConfig, env, resolve_server
 from .._stores.journal import JOURNAL_DIR, Delivery, Journal, UploadLock, journal_file, server_key
 from .._stores.rest import RestBackend
 from .args import positive_float
@@ -466,4 +465,4 @@ def _error(exc: BaseException) -> None:
 
 
 def _is_tty(out: TextIO) -> bool:
-    return hasattr(out, "isatty") and out.isatty() and os.environ.get("TERM") != "dumb"
+    return hasattr(out, "isatty") and out.isatty() and env("TERM") != "dumb"
