@@ -677,6 +677,8 @@ CEILING_GOAL = 0.9
 #: Longest a process may take to start, import tracklane and reach its run (seconds).
 STARTUP_TIMEOUT = 120.0
 DEFAULT_EXPERIMENT = "tracklane-bench-capacity"
+#: Set for each process as a launcher (torchrun) sets them, or not at all: never the caller's own.
+_JOB_ENV = ("OIP_WORKLOAD_ACCESS_KEY", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MLFLOW_RUN_ID")
 
 
 def process_counts(text: str) -> list[int]:
@@ -788,9 +790,11 @@ class CapacityPlan:
     """For each N: tracklane's aggregate events/s with N processes logging into one run, beside
     the raw ``runs/log-batch`` ceiling of N processes posting the same points without tracklane.
 
-    Each process logs ``events`` points of a key of its own (``rank<r>/loss``): rank 0 creates the
-    run, the others attach to it by id. tracklane's clock runs from the first process's first
-    call until the last process's ``close()`` returned, when the server holds everything.
+    The processes are the ranks of a job on one node, with the environment torchrun sets; each
+    logs ``events`` points of a key of its own (``rank<r>/loss``, through ``rank_logging=
+    "prefixed"``): rank 0 creates the run, the others attach to it by id. tracklane's clock runs
+    from the first process's first call until the last process's ``close()`` returned, when the
+    server holds everything.
     """
 
     def __init__(
@@ -812,7 +816,7 @@ class CapacityPlan:
         self.base, self.headers = rest_target(server, workspace_id)
         self.tag = uuid.uuid4().hex[:6]
         # The processes read the key where tracklane reads it; it never goes on a command line.
-        self.env = {k: v for k, v in os.environ.items() if k != "OIP_WORKLOAD_ACCESS_KEY"}
+        self.env = {k: v for k, v in os.environ.items() if k not in _JOB_ENV}
         if server.api_key is not None:
             self.env["OIP_WORKLOAD_ACCESS_KEY"] = server.api_key.reveal()
 
@@ -903,7 +907,9 @@ class CapacityPlan:
             "timeout": self.timeout,
             "storage": str(storage),
         }
-        return _Rank(rank, spec, self.env, self.workdir)
+        # One node's job as torchrun starts it: rank 0 creates and ends the run, the others never end it.
+        env = {**self.env, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(n)}
+        return _Rank(rank, spec, env, self.workdir)
 
     def _rest(self, endpoint: str, payload: Mapping[str, Any]) -> dict[str, Any]:
         request = urllib.request.Request(
@@ -996,10 +1002,12 @@ def capacity_table(report: Mapping[str, Any]) -> str:
     events = f"{report['events_per_process']:,}"
     foot = [
         "",
-        f"Each of N processes logs {events} points of a key of its own (`rank<r>/loss`, one "
-        "`log_metric` a point) into one run: rank 0 creates it, the others attach with "
-        "`start_run(run_id=...)`. tracklane events/s: N x points over the time from the first "
-        "process's first call to the last process's `close()` returning (everything on the server). "
+        f"Each of N processes logs {events} points (one `log_metric` a point) into one run, started as "
+        "torchrun starts a job's ranks (`RANK`, `LOCAL_RANK`, `WORLD_SIZE`): rank 0 creates the run and "
+        'ends it, the others attach with `start_run(run_id=...)`; with `rank_logging="prefixed"` each '
+        "rank's `loss` is stored as `rank<r>/loss` when N > 1. tracklane events/s: N x points over the "
+        "time from the first process's first call to the last process's `close()` returning "
+        "(everything on the server). "
         f"Ceiling: N processes post the same points, pre-encoded as {CEILING_BATCH:,}-metric "
         "`runs/log-batch` bodies before the clock starts, straight to the server (http.client, no "
         f"tracklane), into one run, each with {CEILING_IN_FLIGHT} requests in flight as tracklane's worker "
@@ -1055,8 +1063,12 @@ def _tracklane_rank(
     from tracklane import TrackingClient
 
     events = int(spec["events"])
-    tc = TrackingClient(
-        api_host=spec["url"], offline_mode=False, path_to_storage=spec["storage"], exit_timeout=5.0
+    tc = TrackingClient(  # in a job of N > 1 (WORLD_SIZE), "loss" is stored as rank<r>/loss
+        api_host=spec["url"],
+        offline_mode=False,
+        path_to_storage=spec["storage"],
+        exit_timeout=5.0,
+        rank_logging="prefixed",
     )
     tc.set_experiment(spec["experiment"], spec["workspace_id"])
     if spec["run_id"] is None:
@@ -1067,7 +1079,7 @@ def _tracklane_rank(
     if not go():
         tc.close(timeout=5.0)
         return
-    key = f"rank{spec['rank']}/loss"
+    key = "loss"
     log_metric = tc.log_metric
     clock = time.perf_counter
     per_call: list[float] = []
