@@ -127,8 +127,7 @@ class Engine:
             loop.create_task(self._take_loop(), name="tracklane-taker"),
             loop.create_task(self._send_loop(), name="tracklane-sender"),
         ]
-        if self.spool is not None:
-            self._tasks.append(loop.create_task(self._resume(), name="tracklane-resume"))
+        self.resume_leftovers()
 
     @property
     def attached(self) -> bool:
@@ -410,6 +409,12 @@ class Engine:
             return
         if self._uploader is None or self._uploader.done():
             self._uploader = self._loop.create_task(self._upload_loop(), name="tracklane-uploader")
+
+    def resume_leftovers(self) -> None:
+        """Look (again) for what earlier processes left for this destination, and deliver it in the
+        background; called at start, and when the destination changes (an OICM workspace)."""
+        if self.spool is not None and self._loop is not None:
+            self._tasks.append(self._loop.create_task(self._resume(), name="tracklane-resume"))
 
     async def _resume(self) -> None:
         """At start: deliver what earlier processes left in this storage's journal for this server."""

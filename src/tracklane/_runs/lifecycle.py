@@ -118,8 +118,10 @@ class OicmRuns:
         return experiment
 
     def _use_workspace(self, workspace_id: str | None) -> None:
-        if workspace_id is not None:
+        if workspace_id is not None and workspace_id != self.store.workspace_id:
             self.store.workspace_id = workspace_id
+            # On OICM the journal names a destination by workspace too: look for its leftovers now.
+            self.engine.resume_leftovers()
 
     def _require_experiment(self, what: str) -> Experiment:
         if self.experiment is None:
