@@ -95,6 +95,8 @@ class Engine:
         self._orphans: list[Batch] = []  # batches of cancelled deliveries, for shutdown to keep
         #: Events go to the journal (not the hand) until the uploader has delivered it all.
         self._spooling = False
+        #: Held while the worker moves events into the journal, so they land in logging order.
+        self._journal_order = asyncio.Lock()
         self._waiters: list[tuple[Marker, tuple[int, int]]] = []
         self._blocked: AuthenticationError | None = None
         self._outage = False  # a request failed for want of a server: say so when it is over
@@ -142,6 +144,7 @@ class Engine:
         self._hand, self._hand_events = deque(), 0
         self._inflight, self._orphans, self._waiters = {}, [], []
         self._spooling = self._closing = False
+        self._journal_order = asyncio.Lock()
         self._rejected = []
         self.delivered = self.rejected_total = self.spilled = self.resumed = 0
         if self.spool is not None:  # the parent's journal thread, connection and lock are not ours
@@ -188,7 +191,10 @@ class Engine:
                 return
             batches = list(pack(events, time.time_ns()))
             if to_journal:
-                kept = await self._spool_batches(batches)
+                async with self._journal_order:
+                    # Older events still in the hand go first; if they cannot, neither can these.
+                    moved = await self._hand_to_journal_in_order()
+                    kept = await self._spool_batches(batches) if moved else 0
                 if kept == len(batches):
                     if marker is not None:
                         await self._marker_to_journal(marker)
@@ -247,7 +253,9 @@ class Engine:
                 await self._hand_ready.wait()
                 continue
             if self._spooling or self._blocked is not None:
-                if await self._hand_to_journal():
+                async with self._journal_order:
+                    moved = await self._hand_to_journal_in_order()
+                if moved:
                     continue
                 # The journal cannot take the hand: it waits until the uploader has delivered the
                 # journal's rows (they are older), then goes from memory. Blocked: it just waits.
@@ -278,9 +286,12 @@ class Engine:
             if item.has_text:
                 await self._settle()
 
-    async def _hand_to_journal(self) -> bool:
+    async def _hand_to_journal_in_order(self) -> bool:
         """While spooling: the hand joins the journal, in order, behind what is there. False if the
-        journal cannot take (all of) it; what it did not take stays at the front of the hand."""
+        journal cannot take (all of) it; what it did not take stays at the front of the hand.
+
+        Callers hold ``_journal_order``: the taker and the sender both write to the journal, and
+        the hand is older than any chunk the taker has not written yet."""
         if not self._may_spool("failure"):
             return False
         batches: list[Batch] = []
