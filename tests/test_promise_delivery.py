@@ -465,3 +465,25 @@ def test_an_uncaught_keyboard_interrupt_ends_the_active_run_killed(
     assert "KeyboardInterrupt" in child.stderr, child.stderr
     assert _steps(reader, run_id, "loss") == list(range(1000))
     assert _status(reader, run_id) == "KILLED"
+
+
+@pytest.mark.timeout(300)
+def test_a_damaged_journal_during_an_outage_keeps_events_in_memory_until_the_server_answers(
+    fault_proxy: FaultProxy, experiment_name: str, reader: Reader, tmp_path: Path
+) -> None:
+    storage = tmp_path / "storage"
+    (storage / "ml_runs").mkdir(parents=True)
+    (storage / "ml_runs" / "tracklane.db").write_bytes(b"not a journal " * 100)
+    tc = TrackingClient(api_host=fault_proxy.url, path_to_storage=str(storage), retry_window=1)
+    tc.set_experiment(experiment_name)
+    run = tc.start_run(log_system_metrics=False)
+    fault_proxy.answer("runs/log-batch", 503, b'{"error_code": "TEMPORARILY_UNAVAILABLE"}')
+    for step in range(3000):
+        tc.log_metric("loss", float(step), step=step)
+    assert not tc.flush(timeout=30)  # the server takes nothing, and the journal cannot be used
+    fault_proxy.heal()
+    tc.end_run()
+    tc.close()
+
+    assert _steps(reader, run.info.run_id, "loss") == list(range(3000))
+    assert _status(reader, run.info.run_id) == "FINISHED"

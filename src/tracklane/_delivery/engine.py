@@ -430,11 +430,7 @@ class Engine:
     async def _resume(self) -> None:
         """At start: deliver what earlier processes left in this storage's journal for this server."""
         assert self.spool is not None
-        try:
-            left = await self.spool.pending(None)
-        except TrackingError as exc:  # a damaged journal: say so, log online regardless
-            logger.error("tracklane: %s", exc)
-            return
+        left = await self.spool.pending(None)  # a journal that cannot be opened: broken, logged, 0
         if left:
             logger.warning(
                 "tracklane: resuming delivery of %d event(s) left in %s for %s by an earlier process.",

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from .._exceptions import TrackingError
 from .._settings import ServerConfig
 from .._stores.journal import JOURNAL_DIR, JOURNAL_FILE, Journal, JournalThread, UploadLock, server_key
 from .batching import Batch, Event
@@ -89,7 +90,7 @@ class Spool:
                 thread = JournalThread()
                 try:
                     self.journal = await thread.call(Journal.at, self.storage, thread)
-                except (OSError, sqlite3.Error) as exc:
+                except (OSError, sqlite3.Error, TrackingError) as exc:  # TrackingError: damaged/foreign
                     self._break(exc)
                     thread.stop()
                     return None

@@ -63,8 +63,6 @@ class RestBackend:
         self.retry_window = retry_window
         self.workspace_id: str | None = None
         self.retries = 0
-        #: Monotonic time of the server's last answer (any reply that is not a retry).
-        self.last_answer = 0.0
         self.platform_version: str | None = None
         self._session: aiohttp.ClientSession | None = None
         self._parents_session: aiohttp.ClientSession | None = None
@@ -140,10 +138,8 @@ class RestBackend:
                     reply = judge(resp.status, await resp.read())
                     if reply.verdict is Verdict.DELIVERED:
                         assert reply.body is not None
-                        self.last_answer = time.monotonic()
                         return reply.body
                     if reply.verdict is not Verdict.RETRY:
-                        self.last_answer = time.monotonic()
                         raise refusal(reply, endpoint, self.config.api_host)
                     problem = f"HTTP {resp.status} {reply.error_code}".rstrip()
                     wait = retry_after_seconds(resp.headers.get("Retry-After"))
