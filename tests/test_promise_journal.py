@@ -13,14 +13,16 @@ import re
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from tracklane import ConfigurationError, TrackingClient
+from tracklane._stores.journal import Journal, journal_file, server_key
 
-from servers import MlflowServer, Reader, tracklane_cli
+from servers import FaultProxy, MlflowServer, Reader, tracklane_cli
 
 OFFLINE_RUN_TAG = "tracklane.offline_run_id"
 
@@ -284,3 +286,39 @@ def test_sync_without_a_server_sends_spilled_runs_home_and_says_offline_runs_nee
     assert reader.run(run_id)["info"]["status"] == "FINISHED"
     assert "offline" in result.stderr and "--to URL" in result.stderr, result.stderr
     assert reader.experiment("logged-offline") is None  # offline runs go only where the user says
+
+
+def test_close_that_gives_up_at_once_during_an_outage_keeps_every_event_in_the_journal(
+    fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """close(timeout=0) cancels the worker wherever it is: moving the hand to the journal, or
+    holding a chunk it just took from the buffer. Every event must be in the journal afterwards."""
+    fault_proxy.answer("runs/log-batch", 503, b'{"error_code": "TEMPORARILY_UNAVAILABLE"}')
+    for trial in range(4):
+        storage = tmp_path / f"trial{trial}"
+        tc = TrackingClient(api_host=fault_proxy.url, path_to_storage=str(storage), retry_window=0.5)
+        tc.set_experiment(f"cancelled-mid-placement-{trial}")
+        run = tc.start_run(log_system_metrics=False)
+        for step in range(10_000):
+            tc.log_metric("loss", float(step), step=step)
+        tc.flush(timeout=0.5)  # the outage is seen: the worker writes to the journal now
+        # Another rank on this node holds the journal for a moment: the worker's writes wait, and
+        # chunks it has taken from the buffer wait behind them when close() cancels it.
+        other = sqlite3.connect(journal_file(storage), timeout=30, check_same_thread=False)
+        other.execute("BEGIN IMMEDIATE")
+        for step in range(10_000, 30_000):
+            tc.log_metric("loss", float(step), step=step)
+        time.sleep(0.2 + 0.1 * trial)
+        releaser = threading.Timer(1.0, other.commit)
+        releaser.start()
+
+        assert tc.close(timeout=0) == 0
+        releaser.join()
+        other.close()
+
+        journal = Journal(journal_file(storage), create=False)
+        try:
+            events, _ = journal.pending_summary(server_key(fault_proxy.url, None), [run.info.run_id])
+        finally:
+            journal.close()
+        assert events == 30_000, f"trial {trial}: {events} of 30000 kept"

@@ -93,6 +93,7 @@ class Engine:
         self._spill_at = max(1, config.max_buffer // 2)
         self._inflight: dict[asyncio.Task[None], Batch] = {}
         self._orphans: list[Batch] = []  # batches of cancelled deliveries, for shutdown to keep
+        self._resumes: list[asyncio.Task[None]] = []  # looks for earlier processes' leftovers
         #: Events go to the journal (not the hand) until the uploader has delivered it all.
         self._spooling = False
         #: Held while the worker moves events into the journal, so they land in logging order.
@@ -140,7 +141,7 @@ class Engine:
         (the parent sends its own events); the child starts afresh on a new loop."""
         self.buffer.reset_after_fork()
         self._loop = self._wake = self._hand_ready = self._giving_up = self._retry_now = None
-        self._tasks, self._uploader = [], None
+        self._tasks, self._uploader, self._resumes = [], None, []
         self._hand, self._hand_events = deque(), 0
         self._inflight, self._orphans, self._waiters = {}, [], []
         self._spooling = self._closing = False
@@ -191,17 +192,27 @@ class Engine:
                 return
             batches = list(pack(events, time.time_ns()))
             if to_journal:
-                async with self._journal_order:
-                    # Older events still in the hand go first; if they cannot, neither can these.
-                    moved = await self._hand_to_journal_in_order()
-                    kept = await self._spool_batches(batches) if moved else 0
-                if kept == len(batches):
+                placed = False  # from _spool_batches on, every batch is in the journal or the hand
+                try:
+                    async with self._journal_order:
+                        # Older events still in the hand go first; if they cannot, neither can these.
+                        if await self._hand_to_journal_in_order():
+                            placed = True
+                            kept = await self._spool_batches(batches)
+                except asyncio.CancelledError:
+                    # Shutdown: what this chunk holds must be where ``leftovers`` looks.
+                    self._to_hand([] if placed else batches)
+                    if marker is not None:
+                        self._hand.append(marker)
+                    raise
+                if placed and kept == len(batches):
                     if marker is not None:
                         await self._marker_to_journal(marker)
                     continue
-                # The journal just broke: the rest waits in memory, and is sent only once the
-                # uploader has delivered what the journal holds (``_spooling`` stays on till then).
-                batches = batches[kept:]
+                # The journal just broke: the rest waits in memory (``_spool_batches`` put what it
+                # did not take in the hand), and is sent only once the uploader has delivered what
+                # the journal holds (``_spooling`` stays on till then).
+                batches = [] if placed else batches
             self._to_hand(batches)
             if marker is not None:
                 self._hand.append(marker)
@@ -224,13 +235,27 @@ class Engine:
         return why != "overflow" or self.config.overflow == "spill"
 
     async def _spool_batches(self, batches: list[Batch]) -> int:
-        """Write ``batches`` to the journal; how many (the first ones) it took."""
+        """Write ``batches`` to the journal; how many (the first ones) it took. Those it did not
+        take (the journal broke) go to the front of the hand, so every batch is always somewhere
+        ``leftovers`` looks. Cancelling the caller (shutdown) lets the write finish first: the
+        batches are in no other place meanwhile."""
         assert self.spool is not None
-        kept = await self.spool.write(batches, self._reject)
+        write = asyncio.ensure_future(self.spool.write(batches, self._reject))
+        try:
+            kept = await asyncio.shield(write)
+        except asyncio.CancelledError:
+            self._placed(batches, await write)
+            raise
+        self._placed(batches, kept)
+        return kept
+
+    def _placed(self, batches: list[Batch], kept: int) -> None:
         self.spilled += sum(len(b) for b in batches[:kept])
         if kept:
             self._kick_uploader()
-        return kept
+        if kept < len(batches):
+            self._hand.extendleft(reversed(batches[kept:]))
+            self._hand_events += sum(len(b) for b in batches[kept:])
 
     async def _marker_to_journal(self, marker: Marker) -> None:
         """A flush marker behind events now in the journal: done once the uploader has delivered
@@ -311,13 +336,11 @@ class Engine:
         return ok
 
     async def _hand_batches_to_journal(self, batches: list[Batch]) -> bool:
-        """Journal ``batches`` just taken off the hand's front; put back those it did not take."""
-        kept = await self._spool_batches(batches) if batches else 0
-        self._hand_events -= sum(len(b) for b in batches[:kept])
-        if kept < len(batches):
-            self._hand.extendleft(reversed(batches[kept:]))
-            return False
-        return True
+        """Journal ``batches`` just taken off the hand's front (those it does not take go back)."""
+        if not batches:
+            return True
+        self._hand_events -= sum(len(b) for b in batches)
+        return await self._spool_batches(batches) == len(batches)
 
     def _forget(self, task: asyncio.Task[None]) -> None:
         self._inflight.pop(task, None)
@@ -352,7 +375,7 @@ class Engine:
             try:
                 kept = await self._spool_batches([batch])
             except asyncio.CancelledError:
-                return  # the shielded write finished or failed; either way it is not an orphan
+                return  # the write finished: the batch is in the journal, or back in the hand
             if kept == 1:
                 self._warn_once(
                     "outage",
@@ -362,6 +385,11 @@ class Engine:
                 )
                 self._signal_hand()  # the sender moves the hand behind it
                 return
+            # The journal broke: the batch is back at the front of the hand, sent once the
+            # uploader has delivered what the journal holds.
+            self._warn_once("outage", "tracklane: %s Retrying; events stay in memory.", why)
+            self._signal_hand()
+            return
         # No journal: keep it in memory, at the front, and try again after a pause.
         self._warn_once("outage", "tracklane: %s Retrying; events stay in memory.", why)
         try:
@@ -425,7 +453,9 @@ class Engine:
         """Look (again) for what earlier processes left for this destination, and deliver it in the
         background; called at start, and when the destination changes (an OICM workspace)."""
         if self.spool is not None and self._loop is not None:
-            self._tasks.append(self._loop.create_task(self._resume(), name="tracklane-resume"))
+            task = self._loop.create_task(self._resume(), name="tracklane-resume")
+            self._tasks.append(task)
+            self._resumes.append(task)
 
     async def _resume(self) -> None:
         """At start: deliver what earlier processes left in this storage's journal for this server."""
@@ -667,6 +697,8 @@ class Engine:
         self._closing = True
         with contextlib.suppress(TrackingError):  # the run model has reported these already
             done = await self.flush(deadline)
+            if done and self._resumes:  # a look for earlier leftovers may still be starting the uploader
+                await asyncio.wait(self._resumes, timeout=_remaining(deadline, 10.0))
             if done and self._uploader is not None and not self._uploader.done():
                 await self._wait_for_uploader(deadline)  # leftovers of earlier processes too
         tasks = [*self._tasks, *self._inflight]
@@ -674,8 +706,8 @@ class Engine:
             tasks.append(self._uploader)
         for task in tasks:
             task.cancel()
-        if tasks:  # plain waits and local journal writes: they finish at once
-            await asyncio.wait(tasks, timeout=10.0)
+        if tasks:  # plain waits, and journal writes under way: they finish, on a disk that works
+            await asyncio.wait(tasks, timeout=20.0)
         lost = await self._keep_leftovers()
         if self._blocked is None:  # blocked: the error already gave the command
             await self.journal_notice("before exit")
@@ -746,6 +778,10 @@ class Engine:
         """Stop waiting for the server in a running flush or shutdown (Ctrl-C at exit). Loop thread only."""
         if self._giving_up is not None:
             self._giving_up.set()
+
+
+def _remaining(deadline: float | None, cap: float) -> float:
+    return cap if deadline is None else max(0.0, min(cap, deadline - time.monotonic()))
 
 
 def _resolve(marker: Marker) -> None:

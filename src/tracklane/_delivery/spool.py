@@ -112,22 +112,26 @@ class Spool:
         fewer than given when the journal cannot be written (then it is ``broken``).
 
         An event the journal cannot store (a value SQLite refuses) is isolated and reported through
-        ``on_rejected``; the others are kept. A write that has started finishes even if the caller is
-        cancelled, so shutdown never loses or doubles it.
+        ``on_rejected``; the others are kept. A write that has started finishes, every batch of it,
+        even if the caller is cancelled: the caller no longer holds these batches anywhere else, so
+        stopping half-way would lose the rest (the engine's ``_spool_batches`` relies on this).
         """
         journal = await self.open()
         if journal is None:
             return 0
         self.writing += 1
+        write = asyncio.ensure_future(self._write_all(journal, batches, on_rejected))
+        try:
+            return await asyncio.shield(write)
+        except asyncio.CancelledError:
+            await write
+            raise
+
+    async def _write_all(self, journal: Journal, batches: list[Batch], on_rejected: OnRejected) -> int:
         kept = 0
         try:
             for batch in batches:
-                write = asyncio.ensure_future(self._write_batch(journal, batch, on_rejected))
-                try:
-                    await asyncio.shield(write)
-                except asyncio.CancelledError:
-                    await write
-                    raise
+                await self._write_batch(journal, batch, on_rejected)
                 kept += 1
         except (OSError, sqlite3.OperationalError) as exc:
             self._break(exc)
