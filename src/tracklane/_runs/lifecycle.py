@@ -307,44 +307,25 @@ class OicmRuns:
             self.last_run = Run(run, data)
             await self.engine.flush(deadline)
             return
-        problem: TrackingError | None = None
-        try:
-            delivered = await self.engine.flush(deadline)
-        except DeliveryError as exc:
-            problem, delivered = exc, True
-        except AuthenticationError as exc:
-            problem, delivered = exc, False
-        if delivered:
-            try:
-                await self.store.update_run(run.run_id, status, end)
-            except AuthenticationError as exc:
-                problem, delivered = problem or exc, False
-            except ServerUnavailableError:
-                delivered = False
-        if not delivered:
-            if await self.engine.keep_run_end(RunEnd(run.run_id, status, end, run.run_name)):
-                if notice and self.engine.blocked is None:
-                    await self.engine.journal_notice("in the retry window")
-            else:
-                logger.error(
-                    "tracklane: run %s could not be ended as %s on %s, and the local journal cannot "
-                    "keep its end; its events stay in memory and are retried.",
-                    run.run_id,
-                    status,
-                    self.store.describe,
-                )
         self.last_run = Run(RunInfo(**{**run.__dict__, "status": status, "end_time": end}), data)
-        if problem is not None:
-            raise problem
+        await finish_run(
+            self.engine, self.store, RunEnd(run.run_id, status, end, run.run_name), deadline, notice
+        )
 
-    async def close(self, status: str | None, deadline: float | None) -> int:
-        """End the active run with ``status`` (unless it is a forked child's parent's, or ``status``
-        is None), then shut the engine down. Returns how many events could not be kept."""
-        if self.run is not None and self.owns_run and status is not None:
+    async def end_active(self, status: str, deadline: float | None) -> None:
+        """At shutdown: end the active run with ``status`` (unless it is a forked child's parent's).
+        Problems are logged, not raised: shutdown goes on."""
+        if self.run is not None and self.owns_run:
             try:
                 await self.end_run(status, deadline, notice=False)
             except TrackingError as exc:
                 logger.warning("tracklane: at shutdown: %s", exc)
+
+    async def close(self, status: str | None, deadline: float | None) -> int:
+        """End the active run with ``status`` (unless ``status`` is None), then shut the engine down.
+        Returns how many events could not be kept."""
+        if status is not None:
+            await self.end_active(status, deadline)
         return await self.engine.shutdown(deadline)
 
     def keep_now(self, status: str) -> int:
@@ -365,6 +346,48 @@ class OicmRuns:
     async def get_metric_history(self, run_id: str, key: str) -> list[Metric]:
         await self.engine.flush()
         return await self.store.get_metric_history(str(run_id), key)
+
+
+async def finish_run(
+    engine: Engine, store: RunStore, end: RunEnd, deadline: float | None = None, notice: bool = True
+) -> bool:
+    """Deliver what was logged (the run's events among it), then end the run as ``end`` says: True
+    if the server has it ended.
+
+    Waits while the server makes progress (see ``Engine.flush``). When it gives up, or the server
+    is down or refuses the key, the end is kept in the journal with the events (a warning names it
+    and the command that delivers them). Raises DeliveryError afterwards if the server refused some
+    events, AuthenticationError if delivery has stopped.
+    """
+    problem: TrackingError | None = None
+    try:
+        delivered = await engine.flush(deadline)
+    except DeliveryError as exc:
+        problem, delivered = exc, True
+    except AuthenticationError as exc:
+        problem, delivered = exc, False
+    if delivered:
+        try:
+            await store.update_run(end.run_id, end.status, end.end_time)
+        except AuthenticationError as exc:
+            problem, delivered = problem or exc, False
+        except ServerUnavailableError:
+            delivered = False
+    if not delivered:
+        if await engine.keep_run_end(end):
+            if notice and engine.blocked is None:
+                await engine.journal_notice("in the retry window")
+        else:
+            logger.error(
+                "tracklane: run %s could not be ended as %s on %s, and the local journal cannot "
+                "keep its end; its events stay in memory and are retried.",
+                end.run_id,
+                end.status,
+                store.describe,
+            )
+    if problem is not None:
+        raise problem
+    return delivered
 
 
 def checked_tag_names(names: Iterable[str], what: str) -> list[str]:

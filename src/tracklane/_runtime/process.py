@@ -1,7 +1,8 @@
 """What ties ``TrackingClient`` to its process: the loop thread, the exit flush, SIGTERM, fork.
 
-Every wait here is bounded. The exit flush never outlives ``exit_timeout`` (plus a small grace)
-and Ctrl-C during it gives up at once; SIGTERM (what schedulers send before a kill) flushes, ends
+Every wait here is bounded. The exit flush waits for the server at most ``exit_timeout``, then
+keeps what is left in the local journal (a disk write, bounded by ``_KEEP_GRACE``), and Ctrl-C
+during it stops waiting for the server at once; SIGTERM (what schedulers send before a kill) flushes, ends
 the active run KILLED and then lets the signal do what it would have done, calling a handler the
 application installed before us; a child made by ``os.fork`` starts with an empty buffer and a
 fresh loop thread, so nothing of the parent's is sent twice and no lock held by a parent thread
@@ -25,25 +26,42 @@ import time
 import weakref
 from collections.abc import Coroutine
 from types import FrameType
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
+from .._delivery.engine import Engine
 from .._exceptions import ConfigurationError
-from .._runs.lifecycle import OicmRuns
 from .._runtime.loop_thread import LoopThread
 
 logger = logging.getLogger("tracklane")
 T = TypeVar("T")
 
-#: Extra seconds the exit flush may take beyond ``exit_timeout`` to close connections.
-_GRACE = 2.0
+#: Extra seconds the exit may take beyond ``exit_timeout`` to write what is left to the local
+#: journal and close connections. A local write normally takes well under a second, even for a
+#: full buffer; the bound is for a disk that hangs, or a journal another process holds locked.
+#: Cutting it short would lose events that only needed the disk.
+_KEEP_GRACE = 30.0
+
+
+class RunModel(Protocol):
+    """What the runtime needs of a run model holding its engine (``OicmRuns``, ``MlflowRuns``)."""
+
+    async def end_active(self, status: str, deadline: float | None) -> None:
+        """End the runs this model started and still has active, as ``status``."""
+
+    def after_fork(self) -> None:
+        """In a forked child: the parent's runs are the parent's to end."""
 
 
 class SyncRuntime:
-    """Runs an engine on a daemon loop thread for a synchronous face, for the life of a process."""
+    """Runs an engine on a daemon loop thread for the synchronous faces, for the life of a process.
 
-    def __init__(self, runs: OicmRuns) -> None:
-        self.runs = runs
-        self.engine = runs.engine
+    ``models`` are the run models holding the engine: at exit (or the last face's close) each ends
+    its active runs before the engine delivers what is left and stops. Faces may add theirs later.
+    """
+
+    def __init__(self, engine: Engine, models: list[RunModel]) -> None:
+        self.models = models
+        self.engine = engine
         self.closed = False
         self.thread = self._start()
         self._exit_hook = functools.partial(_shutdown_quietly, self)
@@ -85,17 +103,17 @@ class SyncRuntime:
         if status is None:
             status = exit_status_of_process()
         deadline = None if timeout is None else time.monotonic() + timeout
-        future = asyncio.run_coroutine_threadsafe(self.runs.close(status, deadline), self.thread.loop)
+        future = asyncio.run_coroutine_threadsafe(self._close(status, deadline), self.thread.loop)
         try:
             # Bounded by the engine's own rule (no progress for retry_window) when timeout is None.
-            left = future.result(None if timeout is None else timeout + _GRACE)
+            left = future.result(None if timeout is None else timeout + _KEEP_GRACE)
         except KeyboardInterrupt:
             # Ctrl-C during the exit flush: stop waiting for the server at once; what is left
-            # goes to the journal, a local write bounded by the grace period. A second Ctrl-C
-            # leaves without it.
+            # goes to the journal, a local write bounded by _KEEP_GRACE. A second Ctrl-C leaves
+            # without it.
             self.thread.loop.call_soon_threadsafe(self.engine.give_up)
             try:
-                left = future.result(_GRACE)
+                left = future.result(_KEEP_GRACE)
             except (KeyboardInterrupt, concurrent.futures.TimeoutError):
                 left = self.engine.pending()
             logger.warning("tracklane: exit flush interrupted by Ctrl-C; %d event(s) not kept.", left)
@@ -107,6 +125,14 @@ class SyncRuntime:
         if left:
             logger.error("tracklane: %d event(s) could be neither delivered nor kept in the journal.", left)
         return left
+
+    async def _close(self, status: str, deadline: float | None) -> int:
+        for model in list(self.models):
+            try:
+                await model.end_active(status, deadline)
+            except Exception as exc:  # one model's trouble must not keep the engine from its shutdown
+                logger.warning("tracklane: at shutdown: %s", exc)
+        return await self.engine.shutdown(deadline)
 
     def _install_sigterm_handler(self, ref: weakref.ref[SyncRuntime]) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -174,7 +200,8 @@ def _after_fork_in_child(ref: weakref.ref[SyncRuntime]) -> None:
     # The parent's loop thread does not exist here, and its buffer is the parent's to send.
     _disown(runtime.thread.loop)
     runtime.engine.reset_after_fork()
-    runtime.runs.after_fork()
+    for model in runtime.models:
+        model.after_fork()
     runtime.thread = runtime._start()
     atexit.unregister(runtime._exit_hook)
     atexit.register(runtime._exit_hook)
