@@ -6,10 +6,12 @@ these plain dataclasses give them the same shapes without importing MLflow.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, ClassVar, TypeVar
+
+from ._exceptions import InvalidInputError
 
 
 def metric_from_json(value: Any) -> float:
@@ -23,7 +25,7 @@ def _pairs(items: list[dict[str, Any]] | None) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class Metric:
-    """One point of a metric's time series."""
+    """One point of a metric's time series: ``Metric(key, value, timestamp, step)`` as in MLflow."""
 
     key: str
     value: float
@@ -41,8 +43,42 @@ class Metric:
 
 
 @dataclass(frozen=True)
+class Param:
+    """A run's parameter: ``Param(key, value)``."""
+
+    key: str
+    value: str
+
+
+@dataclass(frozen=True)
+class RunTag:
+    """A run's tag: ``RunTag(key, value)``."""
+
+    key: str
+    value: str
+
+
+@dataclass(frozen=True)
+class ExperimentTag:
+    """An experiment's tag: ``ExperimentTag(key, value)``."""
+
+    key: str
+    value: str
+
+
+def _as_dict(items: Any) -> dict[str, Any]:
+    """MLflow's constructors take lists of entities; ours also take the dicts they become."""
+    if items is None:
+        return {}
+    if isinstance(items, dict):
+        return dict(items)
+    return {item.key: item.value for item in items}
+
+
+@dataclass(frozen=True)
 class Experiment:
-    """An experiment: a named container of runs."""
+    """An experiment: a named container of runs. ``tags`` is a dict (MLflow's list of
+    ``ExperimentTag`` is accepted by the constructor)."""
 
     experiment_id: str
     name: str
@@ -51,6 +87,9 @@ class Experiment:
     tags: dict[str, str] = field(default_factory=dict)
     creation_time: int | None = None
     last_update_time: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tags", _as_dict(self.tags))
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Experiment:
@@ -67,17 +106,17 @@ class Experiment:
 
 @dataclass(frozen=True)
 class RunInfo:
-    """Identity and lifecycle of a run (``run.info``)."""
+    """Identity and lifecycle of a run (``run.info``), in MLflow's constructor order."""
 
     run_id: str
     experiment_id: str
-    run_name: str = ""
+    user_id: str = ""
     status: str = "RUNNING"
     start_time: int | None = None
     end_time: int | None = None
-    user_id: str = ""
-    artifact_uri: str = ""
     lifecycle_stage: str = "active"
+    artifact_uri: str = ""
+    run_name: str = ""
 
     @property
     def run_uuid(self) -> str:
@@ -100,11 +139,16 @@ class RunInfo:
 
 @dataclass(frozen=True)
 class RunData:
-    """What a run holds (``run.data``): latest metric values, params and tags as dicts."""
+    """What a run holds (``run.data``): latest metric values, params and tags as dicts. The
+    constructor also takes MLflow's lists of ``Metric``, ``Param`` and ``RunTag``."""
 
     metrics: dict[str, float] = field(default_factory=dict)
     params: dict[str, str] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("metrics", "params", "tags"):
+            object.__setattr__(self, name, _as_dict(getattr(self, name)))
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> RunData:
@@ -120,11 +164,74 @@ class Run:
     """A run as the server stores it."""
 
     info: RunInfo
-    data: RunData
+    data: RunData = field(default_factory=RunData)
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Run:
         return cls(RunInfo.from_json(d["info"]), RunData.from_json(d.get("data") or {}))
+
+    def to_dictionary(self) -> dict[str, Any]:
+        """The run as plain dicts (``{"info": ..., "data": ...}``), as MLflow's ``Run`` gives it."""
+        return {"info": dict(self.info.__dict__), "data": {k: dict(v) for k, v in self.data.__dict__.items()}}
+
+
+class ViewType:
+    """Which runs or experiments a search returns, by lifecycle stage (MLflow's values)."""
+
+    ACTIVE_ONLY, DELETED_ONLY, ALL = 1, 2, 3
+    _NAMES: ClassVar[dict[int, str]] = {1: "ACTIVE_ONLY", 2: "DELETED_ONLY", 3: "ALL"}
+
+    @classmethod
+    def to_string(cls, view_type: int) -> str:
+        if view_type not in cls._NAMES:
+            raise InvalidInputError(f"view type {view_type!r} is not one of {sorted(cls._NAMES)}")
+        return cls._NAMES[view_type]
+
+    @classmethod
+    def from_string(cls, name: str) -> int:
+        for value, known in cls._NAMES.items():
+            if known == name.upper():
+                return value
+        raise InvalidInputError(f"view type {name!r} is not one of {list(cls._NAMES.values())}")
+
+
+class RunStatus:
+    """A run's status (MLflow's values): RUNNING, SCHEDULED, FINISHED, FAILED, KILLED."""
+
+    RUNNING, SCHEDULED, FINISHED, FAILED, KILLED = 1, 2, 3, 4, 5
+    _NAMES: ClassVar[dict[int, str]] = {1: "RUNNING", 2: "SCHEDULED", 3: "FINISHED", 4: "FAILED", 5: "KILLED"}
+
+    @classmethod
+    def to_string(cls, status: int) -> str:
+        if status not in cls._NAMES:
+            raise InvalidInputError(f"run status {status!r} is not one of {sorted(cls._NAMES)}")
+        return cls._NAMES[status]
+
+    @classmethod
+    def from_string(cls, name: str) -> int:
+        for value, known in cls._NAMES.items():
+            if known == name:
+                return value
+        raise InvalidInputError(f"run status {name!r} is not one of {list(cls._NAMES.values())}")
+
+    @classmethod
+    def is_terminated(cls, status: int) -> bool:
+        return status in (cls.FINISHED, cls.FAILED, cls.KILLED)
+
+    @classmethod
+    def all_status(cls) -> list[int]:
+        return list(cls._NAMES)
+
+
+T = TypeVar("T")
+
+
+class PagedList(list[T]):
+    """A page of search results; ``token`` fetches the next page (None on the last)."""
+
+    def __init__(self, items: Iterable[T], token: str | None) -> None:
+        super().__init__(items)
+        self.token = token
 
 
 def exit_status(exc_type: type[BaseException] | None) -> str:

@@ -12,14 +12,20 @@ from typing import Generic, TypeVar
 
 from .._delivery.buffer import Buffer
 from .._delivery.engine import Engine
-from .._delivery.spool import Spool
 from .._entities import ActiveRun, Run
 from .._exceptions import ConfigurationError
 from .._runs.lifecycle import OicmRuns
 from .._runs.ranks import PrefixedMetrics, Silent
-from .._settings import EngineConfig, check_rank_logging, job_ranks, overflow_setting, resolve_server
-from .._stores.offline import offline_backend
-from .._stores.rest import RestBackend
+from .._settings import (
+    EngineConfig,
+    ServerConfig,
+    check_rank_logging,
+    job_ranks,
+    overflow_setting,
+    resolve_server,
+)
+from .._stores.offline import JournalBackend, offline_backend
+from .session import Store, build_engine, destination_key
 
 logger = logging.getLogger("tracklane")
 RunT = TypeVar("RunT", bound=ActiveRun)
@@ -73,20 +79,25 @@ class ClientBase(Generic[RunT]):
         )
         ranks = job_ranks()
         mode = check_rank_logging(rank_logging)
-        if journal is not None:
-            self._engine = Engine(journal, config, spool=None)
-            self._runs = OicmRuns(self._engine, journal, config, ranks)
-        else:
-            assert server is not None
-            rest = RestBackend(server, retry_window=retry_window)
-            self._engine = Engine(rest, config, spool=Spool(path_to_storage, rest))
-            self._runs = OicmRuns(self._engine, rest, config, ranks)
+        self._destination = destination_key(server if journal is None else None, path_to_storage)
+        self._engine, self._store = self._engine_for(server, journal, config, path_to_storage)
+        self._runs = OicmRuns(self._engine, self._store, config, ranks)
         self._buffer: Buffer | PrefixedMetrics | Silent = self._engine.buffer
         if ranks.distributed and mode == "prefixed":
             self._buffer = PrefixedMetrics(self._engine.buffer, ranks.rank)
         elif ranks.distributed and mode == "zero_only" and not ranks.leader:
             self._buffer = Silent()
         self._start()
+
+    def _engine_for(
+        self,
+        server: ServerConfig | None,
+        journal: JournalBackend | None,
+        config: EngineConfig,
+        storage: str | None,
+    ) -> tuple[Engine, Store]:
+        """A new engine of the face's own (a face may join a shared one instead)."""
+        return build_engine(server, journal, config, storage)
 
     def _start(self) -> None:
         """What a face does once its engine exists (start a loop thread, check settings)."""

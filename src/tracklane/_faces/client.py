@@ -12,11 +12,14 @@ from collections.abc import Coroutine, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
 
+from .._delivery.engine import Engine
 from .._entities import ActiveRun, Experiment, Metric, Run
 from .._faces.base import ClientBase
 from .._runs.lifecycle import USER_TAG_VALUE, checked_tag_names
-from .._runtime.process import SyncRuntime
+from .._settings import EngineConfig, ServerConfig
+from .._stores.offline import JournalBackend
 from .._validation import check_status
+from .session import Session, Store, joinable, register
 
 T = TypeVar("T")
 
@@ -58,12 +61,34 @@ class TrackingClient(ClientBase[ActiveRun]):
         ServerUnavailableError: the OICM host cannot be reached or reports itself down.
     """
 
+    _joined: Session | None = None
+    _closed = False
+
+    def _engine_for(
+        self,
+        server: ServerConfig | None,
+        journal: JournalBackend | None,
+        config: EngineConfig,
+        storage: str | None,
+    ) -> tuple[Engine, Store]:
+        # tracklane.mlflow or an MlflowClient already logs there with these settings: batch together.
+        self._joined = joinable(self._destination, config)
+        if self._joined is not None:
+            return self._joined.engine, self._joined.store
+        return super()._engine_for(server, journal, config, storage)
+
     def _start(self) -> None:
-        self._runtime = SyncRuntime(self._runs)
+        if self._joined is not None:
+            self._session = self._joined
+            self._session.models.append(self._runs)
+        else:
+            self._session = Session(self._destination, self._engine, self._store, [self._runs])
+            register(self._session)
+        self._runtime = self._session.runtime
         try:  # on OICM: the liveness and version checks, one attempt each
             self._runtime.call(self._runs.check_platform(), timeout=self._engine.config.retry_window + 60.0)
         except BaseException:
-            self._runtime.shutdown(1.0)
+            self._session.release(self._runs, "FINISHED", 1.0)
             raise
 
     def _wrap(self, run: Run) -> ActiveRun:
@@ -197,7 +222,10 @@ class TrackingClient(ClientBase[ActiveRun]):
         end an active run FINISHED, stop the worker. What is not delivered stays in the local journal
         for the next client on this storage or ``tracklane sync``. Returns how many events could
         not even be kept there (0 normally). Idempotent."""
-        return self._runtime.shutdown(timeout, status="FINISHED")
+        if self._closed:
+            return 0
+        self._closed = True
+        return self._session.release(self._runs, "FINISHED", timeout)
 
     def __enter__(self) -> TrackingClient:
         return self
