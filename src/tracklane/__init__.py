@@ -1,6 +1,17 @@
 """tracklane: experiment tracking for MLflow and OICM servers that never slows your training loop."""
 
-from ._entities import ActiveRun, Experiment, Metric, Run, RunData, RunInfo
+from ._entities import (
+    ActiveRun,
+    Experiment,
+    Metric,
+    Param,
+    Run,
+    RunData,
+    RunInfo,
+    RunStatus,
+    RunTag,
+    ViewType,
+)
 from ._exceptions import (
     AuthenticationError,
     ConfigurationError,
@@ -15,6 +26,7 @@ from ._exceptions import (
 )
 from ._faces.async_client import AsyncActiveRun, AsyncTrackingClient
 from ._faces.client import TrackingClient
+from ._faces.mlflow_client import MlflowClient
 
 __version__ = "0.1.0"
 
@@ -28,15 +40,20 @@ __all__ = [
     "Experiment",
     "InvalidInputError",
     "Metric",
+    "MlflowClient",
     "NoActiveRunError",
     "NotFoundError",
+    "Param",
     "RejectedEvent",
     "Run",
     "RunData",
     "RunInfo",
+    "RunStatus",
+    "RunTag",
     "ServerError",
     "ServerUnavailableError",
     "TrackingClient",
     "TrackingError",
+    "ViewType",
     "__version__",
 ]

@@ -28,6 +28,10 @@ ENV = {
     "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "system_metrics_interval",
     "MLFLOW_SYSTEM_METRICS_NODE_ID": "system metrics under system/<node>/ (default in a job: the host name)",
     "MLFLOW_RUN_ID": "start_run() with no run_id or run_name attaches to this run",
+    "MLFLOW_TRACKING_URI": "tracklane.mlflow, MlflowClient: the tracking URI (http(s) server, or a path)",
+    "MLFLOW_TRACKING_TOKEN": "tracklane.mlflow and MlflowClient: sent as Authorization: Bearer",
+    "MLFLOW_EXPERIMENT_NAME": "tracklane.mlflow: the experiment of runs started with none set",
+    "MLFLOW_EXPERIMENT_ID": "tracklane.mlflow: the experiment of runs started with none set (by id)",
     # Set by torchrun, torch.distributed, DeepSpeed, Accelerate and most launchers:
     "RANK": "this process's rank in the job (0 creates and ends the run)",
     "LOCAL_RANK": "this process's rank on its node (0 samples the node's system metrics)",
@@ -161,6 +165,47 @@ def resolve_server(
             "(OICM: user menu -> API Keys -> Generate API key)."
         )
     return config
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Where an MLflow face logs: a tracking server, or (``server`` None) the local journal under
+    ``storage``. ``uri`` is how ``get_tracking_uri`` reports it."""
+
+    uri: str
+    server: ServerConfig | None
+    storage: str | None
+
+
+def tracking_destination(tracking_uri: str | None) -> Destination:
+    """MLflow's tracking URI rules, for ``tracklane.mlflow`` and ``MlflowClient``: the argument, else
+    ``$MLFLOW_TRACKING_URI``, else ``$OIP_TRACKING_SERVER``; an http(s) URL is a server (with
+    ``$MLFLOW_TRACKING_TOKEN``, else ``$OIP_WORKLOAD_ACCESS_KEY``, as the bearer token); a local path
+    or ``file:`` URI is the journal there (offline; ``tracklane sync`` uploads it); nothing at all is
+    the journal in the working directory, as MLflow's default is a local store."""
+    uri = tracking_uri if tracking_uri else env("MLFLOW_TRACKING_URI") or env("OIP_TRACKING_SERVER")
+    if not uri:
+        return Destination("file:./ml_runs", None, ".")
+    parts = urlsplit(uri)
+    if parts.scheme in ("http", "https"):
+        token = env("MLFLOW_TRACKING_TOKEN")
+        server = resolve_server(uri, token)
+        assert server is not None
+        return Destination(server.api_host, server, None)
+    if parts.scheme == "file":
+        return Destination(uri, None, parts.path or ".")
+    if parts.scheme and len(parts.scheme) > 1:  # one letter: a Windows drive, a path
+        raise ConfigurationError(
+            f"tracking URI {uri!r}: tracklane logs to http(s) tracking servers and local paths; "
+            f"{parts.scheme!r} is not supported. Use e.g. 'http://127.0.0.1:5000' or a directory."
+        )
+    return Destination(uri, None, uri)
+
+
+def default_experiment() -> tuple[str | None, str | None]:
+    """(``$MLFLOW_EXPERIMENT_NAME``, ``$MLFLOW_EXPERIMENT_ID``): the experiment MLflow's fluent API
+    uses when none is set."""
+    return env("MLFLOW_EXPERIMENT_NAME"), env("MLFLOW_EXPERIMENT_ID")
 
 
 def check_overflow(policy: str) -> str:

@@ -12,11 +12,11 @@ from __future__ import annotations
 import logging
 import sqlite3
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .._delivery.batching import Batch, Event
 from .._entities import Experiment, Metric, Run
-from .._exceptions import NotFoundError, ServerError
+from .._exceptions import ConfigurationError, NotFoundError, ServerError
 from .._settings import ServerConfig, offline_mode_setting
 from .journal import Journal
 
@@ -49,6 +49,13 @@ def offline_backend(
     return backend
 
 
+def _needs_server(what: str) -> ConfigurationError:
+    return ConfigurationError(
+        f"{what} needs a tracking server; this client logs offline to the local journal. Upload it "
+        "with `tracklane sync DIR --to URL` (or browse it with `tracklane ui DIR`) and use the server."
+    )
+
+
 class JournalBackend:
     """Experiments, runs and events stored in a ``Journal``, for ``TrackingClient(offline_mode=True)``."""
 
@@ -70,7 +77,9 @@ class JournalBackend:
     async def get_experiment(self, experiment_id: str) -> Experiment:
         return await self.journal.call(self.journal.get_experiment, experiment_id)
 
-    async def create_experiment(self, name: str, tags: Mapping[str, str]) -> str:
+    async def create_experiment(
+        self, name: str, tags: Mapping[str, str], artifact_location: str | None = None
+    ) -> str:
         return await self.journal.call(self.journal.create_experiment, name, tags)
 
     async def delete_experiment(self, experiment_id: str) -> None:
@@ -80,7 +89,12 @@ class JournalBackend:
         await self.journal.call(self.journal.set_experiment_tag, experiment_id, key, value)
 
     async def create_run(
-        self, experiment_id: str, run_name: str, start_time: int, tags: Mapping[str, str]
+        self,
+        experiment_id: str,
+        run_name: str,
+        start_time: int,
+        tags: Mapping[str, str],
+        user_id: str | None = None,
     ) -> Run:
         return await self.journal.call(self.journal.create_run, experiment_id, run_name, start_time, tags)
 
@@ -90,8 +104,37 @@ class JournalBackend:
     async def search_runs_by_name(self, experiment_id: str, run_name: str) -> list[Run]:
         return await self.journal.call(self.journal.search_runs_by_name, experiment_id, run_name)
 
-    async def update_run(self, run_id: str, status: str, end_time: int | None) -> None:
+    async def update_run(
+        self, run_id: str, status: str | None, end_time: int | None, run_name: str | None = None
+    ) -> None:
+        if run_name is not None:
+            raise _needs_server("renaming a run")
+        if status is None:
+            status = (await self.get_run(run_id)).info.status
         await self.journal.call(self.journal.update_run, run_id, status, end_time)
+
+    # What the journal does not answer offline: searching and restoring belong to a server.
+
+    async def search_experiments(self, *args: Any) -> tuple[list[Experiment], str | None]:
+        raise _needs_server("search_experiments")
+
+    async def rename_experiment(self, experiment_id: str, new_name: str) -> None:
+        raise _needs_server("rename_experiment")
+
+    async def restore_experiment(self, experiment_id: str) -> None:
+        raise _needs_server("restore_experiment")
+
+    async def search_runs(self, *args: Any) -> tuple[list[Run], str | None]:
+        raise _needs_server("search_runs")
+
+    async def delete_run(self, run_id: str) -> None:
+        raise _needs_server("delete_run")
+
+    async def restore_run(self, run_id: str) -> None:
+        raise _needs_server("restore_run")
+
+    async def delete_tag(self, run_id: str, key: str) -> None:
+        raise _needs_server("delete_tag")
 
     async def log_batch(self, batch: Batch, body: bytes, once: bool = False) -> None:
         """Store one batch in one transaction; a param that changes value refuses the whole batch

@@ -43,6 +43,10 @@ from .journal import server_key
 logger = logging.getLogger("tracklane")
 
 
+#: ``ViewType`` values as the REST API spells them.
+_VIEW_TYPES = {1: "ACTIVE_ONLY", 2: "DELETED_ONLY", 3: "ALL"}
+
+
 def _aiohttp() -> Any:
     """aiohttp, imported on first use: it is most of what ``import tracklane`` would cost, and
     the first request is made on the worker's loop, not on the caller's thread."""
@@ -250,8 +254,12 @@ class RestBackend:
         reply = await self.request("GET", "experiments/get", query={"experiment_id": experiment_id})
         return Experiment.from_json(reply["experiment"])
 
-    async def create_experiment(self, name: str, tags: Mapping[str, str]) -> str:
-        payload = {"name": name, "tags": [{"key": k, "value": v} for k, v in tags.items()]}
+    async def create_experiment(
+        self, name: str, tags: Mapping[str, str], artifact_location: str | None = None
+    ) -> str:
+        payload: dict[str, Any] = {"name": name, "tags": [{"key": k, "value": v} for k, v in tags.items()]}
+        if artifact_location:
+            payload["artifact_location"] = artifact_location
         reply = await self.request("POST", "experiments/create", payload=payload)
         return str(reply["experiment_id"])
 
@@ -265,17 +273,52 @@ class RestBackend:
             payload={"experiment_id": experiment_id, "key": key, "value": value},
         )
 
+    async def search_experiments(
+        self,
+        view_type: int,
+        max_results: int | None,
+        filter_string: str | None,
+        order_by: list[str] | None,
+        page_token: str | None,
+    ) -> tuple[list[Experiment], str | None]:
+        payload: dict[str, Any] = {"view_type": _VIEW_TYPES[view_type]}
+        if max_results is not None:
+            payload["max_results"] = max_results
+        if filter_string:
+            payload["filter"] = filter_string
+        if order_by:
+            payload["order_by"] = list(order_by)
+        if page_token:
+            payload["page_token"] = page_token
+        reply = await self.request("POST", "experiments/search", payload=payload)
+        found = [Experiment.from_json(e) for e in reply.get("experiments") or ()]
+        return found, reply.get("next_page_token") or None
+
+    async def rename_experiment(self, experiment_id: str, new_name: str) -> None:
+        payload = {"experiment_id": experiment_id, "new_name": new_name}
+        await self.request("POST", "experiments/update", payload=payload)
+
+    async def restore_experiment(self, experiment_id: str) -> None:
+        await self.request("POST", "experiments/restore", payload={"experiment_id": experiment_id})
+
     # -- runs ----------------------------------------------------------------------------------
 
     async def create_run(
-        self, experiment_id: str, run_name: str, start_time: int, tags: Mapping[str, str]
+        self,
+        experiment_id: str,
+        run_name: str,
+        start_time: int,
+        tags: Mapping[str, str],
+        user_id: str | None = None,
     ) -> Run:
-        payload = {
+        payload: dict[str, Any] = {
             "experiment_id": experiment_id,
             "run_name": run_name,
             "start_time": start_time,
             "tags": [{"key": k, "value": v} for k, v in tags.items()],
         }
+        if user_id:
+            payload["user_id"] = user_id
         reply = await self.request("POST", "runs/create", payload=payload)
         return Run.from_json(reply["run"])
 
@@ -293,11 +336,48 @@ class RestBackend:
         reply = await self.request("POST", "runs/search", payload=payload)
         return [Run.from_json(r) for r in reply.get("runs") or ()]
 
-    async def update_run(self, run_id: str, status: str, end_time: int | None) -> None:
-        payload: dict[str, Any] = {"run_id": run_id, "status": status}
+    async def update_run(
+        self, run_id: str, status: str | None, end_time: int | None, run_name: str | None = None
+    ) -> None:
+        payload: dict[str, Any] = {"run_id": run_id}
+        if status is not None:
+            payload["status"] = status
         if end_time is not None:
             payload["end_time"] = end_time
+        if run_name is not None:
+            payload["run_name"] = run_name
         await self.request("POST", "runs/update", payload=payload)
+
+    async def search_runs(
+        self,
+        experiment_ids: list[str],
+        filter_string: str,
+        view_type: int,
+        max_results: int,
+        order_by: list[str] | None,
+        page_token: str | None,
+    ) -> tuple[list[Run], str | None]:
+        payload: dict[str, Any] = {
+            "experiment_ids": experiment_ids,
+            "filter": filter_string or "",
+            "run_view_type": _VIEW_TYPES[view_type],
+            "max_results": max_results,
+        }
+        if order_by:
+            payload["order_by"] = list(order_by)
+        if page_token:
+            payload["page_token"] = page_token
+        reply = await self.request("POST", "runs/search", payload=payload)
+        return [Run.from_json(r) for r in reply.get("runs") or ()], reply.get("next_page_token") or None
+
+    async def delete_run(self, run_id: str) -> None:
+        await self.request("POST", "runs/delete", payload={"run_id": run_id})
+
+    async def restore_run(self, run_id: str) -> None:
+        await self.request("POST", "runs/restore", payload={"run_id": run_id})
+
+    async def delete_tag(self, run_id: str, key: str) -> None:
+        await self.request("POST", "runs/delete-tag", payload={"run_id": run_id, "key": key})
 
     async def log_batch(self, batch: Batch, body: bytes, once: bool = False) -> None:
         """Send one log-batch request (``body``: ``batch`` encoded, already cut to the server's limits).

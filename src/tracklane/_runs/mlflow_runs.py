@@ -1,0 +1,344 @@
+"""MLflow's run model: runs by explicit id (``MlflowClient``), and the fluent API's run stack.
+
+``MlflowRuns`` holds the engine like ``OicmRuns`` does, with MLflow's rules instead of OICM's:
+experiments by name or id (``MLFLOW_EXPERIMENT_NAME``/``_ID``, else the default experiment "0"),
+a stack of active runs (``nested=True`` pushes a child tagged ``mlflow.parentRunId``), runs created
+with MLflow's context tags (``mlflow.user``, ``mlflow.source.*``), and any number of runs logged to
+at once by id. Logging stays the engine's hot path; only lifecycle calls (create, end, search)
+wait for the server, on the engine's loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import threading
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from .._delivery.buffer import now_ms
+from .._delivery.engine import Engine
+from .._delivery.spool import RunEnd
+from .._entities import Experiment, Metric, PagedList, Run, RunData, RunInfo, ViewType
+from .._exceptions import InvalidInputError, NotFoundError, ServerError, TrackingError
+from .._settings import (
+    EngineConfig,
+    JobRanks,
+    default_experiment,
+    env_bool,
+    launcher_run_id,
+    system_metrics_node_id,
+)
+from .._stores.offline import JournalBackend
+from .._stores.rest import RestBackend
+from .._validation import check_status
+from . import metadata
+from .lifecycle import USER_TAG_VALUE, checked_tag_names, finish_run
+from .sysmetrics import sampler_interval, start_sampler, stop_sampler
+
+logger = logging.getLogger("tracklane")
+
+Store = RestBackend | JournalBackend
+DEFAULT_EXPERIMENT_ID = "0"
+
+
+def tag_dict(tags: Mapping[str, Any] | Iterable[str] | None, what: str) -> dict[str, str]:
+    """Tags in both dialects: a mapping is MLflow's key/values; a list of names is OICM's
+    (``name: _OI_USER_TAG``)."""
+    if tags is None:
+        return {}
+    if isinstance(tags, Mapping):
+        return {str(k): str(v) for k, v in tags.items()}
+    return dict.fromkeys(checked_tag_names(tags, what), USER_TAG_VALUE)
+
+
+class MlflowRuns:
+    """Experiments and runs with MLflow's semantics, for ``MlflowClient`` and ``tracklane.mlflow``."""
+
+    def __init__(self, engine: Engine, store: Store, config: EngineConfig, ranks: JobRanks) -> None:
+        self.engine = engine
+        self.store = store
+        self.config = config
+        self.ranks = ranks
+        self.experiment_id: str | None = None  # set_experiment's choice
+        self.stack: list[Run] = []  # the fluent API's active runs, innermost last
+        self.last_run_id: str | None = None
+        #: Params logged per run by this process, so a changed value is refused at the call.
+        self.params: dict[str, dict[str, str]] = {}
+        self._samplers: dict[str, asyncio.Task[None] | None] = {}
+        self._lock = threading.Lock()
+        self.owns_runs = True  # False in a forked child: the parent ends its runs
+
+    @property
+    def run_id(self) -> str | None:
+        """The fluent API's active run (read on the hot path, any thread)."""
+        stack = self.stack
+        return stack[-1].info.run_id if stack else None
+
+    def params_of(self, run_id: str) -> dict[str, str]:
+        found = self.params.get(run_id)
+        if found is None:
+            found = self.params[run_id] = {}
+        return found
+
+    def after_fork(self) -> None:
+        self.owns_runs = False
+        self._samplers = {}
+
+    # -- experiments -----------------------------------------------------------------------------
+
+    async def set_experiment(self, name: str | None, experiment_id: str | None) -> Experiment:
+        if (name is None) == (experiment_id is None):
+            raise InvalidInputError(
+                "set_experiment: pass exactly one of experiment_name= and experiment_id=."
+            )
+        if experiment_id is not None:
+            try:
+                experiment = await self.store.get_experiment(str(experiment_id))
+            except NotFoundError:
+                raise NotFoundError(
+                    f"set_experiment: no experiment with id {experiment_id!r}. Check the id, or pass "
+                    "experiment_name= to create one."
+                ) from None
+        else:
+            assert name is not None
+            found = await self.store.get_experiment_by_name(name)
+            if found is None:
+                experiment = await self.store.get_experiment(await self._create_experiment(name, {}))
+            else:
+                experiment = found
+        if experiment.lifecycle_stage == "deleted":
+            raise TrackingError(
+                f"Experiment {experiment.name!r} (id {experiment.experiment_id}) is deleted. Restore it "
+                "(restore_experiment) or choose another name: a deleted experiment's name stays taken."
+            )
+        self.experiment_id = experiment.experiment_id
+        return experiment
+
+    async def _create_experiment(
+        self, name: str, tags: Mapping[str, str], artifact_location: str | None = None
+    ) -> str:
+        try:
+            return await self.store.create_experiment(name, tags, artifact_location)
+        except ServerError as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        found = await self.store.get_experiment_by_name(name)  # created meanwhile elsewhere
+        if found is None:
+            raise TrackingError(f"Experiment {name!r} exists but cannot be read back.") from None
+        return found.experiment_id
+
+    async def create_experiment(
+        self, name: str, artifact_location: str | None, tags: Mapping[str, Any] | Iterable[str] | None
+    ) -> str:
+        """MLflow's rule: a name that exists is an error (RESOURCE_ALREADY_EXISTS)."""
+        return await self.store.create_experiment(name, tag_dict(tags, "experiment"), artifact_location)
+
+    async def active_experiment_id(self) -> str:
+        """set_experiment's, else ``$MLFLOW_EXPERIMENT_NAME``/``_ID``, else the default experiment."""
+        if self.experiment_id is not None:
+            return self.experiment_id
+        name, experiment_id = default_experiment()
+        if experiment_id is not None:
+            return experiment_id
+        if name is not None:
+            return (await self.set_experiment(name, None)).experiment_id
+        return DEFAULT_EXPERIMENT_ID
+
+    async def search_experiments(
+        self,
+        view_type: int,
+        max_results: int | None,
+        filter_string: str | None,
+        order_by: list[str] | None,
+        page_token: str | None,
+    ) -> PagedList[Experiment]:
+        found, token = await self.store.search_experiments(
+            view_type, max_results, filter_string, order_by, page_token
+        )
+        return PagedList(found, token)
+
+    # -- runs by id (MlflowClient) ---------------------------------------------------------------
+
+    async def create_run(
+        self,
+        experiment_id: str,
+        start_time: int | None,
+        tags: Mapping[str, Any] | Iterable[str] | None,
+        run_name: str | None,
+    ) -> Run:
+        tags = tag_dict(tags, "run")
+        return await self.store.create_run(
+            str(experiment_id),
+            run_name or "",
+            start_time if start_time is not None else now_ms(),
+            tags,
+            user_id=tags.get(metadata.USER, "unknown"),
+        )
+
+    async def get_run(self, run_id: str) -> Run:
+        await self.engine.flush()  # read your writes
+        return await self.store.get_run(str(run_id))
+
+    async def search_runs(
+        self,
+        experiment_ids: list[str],
+        filter_string: str,
+        view_type: int,
+        max_results: int,
+        order_by: list[str] | None,
+        page_token: str | None,
+    ) -> PagedList[Run]:
+        ViewType.to_string(view_type)  # a clear error for a bad view type
+        await self.engine.flush()
+        found, token = await self.store.search_runs(
+            [str(e) for e in experiment_ids], filter_string, view_type, max_results, order_by, page_token
+        )
+        return PagedList(found, token)
+
+    async def get_metric_history(self, run_id: str, key: str) -> list[Metric]:
+        await self.engine.flush()
+        return await self.store.get_metric_history(str(run_id), key)
+
+    async def set_terminated(self, run_id: str, status: str | None, end_time: int | None) -> None:
+        """Deliver what was logged, then end the run (kept in the journal if the server is away)."""
+        status = check_status(status or "FINISHED")
+        run = await self.store.get_run(str(run_id))
+        end = RunEnd(
+            run.info.run_id, status, end_time if end_time is not None else now_ms(), run.info.run_name
+        )
+        if await finish_run(self.engine, self.store, end):
+            self.print_links(run.info)
+
+    async def delete_tag(self, run_id: str, key: str) -> None:
+        await self.engine.flush()  # a set_tag logged before must not land after the delete
+        await self.store.delete_tag(str(run_id), key)
+
+    def print_links(self, info: RunInfo) -> None:
+        """MLflow's two lines at a run's end on a plain MLflow server (OICM logs its own links)."""
+        if not isinstance(self.store, RestBackend) or self.store.config.is_oicm:
+            return
+        host = self.store.config.api_host
+        experiment_url = f"{host}/#/experiments/{info.experiment_id}"
+        sys.stdout.write(
+            f"🏃 View run {info.run_name or info.run_id} at: {experiment_url}/runs/{info.run_id}\n"
+        )
+        sys.stdout.write(f"🧪 View experiment at: {experiment_url}\n")
+
+    # -- the fluent API's run stack ------------------------------------------------------------------
+
+    async def start_run(
+        self,
+        run_id: str | None,
+        experiment_id: str | None,
+        run_name: str | None,
+        nested: bool,
+        parent_run_id: str | None,
+        tags: Mapping[str, Any] | Iterable[str] | None,
+        description: str | None,
+        log_system_metrics: bool | None,
+    ) -> Run:
+        """MLflow's ``start_run``: resume ``run_id`` (or ``$MLFLOW_RUN_ID``), else create a run in
+        the active experiment, nested under the active run when ``nested``."""
+        if self.stack and not nested and parent_run_id is None:
+            raise TrackingError(
+                f"Run with UUID {self.stack[-1].info.run_id} is already active. To start a new run, "
+                "first end the current run with mlflow.end_run(). To start a nested run, call "
+                "start_run with nested=True."
+            )
+        if self.stack and parent_run_id is not None and parent_run_id != self.stack[-1].info.run_id:
+            raise TrackingError(
+                f"Current run with UUID {self.stack[-1].info.run_id} does not match the specified "
+                f"parent_run_id {parent_run_id}. To start a new nested run under the parent run with "
+                f"UUID {parent_run_id}, first end the current run with mlflow.end_run()."
+            )
+        user_tags = tag_dict(tags, "run")
+        if description is not None:
+            user_tags[metadata.NOTE] = description
+        wanted = log_system_metrics if log_system_metrics is not None else _mlflow_sampling_default()
+        sampling = sampler_interval(wanted, self.config.system_metrics_interval)
+        existing = run_id if run_id is not None else launcher_run_id()
+        parent = parent_run_id or (self.stack[-1].info.run_id if nested and self.stack else None)
+        if existing is not None:
+            run = await self._resume(str(existing), experiment_id, user_tags)
+        else:
+            if parent is not None:
+                parent_run = await self.store.get_run(parent)
+                if parent_run.info.lifecycle_stage == "deleted":
+                    raise TrackingError(
+                        f"start_run: cannot start a run under parent run {parent}: it is deleted."
+                    )
+                user_tags[metadata.PARENT_RUN_ID] = parent
+            experiment = (
+                str(experiment_id) if experiment_id is not None else await self.active_experiment_id()
+            )
+            all_tags = {**metadata.run_context_tags(), **user_tags}
+            run = await self.store.create_run(
+                experiment, run_name or "", now_ms(), all_tags, user_id=all_tags.get(metadata.USER)
+            )
+        with self._lock:
+            self.stack.append(run)
+        self.params[run.info.run_id] = dict(run.data.params)
+        if self.ranks.distributed and self.ranks.local_rank != 0:
+            sampling = None  # one sampler per node
+        self._samplers[run.info.run_id] = start_sampler(
+            self.engine.buffer,
+            self.store.get_metric_history,
+            run,
+            sampling,
+            system_metrics_node_id(self.ranks),
+        )
+        return run
+
+    async def _resume(self, run_id: str, experiment_id: str | None, tags: dict[str, str]) -> Run:
+        try:
+            run = await self.store.get_run(run_id)
+        except NotFoundError:
+            raise NotFoundError(
+                f"start_run: no run with id {run_id!r} on {self.store.describe}. Check the id (and "
+                "MLFLOW_RUN_ID), or start a new run without run_id."
+            ) from None
+        if run.info.lifecycle_stage == "deleted":
+            raise TrackingError(f"start_run: run {run_id} is deleted; restore it (restore_run) to log to it.")
+        if experiment_id is not None and str(experiment_id) != run.info.experiment_id:
+            raise TrackingError(
+                f"start_run: run {run_id} belongs to experiment {run.info.experiment_id}, not "
+                f"{experiment_id}."
+            )
+        if run.info.status != "RUNNING":
+            await self.store.update_run(run_id, "RUNNING", None)
+        if tags:
+            self.engine.buffer.set_tags(run_id, tags)
+        info = RunInfo(**{**run.info.__dict__, "status": "RUNNING", "end_time": None})
+        return Run(info, RunData(run.data.metrics, run.data.params, {**run.data.tags, **tags}))
+
+    async def end_run(self, status: str, deadline: float | None = None) -> None:
+        """End the innermost active run: deliver its events, mark it ``status``, print its link."""
+        with self._lock:
+            if not self.stack:
+                return
+            run = self.stack.pop()
+        run_id = run.info.run_id
+        await stop_sampler(self._samplers.pop(run_id, None))
+        self.last_run_id = run_id
+        self.params.pop(run_id, None)
+        if not self.owns_runs:
+            await self.engine.flush(deadline)
+            return
+        end = RunEnd(run_id, check_status(status), now_ms(), run.info.run_name)
+        if await finish_run(self.engine, self.store, end, deadline):
+            self.print_links(run.info)
+
+    async def end_active(self, status: str, deadline: float | None) -> None:
+        """At exit: end every active run, innermost first (MLflow's atexit ``end_run``)."""
+        while self.stack:
+            try:
+                await self.end_run(status, deadline)
+            except TrackingError as exc:
+                logger.warning("tracklane: at shutdown: %s", exc)
+
+
+def _mlflow_sampling_default() -> bool:
+    """MLflow samples system metrics only when ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING`` says so."""
+    return env_bool("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "start_run(log_system_metrics=...)") is True

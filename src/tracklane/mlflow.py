@@ -1,0 +1,79 @@
+"""MLflow's fluent tracking API on tracklane's engine: ``import tracklane.mlflow as mlflow``.
+
+A drop-in for the common subset of the ``mlflow`` module, with MLflow's signatures and semantics
+(a process-wide stack of active runs, ``nested=True`` children tagged ``mlflow.parentRunId``, a run
+started for you when you log with none active, ``MLFLOW_TRACKING_URI``, ``MLFLOW_EXPERIMENT_NAME``/
+``_ID`` and ``MLFLOW_RUN_ID`` honoured). What differs: logging calls never wait for the server
+unless ``synchronous=True`` (MLflow waits by default), and what the server cannot take now is kept
+in a local journal and delivered later. Active runs end at interpreter exit, FAILED if the process
+dies of an exception. Importing this module starts nothing; the first call does.
+"""
+
+from __future__ import annotations
+
+from . import entities
+from ._entities import ActiveRun
+from ._faces.fluent import Fluent
+from ._faces.mlflow_client import MlflowClient
+
+_fluent = Fluent()
+
+# Bound methods: one call from the user's code to the engine's hot path.
+set_tracking_uri = _fluent.set_tracking_uri
+get_tracking_uri = _fluent.get_tracking_uri
+set_experiment = _fluent.set_experiment
+create_experiment = _fluent.create_experiment
+get_experiment = _fluent.get_experiment
+get_experiment_by_name = _fluent.get_experiment_by_name
+delete_experiment = _fluent.delete_experiment
+search_experiments = _fluent.search_experiments
+set_experiment_tag = _fluent.set_experiment_tag
+set_experiment_tags = _fluent.set_experiment_tags
+start_run = _fluent.start_run
+end_run = _fluent.end_run
+active_run = _fluent.active_run
+last_active_run = _fluent.last_active_run
+get_run = _fluent.get_run
+get_parent_run = _fluent.get_parent_run
+delete_run = _fluent.delete_run
+search_runs = _fluent.search_runs
+log_metric = _fluent.log_metric
+log_metrics = _fluent.log_metrics
+log_param = _fluent.log_param
+log_params = _fluent.log_params
+set_tag = _fluent.set_tag
+set_tags = _fluent.set_tags
+delete_tag = _fluent.delete_tag
+flush = _fluent.flush
+
+__all__ = [
+    "ActiveRun",
+    "MlflowClient",
+    "active_run",
+    "create_experiment",
+    "delete_experiment",
+    "delete_run",
+    "delete_tag",
+    "end_run",
+    "entities",
+    "flush",
+    "get_experiment",
+    "get_experiment_by_name",
+    "get_parent_run",
+    "get_run",
+    "get_tracking_uri",
+    "last_active_run",
+    "log_metric",
+    "log_metrics",
+    "log_param",
+    "log_params",
+    "search_experiments",
+    "search_runs",
+    "set_experiment",
+    "set_experiment_tag",
+    "set_experiment_tags",
+    "set_tag",
+    "set_tags",
+    "set_tracking_uri",
+    "start_run",
+]
