@@ -1,4 +1,4 @@
-"""The ``tracklane`` console script: ``tracklane sync`` and ``tracklane bench``.
+"""The ``tracklane`` console script: ``tracklane sync``, ``tracklane ui`` and ``tracklane bench``.
 
 Each subcommand lives in its own module and registers its arguments here; this file only
 dispatches. Help text is plain text (what a terminal shows), never reST.
@@ -16,7 +16,8 @@ from .. import __version__
 DESCRIPTION = (
     "tracklane: experiment tracking for MLflow and OICM servers that never slows your training "
     "loop and loses nothing. The library is used from Python; this command uploads what was "
-    "logged offline or kept through an outage, and measures throughput."
+    "logged offline or kept through an outage, shows it in MLflow's web UI, and measures "
+    "throughput."
 )
 EPILOG = "Run 'tracklane COMMAND --help' for the options of a command."
 
@@ -45,7 +46,7 @@ def _subcommands() -> list[Any]:
     import importlib
 
     found: list[Any] = []
-    for name in ("tracklane._cli.sync", "tracklane._cli.bench"):
+    for name in ("tracklane._cli.sync", "tracklane._cli.ui", "tracklane._cli.bench"):
         try:
             found.append(importlib.import_module(name))
         except ModuleNotFoundError as exc:
