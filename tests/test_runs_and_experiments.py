@@ -236,3 +236,34 @@ def test_get_run_of_an_unknown_id_raises_not_found(client: TrackingClient) -> No
 
 def test_get_experiment_by_name_of_a_missing_experiment_is_none(client: TrackingClient) -> None:
     assert client.get_experiment_by_name("no-such-experiment-anywhere") is None
+
+
+def test_tags_as_a_dict_are_mlflows_key_values_and_a_list_is_oicms_names(
+    client: TrackingClient, reader: Reader
+) -> None:
+    with client.start_run(run_name="dict-tags", tags={"team": "nlp"}) as run:
+        client.set_run_tags(["baseline"])
+        client.set_run_tags({"stage": "dev"})
+
+    tags = reader.tags(run.info.run_id)
+    assert tags["team"] == "nlp"
+    assert tags["baseline"] == "_OI_USER_TAG"
+    assert tags["stage"] == "dev"
+
+
+def test_a_new_run_carries_mlflows_user_and_source_tags(client: TrackingClient, reader: Reader) -> None:
+    with client.start_run(run_name="with-metadata") as run:
+        pass
+
+    tags = reader.tags(run.info.run_id)
+    assert tags["mlflow.user"] and tags["mlflow.source.type"] == "LOCAL" and tags["mlflow.source.name"]
+    assert reader.run(run.info.run_id)["info"]["user_id"] == tags["mlflow.user"]
+
+
+def test_a_resumed_run_is_returned_running_with_the_tags_just_given(client: TrackingClient) -> None:
+    with client.start_run(run_name="resumed-later"):
+        pass
+
+    with client.start_run(run_name="resumed-later", tags={"attempt": "2"}) as again:
+        assert again.info.status == "RUNNING" and again.info.end_time is None
+        assert again.data.tags["attempt"] == "2"

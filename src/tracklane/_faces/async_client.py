@@ -27,7 +27,7 @@ from .._delivery.buffer import Buffer
 from .._entities import ActiveRun, Experiment, Metric, Run, exit_status
 from .._exceptions import ConfigurationError
 from .._faces.base import ClientBase
-from .._runs.lifecycle import USER_TAG_VALUE, OicmRuns, checked_tag_names
+from .._runs.lifecycle import OicmRuns, tag_dict
 from .._runtime.process import exit_status_of_process
 from .._validation import check_status
 
@@ -163,7 +163,10 @@ class AsyncTrackingClient(ClientBase[AsyncActiveRun]):
         return await (await self._attached()).set_experiment(experiment_name, workspace_id)
 
     async def create_experiment(
-        self, experiment_name: str, workspace_id: str | None = None, tags: list[str] | None = None
+        self,
+        experiment_name: str,
+        workspace_id: str | None = None,
+        tags: Mapping[str, Any] | list[str] | None = None,
     ) -> Experiment:
         """Create an experiment (or return the one with that name), adding tag names to it."""
         return await (await self._attached()).create_experiment(experiment_name, workspace_id, tags or ())
@@ -176,7 +179,7 @@ class AsyncTrackingClient(ClientBase[AsyncActiveRun]):
         """Mark an experiment deleted."""
         await (await self._attached()).delete_experiment(experiment_id)
 
-    async def set_experiment_tags(self, tag_names: list[str]) -> None:
+    async def set_experiment_tags(self, tag_names: Mapping[str, Any] | list[str]) -> None:
         """Add tag names to the active experiment."""
         await (await self._attached()).set_experiment_tags(tag_names)
 
@@ -186,7 +189,7 @@ class AsyncTrackingClient(ClientBase[AsyncActiveRun]):
         self,
         run_id: str | None = None,
         run_name: str | None = None,
-        tags: list[str] | None = None,
+        tags: Mapping[str, Any] | list[str] | None = None,
         log_system_metrics: bool | None = None,
     ) -> StartRun:
         """Start, resume by name, or attach by id; ``await`` it, or ``async with`` it to end it
@@ -250,11 +253,9 @@ class AsyncTrackingClient(ClientBase[AsyncActiveRun]):
         self._buffer.set_tags(self._runs.run_id, tags)
         return self._room
 
-    def set_run_tags(self, tag_names: list[str]) -> Room:
+    def set_run_tags(self, tag_names: Mapping[str, Any] | list[str]) -> Room:
         """Add tag names to the active run (name as key, ``_OI_USER_TAG`` as value)."""
-        self._buffer.set_tags(
-            self._runs.run_id, dict.fromkeys(checked_tag_names(tag_names, "run"), USER_TAG_VALUE)
-        )
+        self._buffer.set_tags(self._runs.run_id, tag_dict(tag_names, "run"))
         return self._room
 
 

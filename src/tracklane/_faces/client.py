@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 from .._delivery.engine import Engine
 from .._entities import ActiveRun, Experiment, Metric, Run
 from .._faces.base import ClientBase
-from .._runs.lifecycle import USER_TAG_VALUE, checked_tag_names
+from .._runs.lifecycle import tag_dict
 from .._settings import EngineConfig, ServerConfig
 from .._stores.offline import JournalBackend
 from .._validation import check_status
@@ -110,7 +110,7 @@ class TrackingClient(ClientBase[ActiveRun]):
         self,
         experiment_name: str,
         workspace_id: str | None = None,
-        tags: list[str] | None = None,
+        tags: Mapping[str, Any] | list[str] | None = None,
     ) -> Experiment:
         """Create an experiment (or return the one with that name), adding tag names to it."""
         return self._call(self._runs.create_experiment(experiment_name, workspace_id, tags or ()))
@@ -123,7 +123,7 @@ class TrackingClient(ClientBase[ActiveRun]):
         """Mark an experiment deleted (its lifecycle stage becomes ``deleted``)."""
         self._call(self._runs.delete_experiment(experiment_id))
 
-    def set_experiment_tags(self, tag_names: list[str]) -> None:
+    def set_experiment_tags(self, tag_names: Mapping[str, Any] | list[str]) -> None:
         """Add tag names to the active experiment; existing ones are kept, none duplicated."""
         self._call(self._runs.set_experiment_tags(tag_names))
 
@@ -133,7 +133,7 @@ class TrackingClient(ClientBase[ActiveRun]):
         self,
         run_id: str | None = None,
         run_name: str | None = None,
-        tags: list[str] | None = None,
+        tags: Mapping[str, Any] | list[str] | None = None,
         log_system_metrics: bool | None = None,
     ) -> ActiveRun:
         """Start a run, continue the run named ``run_name``, or attach to ``run_id``.
@@ -197,11 +197,10 @@ class TrackingClient(ClientBase[ActiveRun]):
         """Set several run tags."""
         self._buffer.set_tags(self._runs.run_id, tags)
 
-    def set_run_tags(self, tag_names: list[str]) -> None:
-        """Add tag names to the active run, the OICM way (name as key, ``_OI_USER_TAG`` value)."""
-        self._buffer.set_tags(
-            self._runs.run_id, dict.fromkeys(checked_tag_names(tag_names, "run"), USER_TAG_VALUE)
-        )
+    def set_run_tags(self, tag_names: Mapping[str, Any] | list[str]) -> None:
+        """Add tags to the active run: a list of names the OICM way (``name: _OI_USER_TAG``), or a
+        dict of key/values (MLflow's)."""
+        self._buffer.set_tags(self._runs.run_id, tag_dict(tag_names, "run"))
 
     # -- delivery --------------------------------------------------------------------------------
 

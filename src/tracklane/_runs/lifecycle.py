@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import sys
 from collections.abc import Iterable, Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
 from .._delivery.buffer import now_ms
 from .._delivery.engine import Engine
@@ -27,9 +28,10 @@ from .._exceptions import (
     ServerUnavailableError,
     TrackingError,
 )
-from .._limits import MAX_EXPERIMENT_TAG_VALUE_LENGTH
+from .._limits import MAX_EXPERIMENT_TAG_VALUE_LENGTH, MAX_TAG_VALUE_LENGTH
 from .._settings import EngineConfig, JobRanks, launcher_run_id, system_metrics_node_id
 from .._validation import check_key, text_value
+from . import metadata
 from .sysmetrics import sampler_interval, start_sampler, stop_sampler
 
 logger = logging.getLogger("tracklane")
@@ -50,17 +52,28 @@ class RunStore(Protocol):
     def describe(self) -> str: ...
     async def check_platform(self) -> str | None: ...
     def ui_links(self, run: Run) -> tuple[str, str] | None: ...
+    @property
+    def mlflow_ui_url(self) -> str | None: ...
     async def get_experiment_by_name(self, name: str) -> Experiment | None: ...
     async def get_experiment(self, experiment_id: str) -> Experiment: ...
-    async def create_experiment(self, name: str, tags: Mapping[str, str]) -> str: ...
+    async def create_experiment(
+        self, name: str, tags: Mapping[str, str], artifact_location: str | None = None
+    ) -> str: ...
     async def delete_experiment(self, experiment_id: str) -> None: ...
     async def set_experiment_tag(self, experiment_id: str, key: str, value: str) -> None: ...
     async def create_run(
-        self, experiment_id: str, run_name: str, start_time: int, tags: Mapping[str, str]
+        self,
+        experiment_id: str,
+        run_name: str,
+        start_time: int,
+        tags: Mapping[str, str],
+        user_id: str | None = None,
     ) -> Run: ...
     async def get_run(self, run_id: str) -> Run: ...
     async def search_runs_by_name(self, experiment_id: str, run_name: str) -> list[Run]: ...
-    async def update_run(self, run_id: str, status: str, end_time: int | None) -> None: ...
+    async def update_run(
+        self, run_id: str, status: str | None, end_time: int | None, run_name: str | None = None
+    ) -> None: ...
     async def get_metric_history(self, run_id: str, key: str) -> list[Metric]: ...
 
 
@@ -140,26 +153,25 @@ class OicmRuns:
         return found.experiment_id
 
     async def create_experiment(
-        self, name: str, workspace_id: str | None, tag_names: Iterable[str]
+        self, name: str, workspace_id: str | None, tags: Mapping[str, Any] | Iterable[str]
     ) -> Experiment:
         self._use_workspace(workspace_id)
-        names = checked_tag_names(tag_names, "experiment")
+        wanted = tag_dict(tags, "experiment")
         existing = await self.store.get_experiment_by_name(name)
         if existing is None:
-            experiment_id = await self._create_experiment(name, dict.fromkeys(names, USER_TAG_VALUE))
+            experiment_id = await self._create_experiment(name, wanted)
         else:
             experiment_id = existing.experiment_id
-            for tag in names:
-                if tag not in existing.tags:
-                    await self.store.set_experiment_tag(experiment_id, tag, USER_TAG_VALUE)
+            for tag, value in wanted.items():
+                if existing.tags.get(tag) != value and not (value == USER_TAG_VALUE and tag in existing.tags):
+                    await self.store.set_experiment_tag(experiment_id, tag, value)
         return await self.store.get_experiment(experiment_id)
 
-    async def set_experiment_tags(self, tag_names: Iterable[str]) -> None:
+    async def set_experiment_tags(self, tags: Mapping[str, Any] | Iterable[str]) -> None:
         experiment = self._require_experiment("set_experiment_tags()")
-        names = checked_tag_names(tag_names, "experiment")
-        for tag in names:
-            if tag not in experiment.tags:
-                await self.store.set_experiment_tag(experiment.experiment_id, tag, USER_TAG_VALUE)
+        for tag, value in tag_dict(tags, "experiment").items():
+            if experiment.tags.get(tag) != value and not (value == USER_TAG_VALUE and tag in experiment.tags):
+                await self.store.set_experiment_tag(experiment.experiment_id, tag, value)
         self.experiment = await self.store.get_experiment(experiment.experiment_id)
 
     async def get_experiment_by_name(self, name: str) -> Experiment | None:
@@ -176,7 +188,7 @@ class OicmRuns:
         self,
         run_id: str | None,
         run_name: str | None,
-        tag_names: Iterable[str] | None,
+        tags: Mapping[str, Any] | Iterable[str] | None,
         log_system_metrics: bool | None = None,
     ) -> Run:
         """Create, resume by name, or attach by id (the OICM client's rules) and make it active.
@@ -190,7 +202,7 @@ class OicmRuns:
                 "block) before starting another."
             )
         sampling = sampler_interval(log_system_metrics, self.config.system_metrics_interval)
-        names = checked_tag_names(tag_names or (), "run")
+        wanted = tag_dict(tags, "run")
         run: Run | None = None
         if run_id is None and run_name is None:
             run_id = launcher_run_id()  # a launcher's run for this job, as MLflow reads it
@@ -236,22 +248,29 @@ class OicmRuns:
                 )
             if run is None:
                 name = run_name if run_name is not None else f"run-{secrets.token_hex(4)}"
+                all_tags = {**metadata.run_context_tags(), **wanted}
                 run = await self.store.create_run(
-                    experiment.experiment_id, name, now_ms(), dict.fromkeys(names, USER_TAG_VALUE)
+                    experiment.experiment_id, name, now_ms(), all_tags, user_id=all_tags.get(metadata.USER)
                 )
-                names = []
+                wanted = {}
         if run.info.status != "RUNNING" and not follower:
             await self.store.update_run(run.info.run_id, "RUNNING", None)
+        new_tags = {
+            k: v
+            for k, v in wanted.items()
+            if run.data.tags.get(k) != v and not (v == USER_TAG_VALUE and k in run.data.tags)
+        }
+        # A run resumed or attached is returned as it is now: running, with the tags just set.
         self.run = RunInfo(**{**run.info.__dict__, "status": "RUNNING", "end_time": None})
-        self.active = Run(self.run, run.data)
+        data = RunData(run.data.metrics, run.data.params, {**run.data.tags, **new_tags})
+        run = self.active = Run(self.run, data)
         self.params = dict(run.data.params)
         self.run_id = run.info.run_id
         self.owns_run = not follower
         if self.ranks.distributed and self.ranks.local_rank != 0:
             sampling = None  # one sampler per node: LOCAL_RANK 0's
-        new_tags = [t for t in names if t not in run.data.tags]
         if new_tags:
-            self.set_tags(dict.fromkeys(new_tags, USER_TAG_VALUE))
+            self.set_tags(new_tags)
         self._sampler = start_sampler(
             self.engine.buffer,
             self.store.get_metric_history,
@@ -308,9 +327,10 @@ class OicmRuns:
             await self.engine.flush(deadline)
             return
         self.last_run = Run(RunInfo(**{**run.__dict__, "status": status, "end_time": end}), data)
-        await finish_run(
+        if await finish_run(
             self.engine, self.store, RunEnd(run.run_id, status, end, run.run_name), deadline, notice
-        )
+        ):
+            print_run_links(self.store, run)
 
     async def end_active(self, status: str, deadline: float | None) -> None:
         """At shutdown: end the active run with ``status`` (unless it is a forked child's parent's).
@@ -388,6 +408,32 @@ async def finish_run(
     if problem is not None:
         raise problem
     return delivered
+
+
+def print_run_links(store: RunStore, info: RunInfo) -> None:
+    """MLflow's two lines at a run's end, on a plain MLflow server (OICM logs its own links at
+    start, unless ``hide_host``)."""
+    host = store.mlflow_ui_url
+    if host is None:
+        return
+    experiment_url = f"{host}/#/experiments/{info.experiment_id}"
+    sys.stdout.write(f"🏃 View run {info.run_name or info.run_id} at: {experiment_url}/runs/{info.run_id}\n")
+    sys.stdout.write(f"🧪 View experiment at: {experiment_url}\n")
+
+
+def tag_dict(tags: Mapping[str, Any] | Iterable[str] | None, what: str) -> dict[str, str]:
+    """Tags in both dialects: a mapping is MLflow's key/values; a list of names is OICM's
+    (``name: _OI_USER_TAG``)."""
+    if tags is None:
+        return {}
+    if isinstance(tags, Mapping):
+        out = {}
+        for key, value in tags.items():
+            check_key(key, f"{what} tag")
+            limit = MAX_EXPERIMENT_TAG_VALUE_LENGTH if what == "experiment" else MAX_TAG_VALUE_LENGTH
+            out[key] = text_value(key, value, f"{what} tag", limit)
+        return out
+    return dict.fromkeys(checked_tag_names(tags, what), USER_TAG_VALUE)
 
 
 def checked_tag_names(names: Iterable[str], what: str) -> list[str]:

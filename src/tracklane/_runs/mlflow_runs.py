@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -34,23 +33,13 @@ from .._stores.offline import JournalBackend
 from .._stores.rest import RestBackend
 from .._validation import check_status
 from . import metadata
-from .lifecycle import USER_TAG_VALUE, checked_tag_names, finish_run
+from .lifecycle import finish_run, print_run_links, tag_dict
 from .sysmetrics import sampler_interval, start_sampler, stop_sampler
 
 logger = logging.getLogger("tracklane")
 
 Store = RestBackend | JournalBackend
 DEFAULT_EXPERIMENT_ID = "0"
-
-
-def tag_dict(tags: Mapping[str, Any] | Iterable[str] | None, what: str) -> dict[str, str]:
-    """Tags in both dialects: a mapping is MLflow's key/values; a list of names is OICM's
-    (``name: _OI_USER_TAG``)."""
-    if tags is None:
-        return {}
-    if isinstance(tags, Mapping):
-        return {str(k): str(v) for k, v in tags.items()}
-    return dict.fromkeys(checked_tag_names(tags, what), USER_TAG_VALUE)
 
 
 class MlflowRuns:
@@ -209,22 +198,11 @@ class MlflowRuns:
             run.info.run_id, status, end_time if end_time is not None else now_ms(), run.info.run_name
         )
         if await finish_run(self.engine, self.store, end):
-            self.print_links(run.info)
+            print_run_links(self.store, run.info)
 
     async def delete_tag(self, run_id: str, key: str) -> None:
         await self.engine.flush()  # a set_tag logged before must not land after the delete
         await self.store.delete_tag(str(run_id), key)
-
-    def print_links(self, info: RunInfo) -> None:
-        """MLflow's two lines at a run's end on a plain MLflow server (OICM logs its own links)."""
-        if not isinstance(self.store, RestBackend) or self.store.config.is_oicm:
-            return
-        host = self.store.config.api_host
-        experiment_url = f"{host}/#/experiments/{info.experiment_id}"
-        sys.stdout.write(
-            f"🏃 View run {info.run_name or info.run_id} at: {experiment_url}/runs/{info.run_id}\n"
-        )
-        sys.stdout.write(f"🧪 View experiment at: {experiment_url}\n")
 
     # -- the fluent API's run stack ------------------------------------------------------------------
 
@@ -328,7 +306,7 @@ class MlflowRuns:
             return
         end = RunEnd(run_id, check_status(status), now_ms(), run.info.run_name)
         if await finish_run(self.engine, self.store, end, deadline):
-            self.print_links(run.info)
+            print_run_links(self.store, run.info)
 
     async def end_active(self, status: str, deadline: float | None) -> None:
         """At exit: end every active run, innermost first (MLflow's atexit ``end_run``)."""

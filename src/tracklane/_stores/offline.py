@@ -180,6 +180,10 @@ class JournalBackend:
     def after_fork(self) -> None:
         """Nothing to forget: the journal reconnects by itself in a forked child."""
 
+    @property
+    def mlflow_ui_url(self) -> str | None:
+        return None  # offline: `tracklane ui` serves it later
+
     def ui_links(self, run: Run) -> tuple[str, str] | None:
         return None  # offline: no web UI to point at
 

@@ -237,6 +237,11 @@ class RestBackend:
         """The run's and its experiment's pages in the OICM web UI (None: not OICM, or hide_host)."""
         return self.config.ui_links(self.workspace_id, run.info.experiment_id, run.info.run_id)
 
+    @property
+    def mlflow_ui_url(self) -> str | None:
+        """Where MLflow's own web UI is: a plain MLflow server's address (None on OICM)."""
+        return None if self.config.is_oicm else self.config.api_host
+
     def server_key(self) -> str:
         """How the journal names this server (and workspace): see ``journal.server_key``."""
         return server_key(self.config.api_host, self.workspace_id)
