@@ -19,6 +19,16 @@ whole share is reported too: the CPU time of every thread but the caller's, per 
 handled meanwhile, and that added to the median call, which is what a training loop that holds
 the GIL throughout (pure-Python steps) pays per call.
 
+The MLflow faces (issue 11) run the same schedule in processes of their own, after
+``TrackingClient``: ``tracklane.mlflow.log_metric`` in a run started with ``mlflow.start_run()``,
+and ``tracklane.MlflowClient(url).log_metric(run_id, ...)``, each for as many calls as
+``TrackingClient.log_metric`` makes, into a run of its own on the same server. Beside them, in the
+same run of this script, MLflow's own ``mlflow.log_metric(..., synchronous=False)``. Its queue
+sends one request per call (~40-80 events/s here), so it makes fewer calls (``mlflow_calls``): its
+caller cost is its own Python path (~1 ms) and does not grow with the count. Every one of these
+measurements ends with its events delivered (``flush()``, ``flush_async_logging()``) and its run
+ended before the next starts, so no two overlap on the server.
+
 The peers (W&B offline, trackio local), when installed, run the same schedule, each in a process
 of its own.
 """
@@ -28,7 +38,10 @@ from __future__ import annotations
 import argparse
 import collections
 import gc
+import importlib.util
 import json
+import logging
+import os
 import statistics
 import tempfile
 import threading
@@ -48,7 +61,9 @@ SLOT = 200
 GROUP = 10
 #: Seconds of each phase. The floor runs before tracklane and, but at smoke scale, after it too
 #: (drift on a shared machine then shifts both alike). ``settle_s`` bounds the unmeasured flush
-#: before each phase.
+#: before each phase and the drain after the last. The MLflow faces make as many ``log_metric``
+#: calls as ``TrackingClient`` (``log_metric_s``); MLflow's own ``synchronous=False`` makes
+#: ``mlflow_calls`` (a multiple of ``SLOT``), and ``mlflow_drain_s`` bounds each wait for its queue.
 COUNTS = {
     "smoke": {
         "log_metric_s": 0.5,
@@ -57,6 +72,8 @@ COUNTS = {
         "floor_s": 0.5,
         "floor_runs": 1,
         "settle_s": 10.0,
+        "mlflow_calls": 200,
+        "mlflow_drain_s": 30.0,
     },
     "quick": {
         "log_metric_s": 2.5,
@@ -65,6 +82,8 @@ COUNTS = {
         "floor_s": 1.0,
         "floor_runs": 2,
         "settle_s": 10.0,
+        "mlflow_calls": 400,
+        "mlflow_drain_s": 30.0,
     },
     "full": {
         "log_metric_s": 10.0,
@@ -73,8 +92,12 @@ COUNTS = {
         "floor_s": 5.0,
         "floor_runs": 2,
         "settle_s": 30.0,
+        "mlflow_calls": 2_000,
+        "mlflow_drain_s": 120.0,
     },
 }
+#: Unmeasured ``log_metric`` calls before a face's phase (first-use key checks, the connection).
+WARMUP_CALLS = 20
 PEER_SECONDS = {"smoke": 0.3, "quick": 1.0, "full": 3.0}
 KEYS10 = {f"metric_{i}": 0.5 + i for i in range(10)}
 
@@ -178,7 +201,140 @@ def tracklane_child(url: str, counts: dict[str, float]) -> dict[str, Any]:
             # Every thread but the caller's: the worker, its event loop, the HTTP client.
             "others_cpu_s": (cpu1 - cpu0) - (caller_cpu1 - caller_cpu0),
         }
-    tc.close(timeout=1.0)  # not measured, and bounded: the last events need not reach the server
+    # Not measured: the last phase's events reach the server before the next measurement starts.
+    out["drained"] = bool(tc.flush(timeout=counts["settle_s"]))
+    tc.close(timeout=1.0)
+    return out
+
+
+def bounded(fn: Callable[[], object], timeout: float) -> bool:
+    """Run ``fn`` on a daemon thread; False if it is still running after ``timeout`` seconds
+    (MLflow's ``flush_async_logging`` has no timeout of its own)."""
+    thread = threading.Thread(target=fn, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return not thread.is_alive()
+
+
+def engine_stats(face: Any) -> Callable[[], dict[str, float]] | None:
+    """The counters of the engine behind an MLflow face, which has no ``stats()`` of its own: a
+    benchmark's look inside (None when the face is built otherwise, and the count is not reported)."""
+    engine = getattr(getattr(face, "_session", None), "engine", None)
+    stats = getattr(engine, "stats", None)
+    return stats if callable(stats) else None
+
+
+def face_phase(
+    calls: Callable[[int, int], None],
+    seconds: float,
+    flush: Callable[[float], bool],
+    bound_s: float,
+    stats: Callable[[], dict[str, float]] | None = None,
+) -> dict[str, Any]:
+    """One ``log_metric`` phase of a face, on the schedule of ``paced``, while its worker delivers.
+
+    Unmeasured: warm-up calls, then a flush, so the phase starts with nothing in flight; and after
+    it the drain, so the next measurement starts with none of this one's events left (``flush``
+    waits at most ``bound_s``; ``settled``/``drained`` say whether it finished).
+    """
+    calls(0, WARMUP_CALLS)
+    settled = flush(bound_s)
+    before = stats() if stats is not None else {}
+    cpu0, caller_cpu0, began = time.process_time(), time.thread_time(), time.perf_counter()
+    per_call = paced(calls, GROUP, 1, seconds)
+    cpu1, caller_cpu1, called = time.process_time(), time.thread_time(), time.perf_counter()
+    after = stats() if stats is not None else {}
+    drained = flush(bound_s)
+    ended = time.perf_counter()
+    delivered = int(after.get("delivered", 0)) - int(before.get("delivered", 0)) if stats else None
+    return {
+        "per_call_us": per_call,
+        "calls": len(per_call) * GROUP,
+        "seconds": called - began,
+        "drain_s": ended - called,
+        "settled": settled,
+        "drained": drained,
+        "delivered": delivered,  # during the phase; None when the face's counters are not reachable
+        "others_cpu_s": (cpu1 - cpu0) - (caller_cpu1 - caller_cpu0),
+    }
+
+
+def tracklane_mlflow_child(url: str, counts: dict[str, float]) -> dict[str, Any]:
+    """In a fresh process: ``tracklane.mlflow.log_metric`` in an active run on ``url``."""
+    import tracklane.mlflow as mlflow
+
+    mlflow.set_tracking_uri(url)
+    mlflow.set_experiment(f"bench-caller-cost-fluent-{uuid.uuid4().hex[:8]}")
+    mlflow.start_run(run_name="caller-cost-fluent", log_system_metrics=False)
+    log_metric = mlflow.log_metric
+
+    def calls(first: int, count: int) -> None:
+        for i in range(first, first + count):
+            log_metric("loss", 0.5, i)
+
+    stats = engine_stats(getattr(mlflow, "_fluent", None))
+    out = face_phase(
+        calls, counts["log_metric_s"], lambda t: mlflow.flush(timeout=t), counts["settle_s"], stats
+    )
+    mlflow.end_run()
+    return out
+
+
+def tracklane_mlflow_client_child(url: str, counts: dict[str, float]) -> dict[str, Any]:
+    """In a fresh process: ``tracklane.MlflowClient(url).log_metric(run_id, ...)``."""
+    from tracklane import MlflowClient
+
+    client = MlflowClient(url)
+    experiment_id = client.create_experiment(f"bench-caller-cost-client-{uuid.uuid4().hex[:8]}")
+    run_id = client.create_run(experiment_id, run_name="caller-cost-client").info.run_id
+    log_metric = client.log_metric
+
+    def calls(first: int, count: int) -> None:
+        for i in range(first, first + count):
+            log_metric(run_id, "loss", 0.5, step=i)
+
+    out = face_phase(
+        calls,
+        counts["log_metric_s"],
+        lambda t: client.flush(timeout=t),
+        counts["settle_s"],
+        engine_stats(client),
+    )
+    client.set_terminated(run_id)
+    return out
+
+
+def mlflow_env() -> dict[str, str]:
+    """MLflow's client in a child: no usage telemetry (no traffic beyond 127.0.0.1), no URL prints."""
+    return {
+        **os.environ,
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DO_NOT_TRACK": "true",
+        "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+    }
+
+
+def mlflow_child(url: str, counts: dict[str, float]) -> dict[str, Any]:
+    """In a fresh process: MLflow's ``mlflow.log_metric(..., synchronous=False)`` in an active run,
+    its async queue delivering to ``url`` meanwhile; the figure counts once the queue is flushed."""
+    logging.getLogger("mlflow").setLevel(logging.ERROR)
+    import mlflow
+
+    mlflow.set_tracking_uri(url)
+    mlflow.set_experiment(f"bench-caller-cost-mlflow-{uuid.uuid4().hex[:8]}")
+    mlflow.start_run(run_name="caller-cost-mlflow-async", log_system_metrics=False)
+    log_metric = mlflow.log_metric
+
+    def calls(first: int, count: int) -> None:
+        for i in range(first, first + count):
+            log_metric("loss", 0.5, step=i, synchronous=False)
+
+    def flush(timeout: float) -> bool:
+        return bounded(mlflow.flush_async_logging, timeout)
+
+    out = face_phase(calls, counts["mlflow_calls"] / RATE, flush, counts["mlflow_drain_s"])
+    if out["drained"]:  # else the queue is still busy; ending the run would wait on it unbounded
+        mlflow.end_run()
     return out
 
 
@@ -227,9 +383,26 @@ def measure(args: argparse.Namespace) -> _common.Figure:
     _common.banner(figure, args)
     counts = COUNTS[args.scale]
     figure.params = {**counts, "events_per_s": RATE, "events_per_timed_group": GROUP}
+    spec = {"url": "", "counts": counts}
+    faces: dict[str, dict[str, Any]] = {}
     with _common.mlflow_server(args) as url:
+        spec["url"] = url
         floor = measure_floor(counts, figure)  # before tracklane, and after it below
-        got = _common.child(__file__, "tracklane", {"url": url, "counts": counts}, timeout=120)
+        got = _common.child(__file__, "tracklane", spec, timeout=120)
+        # One after the other, each in a fresh process that ends with its events delivered.
+        for face in ("tracklane_mlflow", "tracklane_mlflow_client"):
+            faces[face] = _common.child(__file__, face, spec, timeout=120)
+        if importlib.util.find_spec("mlflow") is None:
+            figure.skip(
+                "MLflow log_metric(synchronous=False): mlflow is not installed "
+                "(`pip install 'tracklane[bench]'` adds it); no MLflow row beside the MLflow faces"
+            )
+        else:
+            bound = 2 * float(counts["mlflow_drain_s"]) + 60  # two bounded flushes, import, run
+            try:
+                faces["mlflow"] = _common.child(__file__, "mlflow", spec, env=mlflow_env(), timeout=bound)
+            except RuntimeError as exc:  # MLflow's failure is noted; it does not cost tracklane's rows
+                figure.skip(f"MLflow log_metric(synchronous=False) failed: {str(exc).splitlines()[-1]}")
         for _ in range(int(counts["floor_runs"]) - 1):
             floor += measure_floor(counts, figure)
     floor_us = _common.median(floor)
@@ -290,8 +463,12 @@ def measure(args: argparse.Namespace) -> _common.Figure:
         "us/call",
     )
     figure.params["tracklane_phases"] = {
-        name: {k: v for k, v in phase.items() if k != "per_call_us"} for name, phase in got.items()
+        name: {k: v for k, v in phase.items() if k != "per_call_us"} if isinstance(phase, dict) else phase
+        for name, phase in got.items()
     }
+    if not got.get("drained", True):
+        figure.note(f"TrackingClient: its last events were still undelivered after {counts['settle_s']:.0f}s")
+    add_faces(figure, faces, counts)
     for peer, label in (("wandb", "W&B offline"), ("trackio", "trackio local")):
         missing = _common.peer_available(peer, args.scale)
         if missing:
@@ -309,6 +486,45 @@ def measure(args: argparse.Namespace) -> _common.Figure:
     return figure
 
 
+FACES = {  # child: (key prefix, label)
+    "tracklane_mlflow": ("tracklane_mlflow_log_metric", "tracklane.mlflow.log_metric (fluent, active run)"),
+    "tracklane_mlflow_client": (
+        "tracklane_mlflow_client_log_metric",
+        "tracklane MlflowClient.log_metric(run_id, ...)",
+    ),
+    "mlflow": ("mlflow_async_log_metric", "MLflow mlflow.log_metric(synchronous=False)"),
+}
+
+
+def add_faces(figure: _common.Figure, faces: dict[str, dict[str, Any]], counts: dict[str, float]) -> None:
+    """The MLflow faces' rows, and MLflow's own beside them: median and p99 per call."""
+    for face, phase in faces.items():
+        key, label = FACES[face]
+        worker = "its async queue" if face == "mlflow" else "worker"
+        calls = f"{phase['calls']:,} calls"
+        figure.add(
+            f"{key}_us",
+            f"{label}, {worker} delivering meanwhile ({calls}, median)",
+            _common.median(phase["per_call_us"]),
+            "us/call",
+        )
+        figure.add(
+            f"{key}_p99_us",
+            f"{label}, {worker} delivering meanwhile: p99 of 10-call groups",
+            p99(phase["per_call_us"]),
+            "us/call",
+        )
+        bound = counts["mlflow_drain_s"] if face == "mlflow" else counts["settle_s"]
+        if not phase["settled"] or not phase["drained"]:
+            when = "before" if not phase["settled"] else "after"
+            figure.note(f"{label}: delivery {when} the phase did not finish within {bound:.0f}s")
+        if phase["delivered"] == 0:
+            figure.note(f"{label}: the worker delivered nothing during the phase")
+    figure.params["face_phases"] = {
+        face: {k: v for k, v in phase.items() if k != "per_call_us"} for face, phase in faces.items()
+    }
+
+
 def main() -> None:
     args = _common.parse_args(__doc__)
     if args.child == "floor":
@@ -316,6 +532,14 @@ def main() -> None:
     if args.child == "tracklane":
         spec = json.loads(args.child_arg)
         _common.child_result(args, tracklane_child(spec["url"], spec["counts"]))
+    children = {
+        "tracklane_mlflow": tracklane_mlflow_child,
+        "tracklane_mlflow_client": tracklane_mlflow_client_child,
+        "mlflow": mlflow_child,
+    }
+    if args.child in children:
+        spec = json.loads(args.child_arg)
+        _common.child_result(args, children[args.child](spec["url"], spec["counts"]))
     if args.child == "peer":
         spec = json.loads(args.child_arg)
         _common.child_result(args, peer_child(spec["peer"], spec["seconds"]))

@@ -29,6 +29,7 @@ delete_experiment = _fluent.delete_experiment
 search_experiments = _fluent.search_experiments
 set_experiment_tag = _fluent.set_experiment_tag
 set_experiment_tags = _fluent.set_experiment_tags
+delete_experiment_tag = _fluent.delete_experiment_tag
 start_run = _fluent.start_run
 end_run = _fluent.end_run
 active_run = _fluent.active_run
@@ -52,6 +53,7 @@ __all__ = [
     "active_run",
     "create_experiment",
     "delete_experiment",
+    "delete_experiment_tag",
     "delete_run",
     "delete_tag",
     "end_run",

@@ -148,6 +148,10 @@ class Fluent:
         for key, value in tags.items():
             self.set_experiment_tag(key, value)
 
+    def delete_experiment_tag(self, key: str) -> None:
+        runs = self._model()
+        self._call(runs.store.delete_experiment_tag(self._experiment_id_now(), key))
+
     # -- runs ------------------------------------------------------------------------------------
 
     def start_run(

@@ -104,6 +104,9 @@ class MlflowClient:
     def set_experiment_tag(self, experiment_id: str, key: str, value: Any) -> None:
         self._call(self._session.store.set_experiment_tag(str(experiment_id), key, str(value)))
 
+    def delete_experiment_tag(self, experiment_id: str, key: str) -> None:
+        self._call(self._session.store.delete_experiment_tag(str(experiment_id), key))
+
     # -- runs ------------------------------------------------------------------------------------
 
     def create_run(

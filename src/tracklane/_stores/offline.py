@@ -118,6 +118,9 @@ class JournalBackend:
     async def search_experiments(self, *args: Any) -> tuple[list[Experiment], str | None]:
         raise _needs_server("search_experiments")
 
+    async def delete_experiment_tag(self, experiment_id: str, key: str) -> None:
+        raise _needs_server("delete_experiment_tag")
+
     async def rename_experiment(self, experiment_id: str, new_name: str) -> None:
         raise _needs_server("rename_experiment")
 

@@ -299,6 +299,10 @@ class RestBackend:
         found = [Experiment.from_json(e) for e in reply.get("experiments") or ()]
         return found, reply.get("next_page_token") or None
 
+    async def delete_experiment_tag(self, experiment_id: str, key: str) -> None:
+        payload = {"experiment_id": experiment_id, "key": key}
+        await self.request("POST", "experiments/delete-experiment-tag", payload=payload)
+
     async def rename_experiment(self, experiment_id: str, new_name: str) -> None:
         payload = {"experiment_id": experiment_id, "new_name": new_name}
         await self.request("POST", "experiments/update", payload=payload)
