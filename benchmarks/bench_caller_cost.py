@@ -24,10 +24,11 @@ The MLflow faces (issue 11) run the same schedule in processes of their own, aft
 and ``tracklane.MlflowClient(url).log_metric(run_id, ...)``, each for as many calls as
 ``TrackingClient.log_metric`` makes, into a run of its own on the same server. Beside them, in the
 same run of this script, MLflow's own ``mlflow.log_metric(..., synchronous=False)``. Its queue
-sends one request per call (~40-80 events/s here), so it makes fewer calls (``mlflow_calls``): its
-caller cost is its own Python path (~1 ms) and does not grow with the count. Every one of these
-measurements ends with its events delivered (``flush()``, ``flush_async_logging()``) and its run
-ended before the next starts, so no two overlap on the server.
+sends one request per call (~40-80 events/s here), so it makes fewer calls (``mlflow_calls``) to
+keep its drain short; its cost per call is its own Python path (hundreds of us), which a longer
+queue does not change (``Queue.put``). Every one of these measurements ends with its events
+delivered (``flush()``, ``flush_async_logging()``) and its run ended before the next starts, so no
+two overlap on the server.
 
 The peers (W&B offline, trackio local), when installed, run the same schedule, each in a process
 of its own.
@@ -415,6 +416,7 @@ def measure(args: argparse.Namespace) -> _common.Figure:
     figure.add(
         "deque_floor_p99_us", "floor, nothing else running: p99 of 10-call groups", p99(floor), "us/call"
     )
+    drained = got.pop("drained", True)
     metric = got["log_metric"]
     figure.add(
         "tracklane_log_metric_us",
@@ -463,10 +465,9 @@ def measure(args: argparse.Namespace) -> _common.Figure:
         "us/call",
     )
     figure.params["tracklane_phases"] = {
-        name: {k: v for k, v in phase.items() if k != "per_call_us"} if isinstance(phase, dict) else phase
-        for name, phase in got.items()
+        name: {k: v for k, v in phase.items() if k != "per_call_us"} for name, phase in got.items()
     }
-    if not got.get("drained", True):
+    if not drained:
         figure.note(f"TrackingClient: its last events were still undelivered after {counts['settle_s']:.0f}s")
     add_faces(figure, faces, counts)
     for peer, label in (("wandb", "W&B offline"), ("trackio", "trackio local")):

@@ -39,6 +39,9 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         "WORLD_SIZE",
     ):
         monkeypatch.delenv(name, raising=False)
+    # MLflow 3 reports usage to a host beyond this machine unless told not to.
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    monkeypatch.setenv("DO_NOT_TRACK", "true")
     monkeypatch.chdir(tmp_path)
 
 

@@ -103,6 +103,7 @@ def test_runs_carry_mlflows_metadata_tags_and_end_with_mlflows_view_run_lines(
     assert tags["mlflow.source.name"].endswith("program.py")
     assert tags["mlflow.source.type"] == "LOCAL"
     assert tags["mlflow.source.git.commit"] == "0123456789abcdef0123456789abcdef01234567"
+    assert tags["mlflow.source.git.branch"] == "main"
     assert tags["mlflow.user"]
     assert tags["mlflow.note.content"] == "a note"
     assert reader.run(run_id)["info"]["user_id"] == tags["mlflow.user"]

@@ -30,7 +30,7 @@ from typing import Any
 from .._exceptions import TrackingError
 from .._settings import ServerConfig
 from .._stores.journal import JOURNAL_DIR, Journal, journal_file, server_key
-from .bench import _tail, stop_process, wait_for_http
+from .bench import QUIET_MLFLOW, _tail, stop_process, wait_for_http
 from .sync import _deliver, pending
 
 #: The folder next to the journal that holds the UI server's own store.
@@ -175,7 +175,7 @@ class UiServer:
         """Start the server and wait until it answers; raise TrackingError, with the end of its
         log, when it stops or stays silent for ``timeout`` seconds."""
         self.store.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job runner processes
+        env = {**os.environ, **QUIET_MLFLOW}  # no job runner processes, no usage reports
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
                 self.command(),

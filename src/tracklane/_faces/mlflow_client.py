@@ -170,7 +170,9 @@ class MlflowClient:
         synchronous: bool | None = None,
     ) -> None:
         """Log one point (timestamp in ms, default now; step default 0)."""
-        self._buffer.log_metric(check_run_id(run_id), key, value, step, timestamp)
+        if type(run_id) is not str or not run_id:  # inline: this is the hot path
+            check_run_id(run_id)
+        self._buffer.log_metric(run_id, key, value, step, timestamp)
         if synchronous:
             self.flush()
 

@@ -7,15 +7,19 @@ dependency: the commit comes from the checkout's ``.git`` files.
 
 from __future__ import annotations
 
+import configparser
 import functools
 import getpass
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 USER = "mlflow.user"
 SOURCE_NAME = "mlflow.source.name"
 SOURCE_TYPE = "mlflow.source.type"
 GIT_COMMIT = "mlflow.source.git.commit"
+GIT_BRANCH = "mlflow.source.git.branch"
+GIT_REPO_URL = "mlflow.source.git.repoURL"
 PARENT_RUN_ID = "mlflow.parentRunId"
 RUN_NAME = "mlflow.runName"
 NOTE = "mlflow.note.content"
@@ -24,21 +28,48 @@ NOTE = "mlflow.note.content"
 @functools.lru_cache(maxsize=1)
 def run_context_tags() -> dict[str, str]:
     """``mlflow.user``, ``mlflow.source.name``, ``mlflow.source.type`` and, in a git checkout,
-    ``mlflow.source.git.commit``."""
+    ``mlflow.source.git.commit``, ``.branch`` and ``.repoURL``."""
     try:
         user = getpass.getuser()
     except (ImportError, KeyError, OSError):
         user = "unknown"
     main = sys.argv[0] if sys.argv and sys.argv[0] else None
     tags = {USER: user, SOURCE_NAME: main or "<console>", SOURCE_TYPE: "LOCAL"}
-    commit = git_commit(Path(main).resolve().parent if main else Path.cwd())
-    if commit:
-        tags[GIT_COMMIT] = commit
+    tags.update(git_tags(Path(main).resolve().parent if main else Path.cwd()))
     return tags
 
 
-def git_commit(start: Path) -> str | None:
-    """The commit checked out in the git work tree holding ``start``, or None."""
+def git_tags(start: Path) -> dict[str, str]:
+    """Commit, branch and first remote's URL (credentials stripped) of the git work tree holding
+    ``start``; empty outside one."""
+    git_dir = _git_dir(start)
+    if git_dir is None:
+        return {}
+    try:
+        head = (git_dir / "HEAD").read_text().strip()
+        common = git_dir
+        if (git_dir / "commondir").is_file():  # a linked worktree keeps refs in the main repository
+            common = (git_dir / (git_dir / "commondir").read_text().strip()).resolve()
+        tags: dict[str, str] = {}
+        if head.startswith("ref:"):
+            ref = head[len("ref:") :].strip()
+            commit = _resolve_ref(ref, git_dir, common)
+            if ref.startswith("refs/heads/"):
+                tags[GIT_BRANCH] = ref[len("refs/heads/") :]
+        else:
+            commit = head or None  # detached
+        if commit is None:
+            return {}
+        tags[GIT_COMMIT] = commit
+        url = _first_remote_url(common / "config")
+        if url:
+            tags[GIT_REPO_URL] = url
+        return {GIT_COMMIT: tags.pop(GIT_COMMIT), **tags}
+    except OSError:
+        return {}
+
+
+def _git_dir(start: Path) -> Path | None:
     for directory in (start, *start.parents):
         dot_git = directory / ".git"
         try:
@@ -48,21 +79,13 @@ def git_commit(start: Path) -> str | None:
                     return None
                 dot_git = (directory / text[len("gitdir:") :].strip()).resolve()
             if dot_git.is_dir():
-                return _resolve_head(dot_git)
+                return dot_git
         except OSError:
             return None
     return None
 
 
-def _resolve_head(git_dir: Path) -> str | None:
-    head = (git_dir / "HEAD").read_text().strip()
-    if not head.startswith("ref:"):
-        return head or None  # detached
-    ref = head[len("ref:") :].strip()
-    common = git_dir
-    commondir = git_dir / "commondir"
-    if commondir.is_file():  # a linked worktree keeps its refs in the main repository
-        common = (git_dir / commondir.read_text().strip()).resolve()
+def _resolve_ref(ref: str, git_dir: Path, common: Path) -> str | None:
     for base in (git_dir, common):
         loose = base / ref
         if loose.is_file():
@@ -74,3 +97,25 @@ def _resolve_head(git_dir: Path) -> str | None:
             if name == ref:
                 return sha
     return None
+
+
+def _first_remote_url(config: Path) -> str | None:
+    if not config.is_file():
+        return None
+    parser = configparser.ConfigParser(strict=False, interpolation=None)
+    try:
+        parser.read(config)
+    except configparser.Error:
+        return None
+    for section in parser.sections():
+        if section.startswith('remote "') and parser.has_option(section, "url"):
+            return _without_credentials(parser.get(section, "url"))
+    return None
+
+
+def _without_credentials(url: str) -> str:
+    """A token in an https remote (``https://user:TOKEN@host/...``) must not become a tag."""
+    parts = urlsplit(url)
+    if parts.scheme in ("http", "https") and "@" in parts.netloc:
+        return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+    return url

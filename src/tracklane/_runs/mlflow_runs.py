@@ -58,6 +58,7 @@ class MlflowRuns:
         self._samplers: dict[str, asyncio.Task[None] | None] = {}
         self._lock = threading.Lock()
         self.owns_runs = True  # False in a forked child: the parent ends its runs
+        self._launcher_run_used = False
 
     @property
     def run_id(self) -> str | None:
@@ -236,7 +237,11 @@ class MlflowRuns:
             user_tags[metadata.NOTE] = description
         wanted = log_system_metrics if log_system_metrics is not None else _mlflow_sampling_default()
         sampling = sampler_interval(wanted, self.config.system_metrics_interval)
-        existing = run_id if run_id is not None else launcher_run_id()
+        existing = run_id
+        if existing is None and not self._launcher_run_used:
+            # MLflow resumes $MLFLOW_RUN_ID once (it unsets the variable); later runs are new.
+            existing = launcher_run_id()
+            self._launcher_run_used = existing is not None
         parent = parent_run_id or (self.stack[-1].info.run_id if nested and self.stack else None)
         if existing is not None:
             run = await self._resume(str(existing), experiment_id, user_tags)
