@@ -14,6 +14,10 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
+from tracklane import DeliveryError, MlflowClient
+
 from servers import Reader
 
 ONE_PROGRAM_THREE_FACES = """
@@ -110,3 +114,24 @@ def test_runs_carry_mlflows_metadata_tags_and_end_with_mlflows_view_run_lines(
     experiment_id = reader.run(run_id)["info"]["experiment_id"]
     assert f"🏃 View run with-metadata at: {server_url}/#/experiments/{experiment_id}/runs/{run_id}" in lines
     assert f"🧪 View experiment at: {server_url}/#/experiments/{experiment_id}" in lines
+
+
+def test_a_refused_event_is_reported_by_its_own_runs_end_not_by_another_runs(
+    server_url: str, experiment_name: str, reader: Reader
+) -> None:
+    client, other_client = MlflowClient(server_url), MlflowClient(server_url)
+    experiment_id = client.create_experiment(experiment_name)
+    run_a = client.create_run(experiment_id, run_name="a").info.run_id
+    run_b = client.create_run(experiment_id, run_name="b").info.run_id
+    client.log_param(run_a, "lr", "0.1", synchronous=True)
+    other_client.log_param(run_a, "lr", "0.2")  # this client never saw lr: the server refuses it
+    client.log_metric(run_b, "loss", 0.5)
+
+    client.set_terminated(run_b)  # b's end: b's events are fine, a's refusal is not b's to raise
+    with pytest.raises(DeliveryError) as refused:
+        client.set_terminated(run_a)
+
+    assert [(e.run_id, e.key) for e in refused.value.rejected] == [(run_a, "lr")]
+    assert reader.run(run_b)["info"]["status"] == "FINISHED"
+    assert reader.run(run_a)["info"]["status"] == "FINISHED"
+    assert reader.params(run_a) == {"lr": "0.1"}

@@ -586,12 +586,13 @@ class Engine:
 
     # -- flush -----------------------------------------------------------------------------------
 
-    async def flush(self, deadline: float | None = None) -> bool:
+    async def flush(self, deadline: float | None = None, run_id: str | None = None) -> bool:
         """Wait until every event logged before the call is on the server (or refused): True.
 
         Waits while the server keeps taking events; False once ``retry_window`` seconds pass with
         none taken, at the monotonic ``deadline``, or when told to give up (Ctrl-C at exit). Raises
-        DeliveryError for refused events and AuthenticationError once delivery has stopped.
+        DeliveryError for refused events (only ``run_id``'s, if given: a run's end reports its own)
+        and AuthenticationError once delivery has stopped.
         """
         assert self._wake is not None and self._giving_up is not None
         marker: Marker = asyncio.get_running_loop().create_future()
@@ -611,15 +612,20 @@ class Engine:
                     return False
         finally:
             giving_up.cancel()
-        self.raise_problems()
+        self.raise_problems(run_id)
         return True
 
-    def raise_problems(self) -> None:
-        """Raise what the caller must hear: delivery stopped, or events the server refused."""
+    def raise_problems(self, run_id: str | None = None) -> None:
+        """Raise what the caller must hear: delivery stopped, or events the server refused (of
+        ``run_id`` only, if given; the others wait for their own run's end or a plain flush)."""
         if self._blocked is not None:
             raise self._blocked
-        if self._rejected:
+        if run_id is None:
             rejected, self._rejected = self._rejected, []
+        else:
+            rejected = [e for e in self._rejected if e.run_id == run_id]
+            self._rejected = [e for e in self._rejected if e.run_id != run_id]
+        if rejected:
             raise DeliveryError(rejected)
 
     @property

@@ -281,9 +281,11 @@ class Fluent:
                 raise NoActiveRunError("No active run, and one could not be started.")
         return found
 
-    def _wait_if(self, synchronous: bool | None) -> None:
-        if synchronous:
-            self.flush()
+    def _wait_if(self, synchronous: bool | None, run_id: str) -> None:
+        """``synchronous=True``: wait until the server has the call's events (and raise the run's
+        refused ones)."""
+        if synchronous and self._session is not None:
+            self._session.call(self._session.engine.flush(None, run_id))
 
     def log_metric(
         self,
@@ -301,7 +303,7 @@ class Fluent:
         assert self._session is not None
         self._session.engine.buffer.log_metric(active, key, value, step, timestamp)
         if synchronous:
-            self.flush()
+            self._wait_if(synchronous, active)
 
     def log_metrics(
         self,
@@ -314,7 +316,7 @@ class Fluent:
         active = self._run_id(run_id)
         assert self._session is not None
         self._session.engine.buffer.log_metrics(active, metrics, step, timestamp)
-        self._wait_if(synchronous)
+        self._wait_if(synchronous, active)
 
     def log_param(self, key: str, value: Any, synchronous: bool | None = None) -> Any:
         self.log_params({key: value}, synchronous)
@@ -326,7 +328,7 @@ class Fluent:
         active = self._run_id(run_id)
         assert self._session is not None and self._runs is not None
         self._session.engine.buffer.log_params(active, params, self._runs.params_of(active))
-        self._wait_if(synchronous)
+        self._wait_if(synchronous, active)
 
     def set_tag(self, key: str, value: Any, synchronous: bool | None = None) -> None:
         self.set_tags({key: value}, synchronous)
@@ -335,7 +337,7 @@ class Fluent:
         active = self._run_id()
         assert self._session is not None
         self._session.engine.buffer.set_tags(active, tags)
-        self._wait_if(synchronous)
+        self._wait_if(synchronous, active)
 
     def delete_tag(self, key: str) -> None:
         active = self._run_id()

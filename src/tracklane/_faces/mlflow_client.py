@@ -56,9 +56,11 @@ class MlflowClient:
     def _call(self, coro: Any) -> Any:
         return self._session.call(coro)
 
-    def _wait_if(self, synchronous: bool | None) -> None:
+    def _wait_if(self, synchronous: bool | None, run_id: str) -> None:
+        """``synchronous=True``: wait until the server has the call's events (and raise the run's
+        refused ones)."""
         if synchronous:
-            self.flush()
+            self._call(self._session.engine.flush(None, run_id))
 
     # -- experiments -----------------------------------------------------------------------------
 
@@ -174,19 +176,19 @@ class MlflowClient:
             check_run_id(run_id)
         self._buffer.log_metric(run_id, key, value, step, timestamp)
         if synchronous:
-            self.flush()
+            self._wait_if(synchronous, run_id)
 
     def log_param(self, run_id: str, key: str, value: Any, synchronous: bool | None = None) -> Any:
         """Log a param (stored as ``str(value)``); returns ``value`` as MLflow does."""
         run_id = check_run_id(run_id)
         self._buffer.log_params(run_id, {key: value}, self._runs.params_of(run_id))
-        self._wait_if(synchronous)
+        self._wait_if(synchronous, run_id)
         return value
 
     def set_tag(self, run_id: str, key: str, value: Any, synchronous: bool | None = None) -> None:
         """Set a run tag; the last value set wins."""
         self._buffer.set_tags(check_run_id(run_id), {key: value})
-        self._wait_if(synchronous)
+        self._wait_if(synchronous, run_id)
 
     def delete_tag(self, run_id: str, key: str) -> None:
         """Delete a run tag (after delivering what was logged before)."""
@@ -203,7 +205,7 @@ class MlflowClient:
         """Log ``Metric``/``Param``/``RunTag`` entities (or ``(key, value, timestamp, step)`` and
         ``(key, value)`` tuples). Bad entries raise InvalidInputError after the good ones are logged."""
         log_batch(self._buffer, self._runs, check_run_id(run_id), metrics, params, tags)
-        self._wait_if(synchronous)
+        self._wait_if(synchronous, run_id)
 
     # -- delivery --------------------------------------------------------------------------------
 

@@ -381,7 +381,7 @@ async def finish_run(
     """
     problem: TrackingError | None = None
     try:
-        delivered = await engine.flush(deadline)
+        delivered = await engine.flush(deadline, end.run_id)
     except DeliveryError as exc:
         problem, delivered = exc, True
     except AuthenticationError as exc:

@@ -168,7 +168,7 @@ class MlflowRuns:
         )
 
     async def get_run(self, run_id: str) -> Run:
-        await self.engine.flush()  # read your writes
+        await self.engine.flush(run_id=str(run_id))  # read your writes
         return await self.store.get_run(str(run_id))
 
     async def search_runs(
@@ -188,7 +188,7 @@ class MlflowRuns:
         return PagedList(found, token)
 
     async def get_metric_history(self, run_id: str, key: str) -> list[Metric]:
-        await self.engine.flush()
+        await self.engine.flush(run_id=str(run_id))
         return await self.store.get_metric_history(str(run_id), key)
 
     async def set_terminated(self, run_id: str, status: str | None, end_time: int | None) -> None:
@@ -202,7 +202,7 @@ class MlflowRuns:
             print_run_links(self.store, run.info)
 
     async def delete_tag(self, run_id: str, key: str) -> None:
-        await self.engine.flush()  # a set_tag logged before must not land after the delete
+        await self.engine.flush(run_id=str(run_id))  # a set_tag logged before must not land after
         await self.store.delete_tag(str(run_id), key)
 
     # -- the fluent API's run stack ------------------------------------------------------------------
@@ -307,7 +307,7 @@ class MlflowRuns:
         self.last_run_id = run_id
         self.params.pop(run_id, None)
         if not self.owns_runs:
-            await self.engine.flush(deadline)
+            await self.engine.flush(deadline, run_id)
             return
         end = RunEnd(run_id, check_status(status), now_ms(), run.info.run_name)
         if await finish_run(self.engine, self.store, end, deadline):
