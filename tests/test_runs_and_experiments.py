@@ -267,3 +267,9 @@ def test_a_resumed_run_is_returned_running_with_the_tags_just_given(client: Trac
     with client.start_run(run_name="resumed-later", tags={"attempt": "2"}) as again:
         assert again.info.status == "RUNNING" and again.info.end_time is None
         assert again.data.tags["attempt"] == "2"
+
+
+def test_mlflow_client_call_shape_on_the_oicm_face_says_to_use_mlflow_client(client: TrackingClient) -> None:
+    with client.start_run(run_name="shape") as run:
+        with pytest.raises(InvalidInputError, match="tracklane.MlflowClient"):
+            client.log_metric(run.info.run_id, "loss", 0.5)  # type: ignore[arg-type]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import operator
 import posixpath
+import re
 from typing import Any
 
 from ._exceptions import InvalidInputError
@@ -48,6 +49,10 @@ def check_key(key: object, what: str) -> str:
     return key
 
 
+#: An MLflow run id: 32 lowercase hex digits.
+_RUN_ID = re.compile(r"[0-9a-f]{32}")
+
+
 def metric_value(key: str, value: Any) -> float:
     """Convert a metric value to ``float``: Python and NumPy numbers and any 0-d ``__float__`` scalar.
 
@@ -60,6 +65,12 @@ def metric_value(key: str, value: Any) -> float:
     if tp is int:
         return _int_to_float(key, value)
     if tp is bool or isinstance(value, (str, bytes, bytearray)) or "bool" in tp.__name__:
+        if isinstance(value, str) and _RUN_ID.fullmatch(key):
+            raise InvalidInputError(
+                f"log_metric({key!r}, {value!r}, ...): this looks like MlflowClient's call shape "
+                "log_metric(run_id, key, value). This client logs to its active run: call "
+                "log_metric(key, value); for explicit run ids use tracklane.MlflowClient."
+            )
         raise InvalidInputError(
             f"metric {key!r}: value {value!r} is a {tp.__name__}; metric values must be real numbers. "
             "Log it as a param or tag, or convert it with float() if a number is meant."
