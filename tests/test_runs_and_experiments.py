@@ -270,6 +270,8 @@ def test_a_resumed_run_is_returned_running_with_the_tags_just_given(client: Trac
 
 
 def test_mlflow_client_call_shape_on_the_oicm_face_says_to_use_mlflow_client(client: TrackingClient) -> None:
-    with client.start_run(run_name="shape") as run:
-        with pytest.raises(InvalidInputError, match="tracklane.MlflowClient"):
-            client.log_metric(run.info.run_id, "loss", 0.5)  # type: ignore[arg-type]
+    with (
+        client.start_run(run_name="shape") as run,
+        pytest.raises(InvalidInputError, match=r"tracklane\.MlflowClient"),
+    ):
+        client.log_metric(run.info.run_id, "loss", 0.5)  # type: ignore[arg-type]
