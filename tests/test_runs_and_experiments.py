@@ -275,3 +275,14 @@ def test_mlflow_client_call_shape_on_the_oicm_face_says_to_use_mlflow_client(cli
         pytest.raises(InvalidInputError, match=r"tracklane\.MlflowClient"),
     ):
         client.log_metric(run.info.run_id, "loss", 0.5)  # type: ignore[arg-type]
+
+
+def test_mlflow_spellings_on_the_oicm_face_set_experiment_by_id_and_synchronous_logging(
+    client: TrackingClient, experiment_name: str, reader: Reader
+) -> None:
+    created = client.create_experiment(experiment_name + "-by-id")
+
+    assert client.set_experiment(experiment_id=created.experiment_id).name == experiment_name + "-by-id"
+    with client.start_run(run_name="sync") as run:
+        client.log_metric("loss", 0.25, step=7, synchronous=True)
+        assert [(v, s) for v, s, _ in reader.history(run.info.run_id, "loss")] == [(0.25, 7)]

@@ -99,12 +99,19 @@ class TrackingClient(ClientBase[ActiveRun]):
 
     # -- experiments -----------------------------------------------------------------------------
 
-    def set_experiment(self, experiment_name: str, workspace_id: str | None = None) -> Experiment:
-        """Make ``experiment_name`` the active experiment, creating it if missing.
+    def set_experiment(
+        self,
+        experiment_name: str | None = None,
+        workspace_id: str | None = None,
+        *,
+        experiment_id: str | None = None,
+    ) -> Experiment:
+        """Make ``experiment_name`` the active experiment, creating it if missing (or, MLflow's
+        spelling, the existing experiment ``experiment_id``).
 
         Raises TrackingError while a run is active or when the experiment is deleted.
         """
-        return self._call(self._runs.set_experiment(experiment_name, workspace_id))
+        return self._call(self._runs.set_experiment(experiment_name, workspace_id, experiment_id))
 
     def create_experiment(
         self,
@@ -169,33 +176,59 @@ class TrackingClient(ClientBase[ActiveRun]):
     # -- logging: validate, stamp, enqueue; no I/O ----------------------------------------------
 
     def log_metric(
-        self, key: str, value: float, step: int | None = None, timestamp: int | None = None
+        self,
+        key: str,
+        value: float,
+        step: int | None = None,
+        timestamp: int | None = None,
+        synchronous: bool | None = None,
     ) -> None:
-        """Log one metric point (timestamp in ms, default now). Raises InvalidInputError."""
+        """Log one metric point (timestamp in ms, default now). Raises InvalidInputError.
+        ``synchronous=True`` (MLflow's spelling) waits until the server has it."""
         self._buffer.log_metric(self._runs.run_id, key, value, step, timestamp)
+        if synchronous:
+            self._wait_for_run()
 
     def log_metrics(
-        self, metrics: Mapping[str, float], step: int | None = None, timestamp: int | None = None
+        self,
+        metrics: Mapping[str, float],
+        step: int | None = None,
+        timestamp: int | None = None,
+        synchronous: bool | None = None,
     ) -> None:
         """Log several metrics at one step and time. Raises InvalidInputError for bad entries
         (after logging the good ones)."""
         self._buffer.log_metrics(self._runs.run_id, metrics, step, timestamp)
+        if synchronous:
+            self._wait_for_run()
 
-    def log_param(self, key: str, value: Any) -> None:
+    def log_param(self, key: str, value: Any, synchronous: bool | None = None) -> None:
         """Log a param, stored as ``str(value)``. Raises InvalidInputError if it changes."""
         self._buffer.log_params(self._runs.run_id, {key: value}, self._runs.params)
+        if synchronous:
+            self._wait_for_run()
 
-    def log_params(self, params: Mapping[str, Any]) -> None:
+    def log_params(self, params: Mapping[str, Any], synchronous: bool | None = None) -> None:
         """Log several params. Raises InvalidInputError for bad entries (after the good ones)."""
         self._buffer.log_params(self._runs.run_id, params, self._runs.params)
+        if synchronous:
+            self._wait_for_run()
 
-    def set_tag(self, key: str, value: Any) -> None:
+    def set_tag(self, key: str, value: Any, synchronous: bool | None = None) -> None:
         """Set a run tag; the last value set wins."""
         self._buffer.set_tags(self._runs.run_id, {key: value})
+        if synchronous:
+            self._wait_for_run()
 
-    def set_tags(self, tags: Mapping[str, Any]) -> None:
+    def set_tags(self, tags: Mapping[str, Any], synchronous: bool | None = None) -> None:
         """Set several run tags."""
         self._buffer.set_tags(self._runs.run_id, tags)
+        if synchronous:
+            self._wait_for_run()
+
+    def _wait_for_run(self) -> None:
+        """``synchronous=True``: wait until the server has what was logged (the run's refusals raise)."""
+        self._call(self._engine.flush(None, self._runs.run_id))
 
     def set_run_tags(self, tag_names: Mapping[str, Any] | list[str]) -> None:
         """Add tags to the active run: a list of names the OICM way (``name: _OI_USER_TAG``), or a

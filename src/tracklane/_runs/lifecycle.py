@@ -111,21 +111,30 @@ class OicmRuns:
 
     # -- experiments -----------------------------------------------------------------------------
 
-    async def set_experiment(self, name: str, workspace_id: str | None) -> Experiment:
+    async def set_experiment(
+        self, name: str | None, workspace_id: str | None, experiment_id: str | None = None
+    ) -> Experiment:
+        """By name (created if missing), or by ``experiment_id`` (MLflow's spelling; must exist)."""
+        if (name is None) == (experiment_id is None):
+            raise InvalidInputError("set_experiment: pass an experiment name, or experiment_id=, not both.")
         if self.run is not None:
             raise TrackingError(
                 f"Run {self.run.run_id} is still active: end it (end_run() or leave its `with` "
-                f"block) before switching to experiment {name!r}."
+                f"block) before switching to experiment {name or experiment_id!r}."
             )
         self._use_workspace(workspace_id)
-        experiment = await self.store.get_experiment_by_name(name)
+        if experiment_id is not None:
+            experiment: Experiment | None = await self.store.get_experiment(str(experiment_id))
+        else:
+            assert name is not None
+            experiment = await self.store.get_experiment_by_name(name)
         if experiment is None:
-            experiment_id = await self._create_experiment(name, {})
-            experiment = await self.store.get_experiment(experiment_id)
+            assert name is not None
+            experiment = await self.store.get_experiment(await self._create_experiment(name, {}))
         elif experiment.lifecycle_stage == "deleted":
             raise TrackingError(
-                f"Experiment {name!r} (id {experiment.experiment_id}) is deleted. Restore it on the "
-                "server, or choose another name: a deleted experiment's name stays taken."
+                f"Experiment {experiment.name!r} (id {experiment.experiment_id}) is deleted. Restore it on "
+                "the server, or choose another name: a deleted experiment's name stays taken."
             )
         self.experiment = experiment
         return experiment
