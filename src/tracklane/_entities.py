@@ -175,6 +175,16 @@ class Run:
         return {"info": dict(self.info.__dict__), "data": {k: dict(v) for k, v in self.data.__dict__.items()}}
 
 
+@dataclass(frozen=True)
+class FileInfo:
+    """An artifact listed in a run: its path in the run's artifact root, whether it is a directory,
+    and its size in bytes (None for directories)."""
+
+    path: str
+    is_dir: bool
+    file_size: int | None = None
+
+
 class ViewType:
     """Which runs or experiments a search returns, by lifecycle stage (MLflow's values)."""
 

@@ -99,6 +99,10 @@ class ServerConfig:
             )
         return f"{self.api_host}/v1/workspaces/{workspace_id}/mlflow/api/2.0/mlflow"
 
+    def artifacts_base(self, workspace_id: str | None) -> str:
+        """Root of MLflow's artifact proxy (``mlflow server --serve-artifacts``) beside the REST API."""
+        return self.rest_base(workspace_id)[: -len("mlflow")] + "mlflow-artifacts/artifacts"
+
     def ui_links(self, workspace_id: str | None, experiment_id: str, run_id: str) -> tuple[str, str] | None:
         """The OICM web UI's pages of a run and of its experiment; None off OICM or with hide_host."""
         if not self.is_oicm or self.hide_host or not workspace_id:

@@ -45,6 +45,14 @@ log_params = _fluent.log_params
 set_tag = _fluent.set_tag
 set_tags = _fluent.set_tags
 delete_tag = _fluent.delete_tag
+log_artifact = _fluent.log_artifact
+log_artifacts = _fluent.log_artifacts
+log_text = _fluent.log_text
+log_dict = _fluent.log_dict
+log_figure = _fluent.log_figure
+log_image = _fluent.log_image
+log_table = _fluent.log_table
+get_artifact_uri = _fluent.get_artifact_uri
 flush = _fluent.flush
 
 __all__ = [
@@ -59,16 +67,24 @@ __all__ = [
     "end_run",
     "entities",
     "flush",
+    "get_artifact_uri",
     "get_experiment",
     "get_experiment_by_name",
     "get_parent_run",
     "get_run",
     "get_tracking_uri",
     "last_active_run",
+    "log_artifact",
+    "log_artifacts",
+    "log_dict",
+    "log_figure",
+    "log_image",
     "log_metric",
     "log_metrics",
     "log_param",
     "log_params",
+    "log_table",
+    "log_text",
     "search_experiments",
     "search_runs",
     "set_experiment",

@@ -152,7 +152,9 @@ class MlflowServer:
             "server",
             "--backend-store-uri",
             self.backend_store_uri,
-            "--default-artifact-root",
+            # Artifacts through the server's proxy (mlflow-artifacts:/), as clients upload them.
+            "--serve-artifacts",
+            "--artifacts-destination",
             str(self.workdir / "artifacts"),
             "--host",
             "127.0.0.1",

@@ -21,8 +21,10 @@ from .._limits import (
     MAX_PARAMS_TAGS_PER_BATCH,
 )
 
-METRIC, PARAM, TAG = 0, 1, 2
-KIND_NAMES = ("metric", "param", "tag")
+METRIC, PARAM, TAG, ARTIFACT = 0, 1, 2, 3
+#: ARTIFACT events never go in a log-batch: they name an artifact the server refused, as
+#: (ARTIFACT, run_id, artifact path, size in bytes, 0, 0).
+KIND_NAMES = ("metric", "param", "tag", "artifact")
 
 #: (kind, run_id, key, value, timestamp_ms, step); value is a float for metrics, str otherwise.
 Event = tuple[int, str, str, Any, int, int]

@@ -31,6 +31,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any, Protocol
 
 from .._exceptions import (
@@ -63,6 +64,7 @@ class Backend(BatchTarget, Protocol):
     @property
     def retries(self) -> int: ...
     async def update_run(self, run_id: str, status: str, end_time: int | None) -> None: ...
+    async def put_artifact(self, run_id: str, path: str, file: Path) -> None: ...
     async def aclose(self) -> None: ...
     def after_fork(self) -> None: ...
     def keep_now(self, events: list[Event], ends: list[RunEnd]) -> int | None:
@@ -448,6 +450,34 @@ class Engine:
             return
         if self._uploader is None or self._uploader.done():
             self._uploader = self._loop.create_task(self._upload_loop(), name="tracklane-uploader")
+
+    def artifact_kept(self) -> None:
+        """Any thread: an artifact's row is in the journal; start the uploader if it is idle."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._kick_uploader)
+
+    async def deliver_artifacts(self, run_id: str, deadline: float | None = None) -> bool:
+        """Wait until the run's artifacts are uploaded (or refused): True. Like ``flush``: waits while
+        the uploader makes progress, False at ``deadline`` or after ``retry_window`` without any (they
+        stay in the journal). Raises DeliveryError for the run's refused artifacts."""
+        spool = self.spool
+        if spool is None:
+            return True  # offline: they stay in the journal with the run, for `tracklane sync`
+        assert self._giving_up is not None
+        started = time.monotonic()
+        while await spool.pending_artifacts(run_id):
+            self._kick_uploader()
+            now = time.monotonic()
+            if self._blocked is not None:
+                raise self._blocked
+            if self._giving_up.is_set() or (deadline is not None and now >= deadline):
+                return False
+            if now - max(self._last_progress, started) > self.config.retry_window:
+                return False
+            await asyncio.sleep(_POLL)
+        self.raise_problems(run_id)
+        return True
 
     def resume_leftovers(self) -> None:
         """Look (again) for what earlier processes left for this destination, and deliver it in the

@@ -91,6 +91,11 @@ def judge(status: int, raw: bytes) -> Reply:
     return Reply(Verdict.REFUSED, status, body, *_error(body, raw))
 
 
+def carries_file(status: int) -> bool:
+    """A download's reply carries the file itself (any bytes, not MLflow's JSON) on success."""
+    return 200 <= status < 300
+
+
 def _mlflow_json(raw: bytes) -> dict[str, Any] | None:
     if not raw.strip():
         return {}  # MLflow answers some calls with an empty body

@@ -15,6 +15,7 @@ import asyncio
 import logging
 import shlex
 import sqlite3
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,7 @@ class Spool:
         self.writes = 0  # completed writes: the uploader may stop only if none happened meanwhile
         self.writing = 0
         self._opening = asyncio.Lock()
+        self._open_guard = threading.Lock()
         self._lock: UploadLock | None = None
 
     @property
@@ -89,13 +91,27 @@ class Spool:
                     return None
                 thread = JournalThread()
                 try:
-                    self.journal = await thread.call(Journal.at, self.storage, thread)
+                    await thread.call(self._open_blocking, thread)
                 except (OSError, sqlite3.Error, TrackingError) as exc:  # TrackingError: damaged/foreign
                     self._break(exc)
                     thread.stop()
                     return None
-                self._lock = UploadLock(self.journal.path, self.server)
         return self.journal
+
+    def open_now(self) -> Journal:
+        """The journal, opened from the caller's thread if need be (an artifact call keeps its row
+        there before it returns). Raises what opening raises (OSError, ConfigurationError)."""
+        if self.journal is None:
+            self._open_blocking(JournalThread())  # its thread starts on first use only
+        assert self.journal is not None
+        return self.journal
+
+    def _open_blocking(self, thread: JournalThread) -> None:
+        with self._open_guard:  # the loop and a caller's thread may both open it: once
+            if self.journal is None:
+                journal = Journal.at(self.storage, thread)
+                self._lock = UploadLock(journal.path, self.server)
+                self.journal = journal
 
     def _break(self, exc: BaseException) -> None:
         self.broken = True
@@ -152,6 +168,20 @@ class Spool:
                 return
             for half in batch.halves():
                 await self._write_batch(journal, half, on_rejected)
+
+    def add_artifact(self, run_id: str, path: str, file: str, size: int) -> None:
+        """From the caller's thread: keep an artifact snapshot's row for the uploader."""
+        journal = self.open_now()
+        journal.add_artifact(self.server, run_id, path, file, size)
+        self.runs.add(run_id)
+        self.writes += 1  # the uploader goes round again before it stops
+
+    async def pending_artifacts(self, run_id: str) -> int:
+        """Artifacts of run ``run_id`` not yet uploaded."""
+        journal = self.journal
+        if journal is None:
+            return 0
+        return await journal.call(journal.pending_artifacts_for, self.server, run_id)
 
     async def record_end(self, end: RunEnd) -> bool:
         """Keep a run's end in the journal, applied once its events are delivered."""

@@ -13,19 +13,23 @@ interleave.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
+from pathlib import Path
 from typing import Protocol
 
+from .._exceptions import AuthenticationError, ConfigurationError, ServerError
 from .._limits import MAX_METRICS_PER_BATCH
 from .._stores.journal import Delivery, Journal
-from .batching import Batch, pack
+from .batching import ARTIFACT, Batch, pack
 from .outcome import BatchTarget, OnRejected, OnSent, deliver
 
 
 class Uploader(BatchTarget, Protocol):
-    """What an upload needs from a store: log-batch by the outcome rule, and ending the run."""
+    """What an upload needs from a store: log-batch by the outcome rule, artifacts, and ending the run."""
 
     async def update_run(self, run_id: str, status: str, end_time: int | None) -> None: ...
+    async def put_artifact(self, run_id: str, path: str, file: Path) -> None: ...
 
 
 async def upload_run(
@@ -40,7 +44,7 @@ async def upload_run(
     in_flight: int = 2,
 ) -> None:
     """Deliver run ``delivery``'s pending rows (up to ``upto``, see ``Journal.high_water``) to its
-    server run, then its status and end time.
+    server run, then its artifacts, then its status and end time.
 
     Raises ServerUnavailableError when the server stops answering and AuthenticationError when it
     refuses the credentials; the marks keep what got there.
@@ -76,10 +80,41 @@ async def upload_run(
     finally:
         for task, _ in sending:
             task.cancel()
+    await upload_artifacts(journal, target, d, server, on_sent=on_sent, on_rejected=on_rejected)
     wanted = d.wanted_state
     if wanted is not None and wanted != d.state and d.status is not None:
         await target.update_run(run_id, d.status, d.end_time)
         await journal.call(journal.record_state, d.run, server, wanted)
+
+
+async def upload_artifacts(
+    journal: Journal,
+    target: Uploader,
+    d: Delivery,
+    server: str,
+    *,
+    on_sent: OnSent,
+    on_rejected: OnRejected,
+) -> None:
+    """Upload run ``d``'s pending artifacts, one at a time in the order they were logged (the mark
+    moves past each). A refused one (the server says no, or does not proxy artifacts) is reported
+    and passed; its snapshot stays in the journal's artifact area. A spilled run's snapshots are
+    deleted once uploaded; an offline run's stay with it (it may be synced elsewhere again)."""
+    assert d.server_run_id is not None
+    for artifact_id, path, file, size in await journal.call(journal.pending_artifacts, d):
+        snapshot = journal.artifact_dir / file
+        try:
+            await target.put_artifact(d.server_run_id, path, snapshot)
+        except (ServerError, ConfigurationError, FileNotFoundError) as exc:
+            if isinstance(exc, AuthenticationError):
+                raise
+            on_rejected([(ARTIFACT, d.server_run_id, path, size, 0, 0)], str(exc))
+        else:
+            on_sent(1)
+            if d.origin is not None:
+                with contextlib.suppress(OSError):
+                    snapshot.unlink()
+        await journal.call(journal.advance_artifacts, d.run, server, artifact_id)
 
 
 async def _send_all(

@@ -10,10 +10,11 @@ from __future__ import annotations
 import logging
 from typing import Generic, TypeVar
 
+from .._delivery.artifacts import ArtifactLog
 from .._delivery.buffer import Buffer
 from .._delivery.engine import Engine
 from .._entities import ActiveRun, Run
-from .._exceptions import ConfigurationError
+from .._exceptions import ConfigurationError, NoActiveRunError
 from .._runs.lifecycle import OicmRuns
 from .._runs.ranks import PrefixedMetrics, Silent
 from .._settings import (
@@ -82,6 +83,9 @@ class ClientBase(Generic[RunT]):
         self._destination = destination_key(server if journal is None else None, path_to_storage)
         self._engine, self._store = self._engine_for(server, journal, config, path_to_storage)
         self._runs = OicmRuns(self._engine, self._store, config, ranks)
+        self._artifacts = ArtifactLog(
+            self._engine, self._store.journal if isinstance(self._store, JournalBackend) else None
+        )
         self._buffer: Buffer | PrefixedMetrics | Silent = self._engine.buffer
         if ranks.distributed and mode == "prefixed":
             self._buffer = PrefixedMetrics(self._engine.buffer, ranks.rank)
@@ -117,6 +121,14 @@ class ClientBase(Generic[RunT]):
         """The active run, else the run most recently ended by this client, else None."""
         run = self._runs.active or self._runs.last_run
         return None if run is None else self._wrap(run)
+
+    def _active_run_id(self) -> str:
+        run_id = self._runs.run_id
+        if run_id is None:
+            raise NoActiveRunError(
+                "No active run: call start_run() first, e.g. `with tc.start_run(run_name=...):`."
+            )
+        return run_id
 
     def stats(self) -> dict[str, float]:
         """Counters of the client's own work: enqueued, delivered, spilled (in the journal, to be

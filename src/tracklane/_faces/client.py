@@ -7,18 +7,20 @@ waited for here, with a bound.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Coroutine, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
 
 from .._delivery.engine import Engine
-from .._entities import ActiveRun, Experiment, Metric, Run
+from .._entities import ActiveRun, Experiment, FileInfo, Metric, Run
 from .._faces.base import ClientBase
 from .._runs.lifecycle import tag_dict
 from .._settings import EngineConfig, ServerConfig
 from .._stores.offline import JournalBackend
 from .._validation import check_status
+from . import artifact_calls
 from .session import Session, Store, joinable, register
 
 T = TypeVar("T")
@@ -234,6 +236,81 @@ class TrackingClient(ClientBase[ActiveRun]):
         """Add tags to the active run: a list of names the OICM way (``name: _OI_USER_TAG``), or a
         dict of key/values (MLflow's)."""
         self._buffer.set_tags(self._runs.run_id, tag_dict(tag_names, "run"))
+
+    # -- artifacts: snapshot now, upload in the background ------------------------------------------
+
+    def log_artifact(self, local_path: Any, artifact_path: str | None = None) -> None:
+        """Keep a file (under the directory ``artifact_path`` of the run's artifacts) for upload: a
+        local copy now, the upload in the background; ``end_run`` waits for it. omega|ml's form
+        ``log_artifact(obj, name)`` stores an object that is not a path: JSON, bytes, or a DataFrame
+        (Parquet with pyarrow, else CSV); ``restore_artifact(name)`` gives it back."""
+        artifact_calls.log_artifact(self._artifacts, self._active_run_id(), local_path, artifact_path)
+
+    def log_artifacts(self, local_dir: str | os.PathLike[str], artifact_path: str | None = None) -> None:
+        """Keep every file under ``local_dir`` (the tree kept) for upload, like ``log_artifact``."""
+        self._artifacts.log_dir(self._active_run_id(), local_dir, artifact_path)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        artifact_calls.log_text(self._artifacts, self._active_run_id(), text, artifact_file)
+
+    def log_dict(self, dictionary: Any, artifact_file: str) -> None:
+        """JSON, or YAML for ``.yaml``/``.yml`` (with PyYAML), as MLflow writes it."""
+        artifact_calls.log_dict(self._artifacts, self._active_run_id(), dictionary, artifact_file)
+
+    def log_figure(
+        self, figure: Any, artifact_file: str, save_kwargs: Mapping[str, Any] | None = None
+    ) -> None:
+        """A matplotlib (or plotly) figure, rendered now in the format ``artifact_file`` names."""
+        artifact_calls.log_figure(self._artifacts, self._active_run_id(), figure, artifact_file, save_kwargs)
+
+    def log_image(
+        self,
+        image: Any,
+        artifact_file: str | None = None,
+        key: str | None = None,
+        step: int | None = None,
+        timestamp: int | None = None,
+    ) -> None:
+        """A NumPy array or PIL image: to ``artifact_file``, or as step ``step`` of series ``key``."""
+        artifact_calls.log_image(
+            self._artifacts,
+            self._engine.buffer,
+            self._active_run_id(),
+            image,
+            artifact_file,
+            key,
+            step,
+            timestamp,
+        )
+
+    def log_table(self, data: Any, artifact_file: str) -> None:
+        """A dict of columns or a DataFrame, as MLflow's ``log_table`` stores it."""
+        artifact_calls.log_table(
+            self._artifacts, self._engine.buffer, self._active_run_id(), data, artifact_file
+        )
+
+    def list_artifacts(self, path: str | None = None, run_id: str | None = None) -> list[FileInfo]:
+        """The artifacts of ``run_id`` (default: the active run) under ``path``."""
+        run_id = run_id or self._active_run_id()
+        return self._call(artifact_calls.list_artifacts(self._engine, self._store, run_id, path))
+
+    def download_artifacts(
+        self, path: str = "", dst_path: str | None = None, run_id: str | None = None
+    ) -> str:
+        """Download a file or directory of the run's artifacts; returns its local path."""
+        run_id = run_id or self._active_run_id()
+        return self._call(
+            artifact_calls.download_artifacts(self._engine, self._store, run_id, path, dst_path)
+        )
+
+    def restore_artifact(self, name: str, run_id: str | None = None) -> Any:
+        """omega|ml's ``restore_artifact(name)``: the object ``log_artifact(obj, name)`` stored."""
+        run_id = run_id or self._active_run_id()
+        return self._call(artifact_calls.restore_artifact(self._engine, self._store, run_id, name))
+
+    def get_artifact_uri(self, artifact_path: str | None = None, run_id: str | None = None) -> str:
+        run_id = run_id or self._active_run_id()
+        return self._call(artifact_calls.artifact_uri(self._store, run_id, artifact_path))
 
     # -- delivery --------------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -20,6 +21,7 @@ from .._runs.metadata import PARENT_RUN_ID
 from .._runs.mlflow_runs import MlflowRuns
 from .._settings import Destination, job_ranks, tracking_destination
 from .._validation import check_status
+from . import artifact_calls
 from .mlflow_client import SEARCH_MAX_RESULTS_DEFAULT, check_run_id
 from .session import Session, destination_key, shared_session
 
@@ -343,6 +345,73 @@ class Fluent:
         active = self._run_id()
         assert self._runs is not None
         self._call(self._runs.delete_tag(active, key))
+
+    # -- artifacts: snapshot now, upload in the background ------------------------------------------
+
+    def _artifacts(self) -> tuple[Any, str]:
+        active = self._run_id()
+        assert self._session is not None
+        return self._session.artifacts, active
+
+    def log_artifact(
+        self, local_path: Any, artifact_path: str | None = None, synchronous: bool | None = None
+    ) -> None:
+        log, run_id = self._artifacts()
+        artifact_calls.log_artifact(log, run_id, local_path, artifact_path)
+        self._wait_for_artifacts(synchronous, run_id)
+
+    def log_artifacts(
+        self,
+        local_dir: str | os.PathLike[str],
+        artifact_path: str | None = None,
+        synchronous: bool | None = None,
+    ) -> None:
+        log, run_id = self._artifacts()
+        log.log_dir(run_id, local_dir, artifact_path)
+        self._wait_for_artifacts(synchronous, run_id)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        log, run_id = self._artifacts()
+        artifact_calls.log_text(log, run_id, text, artifact_file)
+
+    def log_dict(self, dictionary: Any, artifact_file: str) -> None:
+        log, run_id = self._artifacts()
+        artifact_calls.log_dict(log, run_id, dictionary, artifact_file)
+
+    def log_figure(
+        self, figure: Any, artifact_file: str, *, save_kwargs: Mapping[str, Any] | None = None
+    ) -> None:
+        log, run_id = self._artifacts()
+        artifact_calls.log_figure(log, run_id, figure, artifact_file, save_kwargs)
+
+    def log_image(
+        self,
+        image: Any,
+        artifact_file: str | None = None,
+        key: str | None = None,
+        step: int | None = None,
+        timestamp: int | None = None,
+        synchronous: bool | None = None,
+    ) -> None:
+        log, run_id = self._artifacts()
+        assert self._session is not None
+        artifact_calls.log_image(
+            log, self._session.engine.buffer, run_id, image, artifact_file, key, step, timestamp
+        )
+        self._wait_for_artifacts(synchronous, run_id)
+
+    def log_table(self, data: Any, artifact_file: str) -> None:
+        log, run_id = self._artifacts()
+        assert self._session is not None
+        artifact_calls.log_table(log, self._session.engine.buffer, run_id, data, artifact_file)
+
+    def get_artifact_uri(self, artifact_path: str | None = None) -> str:
+        runs = self._model()
+        return str(self._call(artifact_calls.artifact_uri(runs.store, self._run_id(), artifact_path)))
+
+    def _wait_for_artifacts(self, synchronous: bool | None, run_id: str) -> None:
+        if synchronous and self._session is not None:
+            self._session.call(self._session.engine.deliver_artifacts(run_id))
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until the server has every event logged before this call (tracklane's addition)."""

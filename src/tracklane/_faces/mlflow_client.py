@@ -9,15 +9,17 @@ All clients for one server in a process share one engine (``_faces.session``).
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from .._entities import Experiment, Metric, PagedList, Param, Run, RunTag, ViewType
+from .._entities import Experiment, FileInfo, Metric, PagedList, Param, Run, RunTag, ViewType
 from .._exceptions import InvalidInputError
 from .._runs.mlflow_runs import MlflowRuns
 from .._settings import job_ranks, tracking_destination
 from .._validation import check_status
+from . import artifact_calls
 from .session import Session, shared_session
 
 #: MLflow's default page size for ``search_runs``.
@@ -206,6 +208,70 @@ class MlflowClient:
         ``(key, value)`` tuples). Bad entries raise InvalidInputError after the good ones are logged."""
         log_batch(self._buffer, self._runs, check_run_id(run_id), metrics, params, tags)
         self._wait_if(synchronous, run_id)
+
+    # -- artifacts: snapshot now, upload in the background ------------------------------------------
+
+    def log_artifact(
+        self, run_id: str, local_path: str | os.PathLike[str], artifact_path: str | None = None
+    ) -> None:
+        """Keep a file for upload to the run's artifacts (a local copy now; the upload in the
+        background; ``set_terminated`` waits for it)."""
+        artifact_calls.log_artifact(self._session.artifacts, check_run_id(run_id), local_path, artifact_path)
+
+    def log_artifacts(
+        self, run_id: str, local_dir: str | os.PathLike[str], artifact_path: str | None = None
+    ) -> None:
+        self._session.artifacts.log_dir(check_run_id(run_id), local_dir, artifact_path)
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        artifact_calls.log_text(self._session.artifacts, check_run_id(run_id), text, artifact_file)
+
+    def log_dict(self, run_id: str, dictionary: Any, artifact_file: str) -> None:
+        artifact_calls.log_dict(self._session.artifacts, check_run_id(run_id), dictionary, artifact_file)
+
+    def log_figure(
+        self, run_id: str, figure: Any, artifact_file: str, *, save_kwargs: Mapping[str, Any] | None = None
+    ) -> None:
+        artifact_calls.log_figure(
+            self._session.artifacts, check_run_id(run_id), figure, artifact_file, save_kwargs
+        )
+
+    def log_image(
+        self,
+        run_id: str,
+        image: Any,
+        artifact_file: str | None = None,
+        key: str | None = None,
+        step: int | None = None,
+        timestamp: int | None = None,
+        synchronous: bool | None = None,
+    ) -> None:
+        artifact_calls.log_image(
+            self._session.artifacts,
+            self._buffer,
+            check_run_id(run_id),
+            image,
+            artifact_file,
+            key,
+            step,
+            timestamp,
+        )
+
+    def log_table(self, run_id: str, data: Any, artifact_file: str) -> None:
+        artifact_calls.log_table(
+            self._session.artifacts, self._buffer, check_run_id(run_id), data, artifact_file
+        )
+
+    def list_artifacts(self, run_id: str, path: str | None = None) -> list[FileInfo]:
+        engine, store = self._session.engine, self._session.store
+        return self._call(artifact_calls.list_artifacts(engine, store, check_run_id(run_id), path))  # type: ignore[no-any-return]
+
+    def download_artifacts(self, run_id: str, path: str, dst_path: str | None = None) -> str:
+        """Download a file or directory of the run's artifacts; returns its local path."""
+        engine, store = self._session.engine, self._session.store
+        return str(
+            self._call(artifact_calls.download_artifacts(engine, store, check_run_id(run_id), path, dst_path))
+        )
 
     # -- delivery --------------------------------------------------------------------------------
 

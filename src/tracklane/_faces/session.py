@@ -19,6 +19,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .._delivery.artifacts import ArtifactLog
 from .._delivery.engine import Engine
 from .._delivery.spool import Spool
 from .._runtime.process import RunModel, SyncRuntime
@@ -58,6 +59,7 @@ class Session:
         self.store = store
         self.models: list[RunModel] = list(models or ())
         self.runtime = SyncRuntime(engine, self.models)
+        self.artifacts = ArtifactLog(engine, store.journal if isinstance(store, JournalBackend) else None)
         self.holders = 1
         self.from_mlflow_face = False
 

@@ -380,8 +380,8 @@ class OicmRuns:
 async def finish_run(
     engine: Engine, store: RunStore, end: RunEnd, deadline: float | None = None, notice: bool = True
 ) -> bool:
-    """Deliver what was logged (the run's events among it), then end the run as ``end`` says: True
-    if the server has it ended.
+    """Deliver what was logged (the run's events among it) and the run's artifacts, then end the run
+    as ``end`` says: True if the server has it ended.
 
     Waits while the server makes progress (see ``Engine.flush``). When it gives up, or the server
     is down or refuses the key, the end is kept in the journal with the events (a warning names it
@@ -395,6 +395,17 @@ async def finish_run(
         problem, delivered = exc, True
     except AuthenticationError as exc:
         problem, delivered = exc, False
+    if delivered:  # then its artifacts
+        try:
+            delivered = await engine.deliver_artifacts(end.run_id, deadline)
+        except DeliveryError as exc:
+            problem = (
+                DeliveryError([*problem.rejected, *exc.rejected])
+                if isinstance(problem, DeliveryError)
+                else exc
+            )
+        except AuthenticationError as exc:
+            problem, delivered = problem or exc, False
     if delivered:
         try:
             await store.update_run(end.run_id, end.status, end.end_time)

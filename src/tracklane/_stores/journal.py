@@ -55,11 +55,12 @@ JOURNAL_DIR = "ml_runs"
 JOURNAL_FILE = "tracklane.db"
 #: ``PRAGMA user_version`` of the journal this tracklane writes. 1 (kept in ``meta``): the first
 #: journal; 2: ``texts.seq``, so a late retry never replaces a newer tag value.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _BUSY_TIMEOUT_MS = 30_000
 _NAN = float("nan")
 T = TypeVar("T")
 
+#: Tables every journal version has (version 3 added ``artifacts``).
 _TABLES = ("meta", "experiments", "runs", "keys", "metrics", "texts", "deliveries")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -79,8 +80,13 @@ CREATE TABLE IF NOT EXISTS texts (
 CREATE TABLE IF NOT EXISTS deliveries (
     run INTEGER NOT NULL, server TEXT NOT NULL, server_run_id TEXT NOT NULL,
     metric_mark INTEGER NOT NULL DEFAULT 0, text_mark INTEGER NOT NULL DEFAULT 0, state TEXT,
-    PRIMARY KEY (run, server));
+    artifact_mark INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (run, server));
+CREATE TABLE IF NOT EXISTS artifacts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, run INTEGER NOT NULL, path TEXT NOT NULL,
+    file TEXT NOT NULL, size INTEGER NOT NULL);
 """
+#: Where snapshots of logged artifacts live, next to the journal file.
+ARTIFACT_DIR = "artifacts"
 
 
 def server_key(api_host: str, workspace_id: str | None) -> str:
@@ -180,6 +186,8 @@ class Delivery:
     metric_mark: int
     text_mark: int
     state: str | None
+    artifact_mark: int = 0
+    origin: str | None = None  # the server a spilled run lives on; None: a run logged offline
 
     @property
     def wanted_state(self) -> str | None:
@@ -249,6 +257,8 @@ class Journal:
             raise sqlite3.DatabaseError(f"tables {sorted(set(_TABLES) - tables)} are missing")
         if version == 1:  # journal version 1 -> 2
             db.execute("ALTER TABLE texts ADD COLUMN seq INTEGER NOT NULL DEFAULT 0")
+        if version in (1, 2):  # 2 -> 3: artifacts (the table itself is created below)
+            db.execute("ALTER TABLE deliveries ADD COLUMN artifact_mark INTEGER NOT NULL DEFAULT 0")
         for statement in _SCHEMA.split(";"):
             if statement.strip():
                 db.execute(statement)
@@ -543,7 +553,8 @@ class Journal:
         offline = "r.origin IS NULL OR " if not spilled_only else ""
         rows = self._read(
             "SELECT r.id, r.uuid, r.name, r.experiment, r.status, r.start_time, r.end_time, "
-            "d.server_run_id, coalesce(d.metric_mark, 0), coalesce(d.text_mark, 0), d.state "
+            "d.server_run_id, coalesce(d.metric_mark, 0), coalesce(d.text_mark, 0), d.state, "
+            "coalesce(d.artifact_mark, 0), r.origin "
             "FROM runs r LEFT JOIN deliveries d ON d.run = r.id AND d.server = ? "
             f"WHERE {offline}r.origin = ? ORDER BY r.id",
             (server, server),
@@ -563,12 +574,62 @@ class Journal:
             )
 
     def pending_counts(self, d: Delivery) -> tuple[int, int]:
-        """(metric points, params and tags) of run ``d`` not yet delivered."""
+        """(metric points, params, tags and artifacts) of run ``d`` not yet delivered."""
         metrics = self._read(
             "SELECT count(*) FROM metrics WHERE rowid > ? AND run = ?", (d.metric_mark, d.run)
         )
         texts = self._read("SELECT count(*) FROM texts WHERE id > ? AND run = ?", (d.text_mark, d.run))
-        return metrics[0][0], texts[0][0]
+        return metrics[0][0], texts[0][0] + self.pending_artifact_count(d)
+
+    # -- artifacts -------------------------------------------------------------------------------
+
+    @property
+    def artifact_dir(self) -> Path:
+        return self.path.parent / ARTIFACT_DIR
+
+    def add_artifact(self, server: str | None, run_uuid: str, path: str, file: str, size: int) -> None:
+        """Keep an artifact (its snapshot ``file`` under ``artifact_dir``) for run ``run_uuid``:
+        a run on ``server``, or (``server`` None) a run of this journal's own (offline)."""
+        if server is not None:
+            self.spill(server, run_uuid, "", [])  # the run, as a run of that server
+        run = self._run_id(run_uuid)
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO artifacts (run, path, file, size) VALUES (?, ?, ?, ?)", (run, path, file, size)
+            )
+
+    def pending_artifacts(self, d: Delivery) -> list[tuple[int, str, str, int]]:
+        """(id, artifact path, snapshot file, size) of run ``d``'s artifacts past its mark, in order."""
+        rows = self._read(
+            "SELECT id, path, file, size FROM artifacts WHERE run = ? AND id > ? ORDER BY id",
+            (d.run, d.artifact_mark),
+        )
+        return [tuple(r) for r in rows]
+
+    def pending_artifact_count(self, d: Delivery) -> int:
+        return int(
+            self._read("SELECT count(*) FROM artifacts WHERE run = ? AND id > ?", (d.run, d.artifact_mark))[
+                0
+            ][0]
+        )
+
+    def pending_artifacts_for(self, server: str, run_uuid: str) -> int:
+        return sum(self.pending_artifact_count(d) for d in self.deliveries(server, [run_uuid]))
+
+    def advance_artifacts(self, run: int, server: str, mark: int) -> None:
+        with self._write() as db:
+            db.execute(
+                "UPDATE deliveries SET artifact_mark = max(artifact_mark, ?) WHERE run = ? AND server = ?",
+                (mark, run, server),
+            )
+
+    def run_artifacts(self, run_uuid: str) -> list[tuple[str, str, int]]:
+        """(artifact path, snapshot file, size) of every artifact of a run, for offline reads."""
+        run = self._run_id(run_uuid)
+        return [
+            tuple(r)
+            for r in self._read("SELECT path, file, size FROM artifacts WHERE run = ? ORDER BY id", (run,))
+        ]
 
     def high_water(self) -> tuple[int, int]:
         """(largest metric rowid, largest text id) written so far: rows up to these exist now."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._delivery.batching import Batch, Event
@@ -117,6 +118,9 @@ class JournalBackend:
 
     async def search_experiments(self, *args: Any) -> tuple[list[Experiment], str | None]:
         raise _needs_server("search_experiments")
+
+    async def put_artifact(self, run_id: str, path: str, file: Path) -> None:
+        raise _needs_server("uploading an artifact")  # offline, artifacts stay in the journal
 
     async def delete_experiment_tag(self, experiment_id: str, key: str) -> None:
         raise _needs_server("delete_experiment_tag")

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, urlsplit
 
 import orjson
 
@@ -26,11 +29,12 @@ from .._delivery.outcome import (
     ServerFault,
     Verdict,
     backoff,
+    carries_file,
     judge,
     refusal,
     retry_after_seconds,
 )
-from .._entities import Experiment, Metric, Run
+from .._entities import Experiment, FileInfo, Metric, Run
 from .._exceptions import (
     ConfigurationError,
     NotFoundError,
@@ -43,8 +47,32 @@ from .journal import server_key
 logger = logging.getLogger("tracklane")
 
 
+async def _stream_to(resp: Any, path: Path) -> None:
+    """Write a reply's body to ``path`` chunk by chunk (via a temporary name: a download that
+    breaks off leaves no half file under the real one)."""
+    part = path.with_name(path.name + ".part")
+    with open(part, "wb") as out:
+        async for chunk in resp.content.iter_chunked(1 << 20):
+            out.write(chunk)
+    os.replace(part, path)
+
+
 #: ``ViewType`` values as the REST API spells them.
 _VIEW_TYPES = {1: "ACTIVE_ONLY", 2: "DELETED_ONLY", 3: "ALL"}
+
+
+def proxied_path(artifact_uri: str, api_host: str) -> str:
+    """Where a run's artifacts are under the server's artifact proxy, from its ``artifact_uri``."""
+    anchor = "/api/2.0/mlflow-artifacts/artifacts/"
+    if artifact_uri.startswith("mlflow-artifacts:"):
+        return urlsplit(artifact_uri).path.strip("/")
+    if artifact_uri.startswith(("http://", "https://")) and anchor in artifact_uri:
+        return artifact_uri.split(anchor, 1)[1].strip("/")
+    raise ConfigurationError(
+        f"{server_key(api_host, None)} keeps this run's artifacts at {artifact_uri!r}, which it does not "
+        "serve to clients. Start the server with its artifact proxy: `mlflow server --serve-artifacts "
+        "--artifacts-destination DIR` (and no --default-artifact-root), then log artifacts to new runs."
+    )
 
 
 def _aiohttp() -> Any:
@@ -67,6 +95,7 @@ class RestBackend:
         self.retry_window = retry_window
         self.workspace_id: str | None = None
         self.retries = 0
+        self._artifact_roots: dict[str, str] = {}
         self.platform_version: str | None = None
         self._session: aiohttp.ClientSession | None = None
         self._parents_session: aiohttp.ClientSession | None = None
@@ -95,6 +124,12 @@ class RestBackend:
             )
         return self._session
 
+    def _streaming_timeout(self) -> Any:
+        """A file's upload or download: no total limit, but the server must keep the bytes moving."""
+        aiohttp = _aiohttp()
+        timeout = self.config.request_timeout
+        return aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)
+
     def after_fork(self) -> None:
         """In a forked child: the session belongs to the parent's loop. Keep it, unused and
         unclosed, so it is not finalized here (with an "Unclosed client session" warning)."""
@@ -119,41 +154,65 @@ class RestBackend:
         query: Mapping[str, str] | None = None,
         deadline: float | None = None,
         poison_after: int | None = None,
+        artifact: bool = False,
+        upload: Path | None = None,
+        download: Path | None = None,
     ) -> dict[str, Any]:
         """Call ``endpoint`` and return its JSON reply, retrying what the outcome rule says to retry
         until ``deadline`` (monotonic; default: now + the retry window).
+
+        ``artifact``: ``endpoint`` is under the artifact proxy; ``upload`` streams that file as the
+        body (opened afresh for every attempt), ``download`` streams the reply's body into that file.
+        Neither is held whole in memory, and their requests have no total time limit (a big file on a
+        slow link), only one between reads.
 
         Raises ServerError (NotFoundError for 404) for a refusal, AuthenticationError for refused
         credentials or a reply that is not MLflow's, ServerUnavailableError when the deadline passes
         first, and ServerFault after ``poison_after`` 5xx replies in a row (if given).
         """
-        url = f"{self.config.rest_base(self.workspace_id)}/{endpoint}"
+        base = self.config.artifacts_base if artifact else self.config.rest_base
+        url = f"{base(self.workspace_id)}/{endpoint}" if endpoint else base(self.workspace_id)
         if body is None and payload is not None:
             body = orjson.dumps(payload)
         if deadline is None:
             deadline = time.monotonic() + self.retry_window
+        streaming = upload is not None or download is not None
         attempt = faults = 0
         while True:
             wait: float | None = None
             try:
-                async with self._session_now().request(
-                    method, url, data=body, params=query, headers=self._headers()
-                ) as resp:
-                    reply = judge(resp.status, await resp.read())
-                    if reply.verdict is Verdict.DELIVERED:
-                        assert reply.body is not None
-                        return reply.body
-                    if reply.verdict is not Verdict.RETRY:
-                        raise refusal(reply, endpoint, self.config.api_host)
-                    problem = f"HTTP {resp.status} {reply.error_code}".rstrip()
-                    wait = retry_after_seconds(resp.headers.get("Retry-After"))
-                    faults = faults + 1 if reply.server_error else 0
-                    if poison_after is not None and faults >= poison_after:
-                        raise ServerFault(
-                            f"{endpoint}: {problem} {faults} times in a row: {reply.message[:200]}",
-                            status=resp.status,
-                            error_code=reply.error_code,
-                        )
+                data: Any = body if upload is None else open(upload, "rb")  # noqa: SIM115 (closed below)
+                try:
+                    async with self._session_now().request(
+                        method,
+                        url,
+                        data=data,
+                        params=query,
+                        headers=self._headers(),
+                        timeout=self._streaming_timeout() if streaming else None,
+                    ) as resp:
+                        if download is not None and carries_file(resp.status):
+                            await _stream_to(resp, download)
+                            return {}
+                        reply = judge(resp.status, await resp.read())
+                        status, retry_after = resp.status, resp.headers.get("Retry-After")
+                finally:
+                    if upload is not None:
+                        data.close()
+                if reply.verdict is Verdict.DELIVERED:
+                    assert reply.body is not None
+                    return reply.body
+                if reply.verdict is not Verdict.RETRY:
+                    raise refusal(reply, endpoint, self.config.api_host)
+                problem = f"HTTP {status} {reply.error_code}".rstrip()
+                wait = retry_after_seconds(retry_after)
+                faults = faults + 1 if reply.server_error else 0
+                if poison_after is not None and faults >= poison_after:
+                    raise ServerFault(
+                        f"{endpoint}: {problem} {faults} times in a row: {reply.message[:200]}",
+                        status=status,
+                        error_code=reply.error_code,
+                    )
             except _connection_errors() as exc:
                 problem = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 faults = 0
@@ -412,6 +471,38 @@ class RestBackend:
                 return False
             raise
         return bool(Run.from_json(reply["run"]).info.lifecycle_stage != "deleted")
+
+    # -- artifacts (MLflow's artifact proxy) -------------------------------------------------------
+
+    async def artifact_root(self, run_id: str) -> str:
+        """The run's artifact root as a path under the artifact proxy (``1/<run id>/artifacts``).
+
+        Raises ConfigurationError when the server keeps the run's artifacts somewhere it does not
+        proxy (``--default-artifact-root`` on a path or a bucket the client would need to reach)."""
+        root = self._artifact_roots.get(run_id)
+        if root is None:
+            uri = (await self.get_run(run_id)).info.artifact_uri
+            root = self._artifact_roots[run_id] = proxied_path(uri, self.config.api_host)
+        return root
+
+    async def put_artifact(self, run_id: str, path: str, file: Path) -> None:
+        """Upload ``file`` as the run's artifact ``path``, streamed."""
+        root = await self.artifact_root(run_id)
+        await self.request("PUT", f"{root}/{quote(path)}", artifact=True, upload=file)
+
+    async def list_artifacts(self, run_id: str, path: str | None) -> list[FileInfo]:
+        root = await self.artifact_root(run_id)
+        where = f"{root}/{path.strip('/')}" if path else root
+        reply = await self.request("GET", "", artifact=True, query={"path": where})
+        prefix = f"{path.strip('/')}/" if path else ""
+        return [
+            FileInfo(prefix + f["path"], bool(f.get("is_dir", False)), f.get("file_size"))
+            for f in reply.get("files") or ()
+        ]
+
+    async def download_artifact(self, run_id: str, path: str, dst: Path) -> None:
+        root = await self.artifact_root(run_id)
+        await self.request("GET", f"{root}/{quote(path)}", artifact=True, download=dst)
 
     async def get_metric_history(self, run_id: str, key: str) -> list[Metric]:
         points: list[Metric] = []
