@@ -18,18 +18,20 @@ import asyncio
 import atexit
 import functools
 import logging
+import os
 import time
 from collections.abc import Generator, Mapping
 from types import TracebackType
 from typing import Any
 
 from .._delivery.buffer import Buffer
-from .._entities import ActiveRun, Experiment, Metric, Run, exit_status
+from .._entities import ActiveRun, Experiment, FileInfo, Metric, Run, exit_status
 from .._exceptions import ConfigurationError
 from .._faces.base import ClientBase
 from .._runs.lifecycle import OicmRuns, tag_dict
 from .._runtime.process import exit_status_of_process
 from .._validation import check_status
+from . import artifact_calls
 
 
 class Room:
@@ -209,6 +211,87 @@ class AsyncTrackingClient(ClientBase[AsyncActiveRun]):
     async def get_metric_history(self, run_id: str, key: str) -> list[Metric]:
         """Every point of metric ``key``, including those logged before this call."""
         return await (await self._attached()).get_metric_history(run_id, key)
+
+    # -- artifacts: the snapshot (a local copy) runs in a worker thread, never on the loop ----------
+
+    async def log_artifact(self, local_path: Any, artifact_path: str | None = None) -> None:
+        """``TrackingClient.log_artifact``, awaitable: the copy runs off the loop; the upload in the
+        background."""
+        run_id = self._active_run_id()
+        await asyncio.to_thread(
+            artifact_calls.log_artifact, self._artifacts, run_id, local_path, artifact_path
+        )
+
+    async def log_artifacts(
+        self, local_dir: str | os.PathLike[str], artifact_path: str | None = None
+    ) -> None:
+        run_id = self._active_run_id()
+        await asyncio.to_thread(self._artifacts.log_dir, run_id, local_dir, artifact_path)
+
+    async def log_text(self, text: str, artifact_file: str) -> None:
+        run_id = self._active_run_id()
+        await asyncio.to_thread(artifact_calls.log_text, self._artifacts, run_id, text, artifact_file)
+
+    async def log_dict(self, dictionary: Any, artifact_file: str) -> None:
+        run_id = self._active_run_id()
+        await asyncio.to_thread(artifact_calls.log_dict, self._artifacts, run_id, dictionary, artifact_file)
+
+    async def log_figure(
+        self, figure: Any, artifact_file: str, save_kwargs: Mapping[str, Any] | None = None
+    ) -> None:
+        run_id = self._active_run_id()
+        await asyncio.to_thread(
+            artifact_calls.log_figure, self._artifacts, run_id, figure, artifact_file, save_kwargs
+        )
+
+    async def log_image(
+        self,
+        image: Any,
+        artifact_file: str | None = None,
+        key: str | None = None,
+        step: int | None = None,
+        timestamp: int | None = None,
+    ) -> None:
+        run_id = self._active_run_id()
+        await asyncio.to_thread(
+            artifact_calls.log_image,
+            self._artifacts,
+            self._engine.buffer,
+            run_id,
+            image,
+            artifact_file,
+            key,
+            step,
+            timestamp,
+        )
+
+    async def log_table(self, data: Any, artifact_file: str) -> None:
+        run_id = self._active_run_id()
+        await asyncio.to_thread(
+            artifact_calls.log_table, self._artifacts, self._engine.buffer, run_id, data, artifact_file
+        )
+
+    async def list_artifacts(self, path: str | None = None, run_id: str | None = None) -> list[FileInfo]:
+        await self._attached()
+        return await artifact_calls.list_artifacts(
+            self._engine, self._store, run_id or self._active_run_id(), path
+        )
+
+    async def download_artifacts(
+        self, path: str = "", dst_path: str | None = None, run_id: str | None = None
+    ) -> str:
+        await self._attached()
+        run_id = run_id or self._active_run_id()
+        return await artifact_calls.download_artifacts(self._engine, self._store, run_id, path, dst_path)
+
+    async def restore_artifact(self, name: str, run_id: str | None = None) -> Any:
+        await self._attached()
+        run_id = run_id or self._active_run_id()
+        return await artifact_calls.restore_artifact(self._engine, self._store, run_id, name)
+
+    async def get_artifact_uri(self, artifact_path: str | None = None, run_id: str | None = None) -> str:
+        await self._attached()
+        return await artifact_calls.artifact_uri(self._store, run_id or self._active_run_id(), artifact_path)
 
     async def flush(self, timeout: float | None = None) -> bool:
         """Wait until every event logged before this call is delivered; False on timeout.
