@@ -473,7 +473,7 @@ class Engine:
                 raise self._blocked
             if self._giving_up.is_set() or (deadline is not None and now >= deadline):
                 return False
-            if now - max(self._last_progress, started) > self.config.retry_window:
+            if now - self._progress_since(started) > self.config.retry_window:
                 return False
             await asyncio.sleep(_POLL)
         self.raise_problems(run_id)
@@ -638,12 +638,18 @@ class Engine:
                 now = time.monotonic()
                 if giving_up.done() or (deadline is not None and now >= deadline):
                     return False
-                if now - max(self._last_progress, started) > self.config.retry_window:
+                if now - self._progress_since(started) > self.config.retry_window:
                     return False
         finally:
             giving_up.cancel()
         self.raise_problems(run_id)
         return True
+
+    def _progress_since(self, started: float) -> float:
+        """When the server last took something, for a wait that began at ``started``. In an outage
+        already seen, the wait does not get a fresh window of its own: ending ten runs while the
+        server is down must not take ten retry windows (their ends go to the journal at once)."""
+        return self._last_progress if self._outage else max(self._last_progress, started)
 
     def raise_problems(self, run_id: str | None = None) -> None:
         """Raise what the caller must hear: delivery stopped, or events the server refused (of

@@ -21,7 +21,7 @@ from typing import Protocol
 from .._exceptions import AuthenticationError, ConfigurationError, ServerError
 from .._limits import MAX_METRICS_PER_BATCH
 from .._stores.journal import Delivery, Journal
-from .batching import ARTIFACT, Batch, pack
+from .batching import ARTIFACT, TAG, Batch, Event, pack
 from .outcome import BatchTarget, OnRejected, OnSent, deliver
 
 
@@ -54,6 +54,7 @@ async def upload_run(
     run_id = d.server_run_id
 
     events, text_mark = await journal.call(journal.pending_texts, d, run_id, upto and upto[1])
+    events = await _server_parent_ids(journal, server, events)
     if events:
         for batch in pack(events):  # texts in order, one request at a time: the last value wins
             await deliver(batch, target, on_sent, on_rejected)
@@ -85,6 +86,23 @@ async def upload_run(
     if wanted is not None and wanted != d.state and d.status is not None:
         await target.update_run(run_id, d.status, d.end_time)
         await journal.call(journal.record_state, d.run, server, wanted)
+
+
+#: MLflow's tag naming a nested run's parent (``mlflow.parentRunId``).
+PARENT_RUN_TAG = "mlflow.parentRunId"
+
+
+async def _server_parent_ids(journal: Journal, server: str, events: list[Event]) -> list[Event]:
+    """An offline child run names its parent by the journal's id: on the server, the parent has the
+    id the server gave it when it was synced (parents are created first, in journal order)."""
+    out = []
+    for e in events:
+        if e[0] == TAG and e[2] == PARENT_RUN_TAG:
+            mapped = await journal.call(journal.server_run_id, server, e[3])
+            if mapped is not None:
+                e = (e[0], e[1], e[2], mapped, e[4], e[5])
+        out.append(e)
+    return out
 
 
 async def upload_artifacts(

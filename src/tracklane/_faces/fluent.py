@@ -1,4 +1,4 @@
-"""The state behind ``tracklane.mlflow``: MLflow's fluent API (one process-wide run stack).
+"""The state behind ``tracklane.mlflow``: MLflow's fluent API (a run stack per thread, as MLflow's).
 
 ``Fluent`` holds a session for the tracking URI (made on first use, so importing the module starts
 no thread) and an ``MlflowRuns`` run model that the session ends at interpreter exit, as MLflow's
@@ -37,6 +37,7 @@ class Fluent:
         self._destination: Destination | None = None
         self._session: Session | None = None
         self._runs: MlflowRuns | None = None
+        self._runs_for: Destination | None = None  # the destination ``_runs`` logs to
         self._lock = threading.RLock()
 
     # -- where to log ----------------------------------------------------------------------------
@@ -58,7 +59,7 @@ class Fluent:
     def _model(self) -> MlflowRuns:
         """The run model for the current tracking URI, made (with its session) on first use."""
         runs = self._runs
-        if runs is not None and self._destination is not None:
+        if runs is not None and self._destination is not None and self._destination is self._runs_for:
             return runs
         with self._lock:
             if self._runs is not None and self._runs.stack:
@@ -72,11 +73,12 @@ class Fluent:
                 and session.key == key
                 and not session.runtime.closed
             ):
+                self._runs_for = destination
                 return self._runs
             session = shared_session(destination.server, destination.storage)
             runs = MlflowRuns(session.engine, session.store, session.engine.config, job_ranks())
             session.models.append(runs)
-            self._session, self._runs = session, runs
+            self._session, self._runs, self._runs_for = session, runs, destination
             return runs
 
     def _call(self, coro: Any) -> Any:
@@ -171,7 +173,15 @@ class Fluent:
         runs = self._model()
         run = self._call(
             runs.start_run(
-                run_id, experiment_id, run_name, nested, parent_run_id, tags, description, log_system_metrics
+                run_id,
+                experiment_id,
+                run_name,
+                nested,
+                parent_run_id,
+                tags,
+                description,
+                log_system_metrics,
+                runs.stack,
             )
         )
         return ActiveRun(run, self.end_run)
@@ -181,7 +191,7 @@ class Fluent:
         runs = self._runs
         if runs is None or not runs.stack:
             return
-        self._call(runs.end_run(check_status(status)))
+        self._call(runs.end_run(check_status(status), runs.stack))
 
     def active_run(self) -> ActiveRun | None:
         runs = self._runs

@@ -11,6 +11,7 @@ wait for the server, on the engine's loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections.abc import Iterable, Mapping
@@ -51,7 +52,10 @@ class MlflowRuns:
         self.config = config
         self.ranks = ranks
         self.experiment_id: str | None = None  # set_experiment's choice
-        self.stack: list[Run] = []  # the fluent API's active runs, innermost last
+        #: The fluent API's active runs, innermost last: one stack per thread, as MLflow keeps it
+        #: (a thread pool of trials each runs its own); ``_stacks`` lists them all for the exit.
+        self._local = threading.local()
+        self._stacks: list[list[Run]] = []
         self.last_run_id: str | None = None
         #: Params logged per run by this process, so a changed value is refused at the call.
         self.params: dict[str, dict[str, str]] = {}
@@ -61,8 +65,20 @@ class MlflowRuns:
         self._launcher_run_used = False
 
     @property
+    def stack(self) -> list[Run]:
+        """The calling thread's stack of active runs (call it on the caller's thread, not the loop)."""
+        try:
+            return self._local.stack  # type: ignore[no-any-return]
+        except AttributeError:
+            stack: list[Run] = []
+            self._local.stack = stack
+            with self._lock:
+                self._stacks.append(stack)
+            return stack
+
+    @property
     def run_id(self) -> str | None:
-        """The fluent API's active run (read on the hot path, any thread)."""
+        """The calling thread's active run (read on the hot path)."""
         stack = self.stack
         return stack[-1].info.run_id if stack else None
 
@@ -194,12 +210,11 @@ class MlflowRuns:
     async def set_terminated(self, run_id: str, status: str | None, end_time: int | None) -> None:
         """Deliver what was logged, then end the run (kept in the journal if the server is away)."""
         status = check_status(status or "FINISHED")
-        run = await self.store.get_run(str(run_id))
-        end = RunEnd(
-            run.info.run_id, status, end_time if end_time is not None else now_ms(), run.info.run_name
-        )
+        # No read first: with the server down, the end must still be kept (finish_run journals it).
+        end = RunEnd(str(run_id), status, end_time if end_time is not None else now_ms())
         if await finish_run(self.engine, self.store, end):
-            print_run_links(self.store, run.info)
+            with contextlib.suppress(TrackingError):  # the link is a courtesy
+                print_run_links(self.store, (await self.store.get_run(str(run_id))).info)
 
     async def delete_tag(self, run_id: str, key: str) -> None:
         await self.engine.flush(run_id=str(run_id))  # a set_tag logged before must not land after
@@ -217,18 +232,20 @@ class MlflowRuns:
         tags: Mapping[str, Any] | Iterable[str] | None,
         description: str | None,
         log_system_metrics: bool | None,
+        stack: list[Run],
     ) -> Run:
         """MLflow's ``start_run``: resume ``run_id`` (or ``$MLFLOW_RUN_ID``), else create a run in
-        the active experiment, nested under the active run when ``nested``."""
-        if self.stack and not nested and parent_run_id is None:
+        the active experiment, nested under the active run when ``nested``. ``stack``: the calling
+        thread's (this runs on the engine's loop)."""
+        if stack and not nested and parent_run_id is None:
             raise TrackingError(
-                f"Run with UUID {self.stack[-1].info.run_id} is already active. To start a new run, "
+                f"Run with UUID {stack[-1].info.run_id} is already active. To start a new run, "
                 "first end the current run with mlflow.end_run(). To start a nested run, call "
                 "start_run with nested=True."
             )
-        if self.stack and parent_run_id is not None and parent_run_id != self.stack[-1].info.run_id:
+        if stack and parent_run_id is not None and parent_run_id != stack[-1].info.run_id:
             raise TrackingError(
-                f"Current run with UUID {self.stack[-1].info.run_id} does not match the specified "
+                f"Current run with UUID {stack[-1].info.run_id} does not match the specified "
                 f"parent_run_id {parent_run_id}. To start a new nested run under the parent run with "
                 f"UUID {parent_run_id}, first end the current run with mlflow.end_run()."
             )
@@ -242,7 +259,7 @@ class MlflowRuns:
             # MLflow resumes $MLFLOW_RUN_ID once (it unsets the variable); later runs are new.
             existing = launcher_run_id()
             self._launcher_run_used = existing is not None
-        parent = parent_run_id or (self.stack[-1].info.run_id if nested and self.stack else None)
+        parent = parent_run_id or (stack[-1].info.run_id if nested and stack else None)
         if existing is not None:
             run = await self._resume(str(existing), experiment_id, user_tags)
         else:
@@ -261,7 +278,7 @@ class MlflowRuns:
                 experiment, run_name or "", now_ms(), all_tags, user_id=all_tags.get(metadata.USER)
             )
         with self._lock:
-            self.stack.append(run)
+            stack.append(run)
         self.params[run.info.run_id] = dict(run.data.params)
         if self.ranks.distributed and self.ranks.local_rank != 0:
             sampling = None  # one sampler per node
@@ -296,12 +313,13 @@ class MlflowRuns:
         info = RunInfo(**{**run.info.__dict__, "status": "RUNNING", "end_time": None})
         return Run(info, RunData(run.data.metrics, run.data.params, {**run.data.tags, **tags}))
 
-    async def end_run(self, status: str, deadline: float | None = None) -> None:
-        """End the innermost active run: deliver its events, mark it ``status``, print its link."""
+    async def end_run(self, status: str, stack: list[Run], deadline: float | None = None) -> None:
+        """End the innermost run of ``stack`` (a thread's): deliver its events and artifacts, mark it
+        ``status``, print its link."""
         with self._lock:
-            if not self.stack:
+            if not stack:
                 return
-            run = self.stack.pop()
+            run = stack.pop()
         run_id = run.info.run_id
         await stop_sampler(self._samplers.pop(run_id, None))
         self.last_run_id = run_id
@@ -315,11 +333,12 @@ class MlflowRuns:
 
     async def end_active(self, status: str, deadline: float | None) -> None:
         """At exit: end every active run, innermost first (MLflow's atexit ``end_run``)."""
-        while self.stack:
-            try:
-                await self.end_run(status, deadline)
-            except TrackingError as exc:
-                logger.warning("tracklane: at shutdown: %s", exc)
+        for stack in list(self._stacks):
+            while stack:
+                try:
+                    await self.end_run(status, stack, deadline)
+                except TrackingError as exc:
+                    logger.warning("tracklane: at shutdown: %s", exc)
 
 
 def _mlflow_sampling_default() -> bool:

@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from types import FrameType
 from typing import Any, Protocol, TypeVar
 
@@ -62,6 +62,8 @@ class SyncRuntime:
     def __init__(self, engine: Engine, models: list[RunModel]) -> None:
         self.models = models
         self.engine = engine
+        #: A SIGTERM that arrived during this runtime's shutdown, passed on once it is done.
+        self.deferred_signal: Callable[[], None] | None = None
         self.closed = False
         self.thread = self._start()
         self._exit_hook = functools.partial(_shutdown_quietly, self)
@@ -122,6 +124,9 @@ class SyncRuntime:
             left = self.engine.pending()
         finally:
             self.thread.stop()
+            deferred, self.deferred_signal = self.deferred_signal, None
+            if deferred is not None:
+                deferred()  # the SIGTERM that came during the flush, now it is done
         if left:
             logger.error("tracklane: %d event(s) could be neither delivered nor kept in the journal.", left)
         return left
@@ -141,15 +146,23 @@ class SyncRuntime:
         if previous is None:
             return  # installed outside Python: not ours to wrap
 
-        def on_sigterm(signum: int, frame: FrameType | None) -> None:
-            runtime = ref()
-            if runtime is not None and not runtime.closed and runtime.thread.alive:
-                _shutdown_quietly(runtime, "KILLED")  # the application's handler runs regardless
+        def pass_on(signum: int, frame: FrameType | None) -> None:
             if callable(previous):
                 previous(signum, frame)
             elif previous == signal.SIG_DFL:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 os.kill(os.getpid(), signal.SIGTERM)  # die the way SIGTERM kills
+
+        def on_sigterm(signum: int, frame: FrameType | None) -> None:
+            runtime = ref()
+            if runtime is not None and runtime.thread.alive:
+                if runtime.closed:
+                    # A shutdown is under way (an exit flush, interrupted right here: a pool's
+                    # terminate() comes while its workers flush). Let it finish, bounded, then go.
+                    runtime.deferred_signal = functools.partial(pass_on, signum, frame)
+                    return
+                _shutdown_quietly(runtime, "KILLED")  # the application's handler runs regardless
+            pass_on(signum, frame)
 
         signal.signal(signal.SIGTERM, on_sigterm)
 

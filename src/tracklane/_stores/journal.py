@@ -566,6 +566,15 @@ class Journal:
         """Servers that have spilled runs in this journal."""
         return [r[0] for r in self._read("SELECT DISTINCT origin FROM runs WHERE origin IS NOT NULL")]
 
+    def server_run_id(self, server: str, run_uuid: str) -> str | None:
+        """The id ``server`` gave this journal's run ``run_uuid`` when it was synced (None: not yet)."""
+        rows = self._read(
+            "SELECT d.server_run_id FROM deliveries d JOIN runs r ON r.id = d.run "
+            "WHERE r.uuid = ? AND d.server = ?",
+            (run_uuid, server),
+        )
+        return rows[0][0] if rows else None
+
     def record_server_run(self, run: int, server: str, server_run_id: str) -> None:
         with self._write() as db:
             db.execute(
