@@ -22,6 +22,7 @@ FIGURES = (
     "6_memory",
     "7_import",
     "8_offline",
+    "9_artifacts",
 )
 
 

@@ -71,8 +71,8 @@ def _clone_or_copy(src: Path, dst: Path) -> None:
             fcntl.ioctl(fout.fileno(), _FICLONE, fin.fileno())
             return
         except OSError:
-            pass  # not a file system that clones: copy (sendfile, in the kernel)
-        shutil.copyfileobj(fin, fout, 1 << 20)
+            pass  # not a file system that clones
+    shutil.copyfile(src, dst)  # in the kernel (sendfile) on Linux
 
 
 class ArtifactLog:

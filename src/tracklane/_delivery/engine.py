@@ -106,6 +106,7 @@ class Engine:
         self._closing = False
         self._giving_up: asyncio.Event | None = None
         self._retry_now: asyncio.Event | None = None  # a flush is waiting: the uploader stops backing off
+        self._journal_moved: asyncio.Event | None = None  # the uploader delivered something
         self._last_progress = time.monotonic()
         self._rejected: list[RejectedEvent] = []
         self._warned: set[str] = set()
@@ -123,6 +124,7 @@ class Engine:
         self._hand_ready = asyncio.Event()
         self._giving_up = asyncio.Event()
         self._retry_now = asyncio.Event()
+        self._journal_moved = asyncio.Event()
 
         def notify() -> None:
             loop.call_soon_threadsafe(wake.set)
@@ -143,6 +145,7 @@ class Engine:
         (the parent sends its own events); the child starts afresh on a new loop."""
         self.buffer.reset_after_fork()
         self._loop = self._wake = self._hand_ready = self._giving_up = self._retry_now = None
+        self._journal_moved = None
         self._tasks, self._uploader, self._resumes = [], None, []
         self._hand, self._hand_events = deque(), 0
         self._inflight, self._orphans, self._waiters = {}, [], []
@@ -475,7 +478,10 @@ class Engine:
                 return False
             if now - self._progress_since(started) > self.config.retry_window:
                 return False
-            await asyncio.sleep(_POLL)
+            assert self._journal_moved is not None
+            self._journal_moved.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._journal_moved.wait(), _POLL)
         self.raise_problems(run_id)
         return True
 
@@ -588,6 +594,8 @@ class Engine:
 
     def _sent_from_journal(self, run_id: str, n: int) -> None:
         self._last_progress = time.monotonic()
+        if self._journal_moved is not None:
+            self._journal_moved.set()  # an artifact waiter looks again now, not at its next poll
         assert self.spool is not None
         if run_id in self.spool.runs and self.spilled:
             moved = min(n, self.spilled)
