@@ -45,6 +45,23 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.chdir(tmp_path)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_mlflow_faces() -> Iterator[None]:
+    """Each test starts with no engine left by another test's MlflowClient or tracklane.mlflow
+    (they live for the process, as MLflow's do), so a TrackingClient built here never joins one."""
+    yield
+    import tracklane.mlflow
+    from tracklane._faces import session
+
+    with session._lock:
+        left = [s for s in session._shared.values() if s.from_mlflow_face]
+        for s in left:
+            del session._shared[s.key]
+    for s in left:
+        s.runtime.shutdown(10.0)
+    tracklane.mlflow._fluent.__init__()  # type: ignore[misc]
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
     server = MlflowServer(tmp_path_factory.mktemp("mlflow"))

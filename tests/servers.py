@@ -22,6 +22,7 @@ from collections import Counter
 from typing import Any, NamedTuple
 
 from aiohttp import ClientSession, web
+from yarl import URL
 
 from tracklane._cli.bench import MlflowServer, free_port
 
@@ -145,7 +146,10 @@ class OicmGateway(BackgroundApp):
     Serves ``/api/tracking/liveness`` and ``/api/tracking/version``, checks the bearer token, and
     forwards ``/api/tracking/v1/workspaces/{ws}/mlflow/api/2.0/mlflow/...`` to the real MLflow
     server, recording which workspaces and workload ids it saw, and in ``calls`` each forwarded
-    request as (workspace, endpoint, body or query string).
+    request as (workspace, endpoint, body or query string). The artifact proxy beside it,
+    ``.../mlflow/api/2.0/mlflow-artifacts/artifacts[/<path>]``, is forwarded to the server's own,
+    request and reply bodies streamed (a 50 MB file is never held whole); its ``calls`` entries
+    are (workspace, ``mlflow-artifacts/artifacts[/<path>]``, query string), without the body.
     """
 
     def __init__(
@@ -185,6 +189,42 @@ class OicmGateway(BackgroundApp):
                 body=await upstream.read(), status=upstream.status, content_type="application/json"
             )
 
+    async def _forward_artifacts(self, request: web.Request) -> web.StreamResponse:
+        """The artifact proxy: PUT bodies and GET replies streamed through in 1 MiB chunks."""
+        if request.headers.get("Authorization") != f"Bearer {self.token}":
+            self.refused += 1
+            return web.json_response({"error_code": "UNAUTHENTICATED", "message": "bad token"}, status=401)
+        ws = request.match_info["ws"]
+        self.workspaces_seen.append(ws)
+        self.workload_ids_seen.add(request.headers.get("OIP-Workload-Id"))
+        rest = request.match_info.get("rest", "")
+        endpoint = f"mlflow-artifacts/artifacts/{rest}" if rest else "mlflow-artifacts/artifacts"
+        self.calls.append((ws, endpoint, request.query_string.encode()))
+        # The path as the client encoded it (a '+' or '%2B' in a file name reaches MLflow unchanged).
+        raw = request.rel_url.raw_path
+        target = f"{self.upstream}/api/2.0{raw[raw.index('/mlflow-artifacts/artifacts') :]}"
+        if request.rel_url.raw_query_string:
+            target += f"?{request.rel_url.raw_query_string}"
+        headers = {k: request.headers[k] for k in ("Content-Type", "Content-Length") if k in request.headers}
+        body = request.content.iter_chunked(1 << 20) if request.body_exists else None
+        assert self._session is not None
+        async with self._session.request(
+            request.method, URL(target, encoded=True), data=body, headers=headers
+        ) as upstream:
+            reply = web.StreamResponse(status=upstream.status)
+            # The client session decodes a compressed body: its length would then be wrong.
+            copied = ("Content-Type", "Content-Disposition")
+            if "Content-Encoding" not in upstream.headers:
+                copied += ("Content-Length",)
+            for name in copied:
+                if name in upstream.headers:
+                    reply.headers[name] = upstream.headers[name]
+            await reply.prepare(request)
+            async for chunk in upstream.content.iter_chunked(1 << 20):
+                await reply.write(chunk)
+            await reply.write_eof()
+            return reply
+
     async def _liveness(self, request: web.Request) -> web.Response:
         if not self.alive:
             return web.Response(status=503, text="down")
@@ -199,6 +239,9 @@ class OicmGateway(BackgroundApp):
         app.router.add_route(
             "*", "/api/tracking/v1/workspaces/{ws}/mlflow/api/2.0/mlflow/{rest:.*}", self._forward
         )
+        artifacts = "/api/tracking/v1/workspaces/{ws}/mlflow/api/2.0/mlflow-artifacts/artifacts"
+        app.router.add_route("*", artifacts, self._forward_artifacts)
+        app.router.add_route("*", artifacts + "/{rest:.*}", self._forward_artifacts)
 
 
 class Reply(NamedTuple):

@@ -416,7 +416,7 @@ def test_an_async_client_never_closed_keeps_its_events_for_the_next_client(
         timeout=120,
     )
     assert child.returncode == 0, child.stderr
-    run_id = child.stdout.strip()
+    run_id = child.stdout.splitlines()[0]  # then MLflow's View-run lines
 
     TrackingClient(api_host=server_url, path_to_storage=str(storage)).close()  # resumes, waits
 
@@ -460,7 +460,7 @@ def test_an_uncaught_keyboard_interrupt_ends_the_active_run_killed(
         text=True,
         timeout=120,
     )
-    run_id = child.stdout.strip()
+    run_id = child.stdout.splitlines()[0]  # then MLflow's View-run lines
 
     assert "KeyboardInterrupt" in child.stderr, child.stderr
     assert _steps(reader, run_id, "loss") == list(range(1000))

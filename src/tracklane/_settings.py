@@ -8,6 +8,7 @@ variable tracklane reads is named in ``ENV`` below, and every boolean one goes t
 
 from __future__ import annotations
 
+import hmac
 import os
 import socket
 from dataclasses import dataclass
@@ -62,6 +63,12 @@ class Secret:
         return "Secret('***')"
 
     __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and hmac.compare_digest(self._value, other._value)
+
+    def __hash__(self) -> int:
+        return hash(Secret)  # equal keys must hash alike; a key's own hash would say something of it
 
     def __reduce__(self) -> tuple[type[Secret], tuple[str]]:
         raise TypeError("an API key is not pickled; build the client again in the other process")

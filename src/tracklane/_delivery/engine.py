@@ -654,10 +654,10 @@ class Engine:
         return True
 
     def _progress_since(self, started: float) -> float:
-        """When the server last took something, for a wait that began at ``started``. In an outage
-        already seen, the wait does not get a fresh window of its own: ending ten runs while the
-        server is down must not take ten retry windows (their ends go to the journal at once)."""
-        return self._last_progress if self._outage else max(self._last_progress, started)
+        """When the server last took something, for a wait that began at ``started``: each wait gets
+        a window of its own, so a server that has just come back is seen (its first resend may be
+        a backoff away). The cost: ending several runs during a long outage waits a window each."""
+        return max(self._last_progress, started)
 
     def raise_problems(self, run_id: str | None = None) -> None:
         """Raise what the caller must hear: delivery stopped, or events the server refused (of

@@ -74,7 +74,7 @@ class TrackingClient(ClientBase[ActiveRun]):
         storage: str | None,
     ) -> tuple[Engine, Store]:
         # tracklane.mlflow or an MlflowClient already logs there with these settings: batch together.
-        self._joined = joinable(self._destination, config)
+        self._joined = joinable(self._destination, config, server if journal is None else None)
         if self._joined is not None:
             return self._joined.engine, self._joined.store
         return super()._engine_for(server, journal, config, storage)

@@ -109,13 +109,18 @@ def register(session: Session) -> None:
             _shared[session.key] = session
 
 
-def joinable(key: str, config: EngineConfig) -> Session | None:
-    """A session an MLflow face made for ``key`` with these settings, for a ``TrackingClient``."""
+def joinable(key: str, config: EngineConfig, server: ServerConfig | None) -> Session | None:
+    """A session an MLflow face made for ``key`` with these settings (engine bounds, and the same
+    credentials and TLS settings), for a ``TrackingClient``."""
     with _lock:
         session = _shared.get(key)
         if session is None or session.runtime.closed or not session.from_mlflow_face:
             return None
         if session.engine.config != config:
+            return None
+        if server is not None and (
+            not isinstance(session.store, RestBackend) or session.store.config != server
+        ):
             return None
         session.holders += 1
         return session
