@@ -148,9 +148,11 @@ class MlflowClient:
     def restore_run(self, run_id: str) -> None:
         self._call(self._session.store.restore_run(check_run_id(run_id)))
 
-    def set_terminated(self, run_id: str, status: str | None = None, end_time: int | None = None) -> None:
+    def set_terminated(
+        self, run_id: str, status: str | None = None, end_time: int | None = None, *, _links: bool = True
+    ) -> None:
         """Deliver what was logged to the run, then end it (FINISHED unless ``status`` says)."""
-        self._call(self._runs.set_terminated(check_run_id(run_id), status, end_time))
+        self._call(self._runs.set_terminated(check_run_id(run_id), status, end_time, _links))
 
     def update_run(self, run_id: str, status: str | None = None, name: str | None = None) -> None:
         """Change a run's status and/or name."""

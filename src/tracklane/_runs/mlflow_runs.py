@@ -207,12 +207,15 @@ class MlflowRuns:
         await self.engine.flush(run_id=str(run_id))
         return await self.store.get_metric_history(str(run_id), key)
 
-    async def set_terminated(self, run_id: str, status: str | None, end_time: int | None) -> None:
-        """Deliver what was logged, then end the run (kept in the journal if the server is away)."""
+    async def set_terminated(
+        self, run_id: str, status: str | None, end_time: int | None, links: bool = True
+    ) -> None:
+        """Deliver what was logged, then end the run (kept in the journal if the server is away).
+        ``links``: print MLflow's View-run lines (not when MLflow itself prints them: the plugin)."""
         status = check_status(status or "FINISHED")
         # No read first: with the server down, the end must still be kept (finish_run journals it).
         end = RunEnd(str(run_id), status, end_time if end_time is not None else now_ms())
-        if await finish_run(self.engine, self.store, end):
+        if await finish_run(self.engine, self.store, end) and links:
             with contextlib.suppress(TrackingError):  # the link is a courtesy
                 print_run_links(self.store, (await self.store.get_run(str(run_id))).info)
 

@@ -1,0 +1,135 @@
+"""An MLflow tracking-store plugin: ``mlflow.set_tracking_uri("tracklane+http://host:5000")``.
+
+Code that only changes its tracking URI (``MLFlowLogger(tracking_uri=...)``, autolog, scripts) keeps
+calling MLflow, and MLflow hands every call to this store. Logging (``log_batch``, ``log_metric``,
+``log_param``, ``set_tag`` and their ``*_async`` forms) goes through tracklane's engine: enqueued in
+microseconds, delivered in the background, kept in the journal through outages. Everything else is
+MLflow's own REST store against the same server, after delivering what was logged (read your
+writes). ``set_terminated`` delivers the run's events first, and interpreter exit flushes.
+
+Registered under MLflow's ``mlflow.tracking_store`` entry point for ``tracklane+http`` and
+``tracklane+https``, and under ``mlflow.model_registry_store`` too: MLflow resolves a registry store
+from the tracking URI when a client is built, and the registry stays the server's REST registry.
+Needs MLflow (``pip install 'tracklane[mlflow]'``); tracklane itself does not.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from typing import Any
+
+from mlflow.entities import RunStatus
+from mlflow.store.model_registry.rest_store import RestStore as RegistryRestStore
+from mlflow.store.tracking.rest_store import RestStore
+from mlflow.utils.async_logging.run_operations import RunOperations
+from mlflow.utils.rest_utils import MlflowHostCreds
+
+from .._exceptions import ConfigurationError
+from .._faces.mlflow_client import MlflowClient
+
+logger = logging.getLogger("tracklane")
+
+PREFIX = "tracklane+"
+
+
+def http_uri(store_uri: str) -> str:
+    """``tracklane+http://host:5000`` -> ``http://host:5000``."""
+    if not store_uri.startswith(PREFIX) or not store_uri[len(PREFIX) :].startswith(("http://", "https://")):
+        raise ConfigurationError(
+            f"tracking URI {store_uri!r}: tracklane's MLflow plugin takes tracklane+http://HOST:PORT or "
+            "tracklane+https://HOST."
+        )
+    return store_uri[len(PREFIX) :]
+
+
+def _host_creds(uri: str) -> MlflowHostCreds:
+    from mlflow.tracking._tracking_service import utils
+
+    return utils.get_default_host_creds(uri)
+
+
+class TracklaneStore(RestStore):
+    """MLflow's REST store, with logging through tracklane's engine."""
+
+    def __init__(self, store_uri: str, artifact_uri: str | None = None) -> None:
+        self.http_uri = http_uri(store_uri)
+        super().__init__(partial(_host_creds, self.http_uri))
+        self.tracklane = MlflowClient(self.http_uri)
+
+    # -- logging: enqueue and return -------------------------------------------------------------
+
+    def log_batch(self, run_id: str, metrics: Any, params: Any, tags: Any) -> None:
+        self.tracklane.log_batch(run_id, metrics or (), params or (), tags or ())
+
+    def log_metric(self, run_id: str, metric: Any) -> None:
+        self.tracklane.log_metric(run_id, metric.key, metric.value, metric.timestamp, metric.step)
+
+    def log_param(self, run_id: str, param: Any) -> None:
+        self.tracklane.log_param(run_id, param.key, param.value)
+
+    def set_tag(self, run_id: str, tag: Any) -> None:
+        self.tracklane.set_tag(run_id, tag.key, tag.value)
+
+    def log_batch_async(self, run_id: str, metrics: Any, params: Any, tags: Any) -> RunOperations:
+        self.log_batch(run_id, metrics, params, tags)
+        return RunOperations([])  # already queued: nothing to wait for but tracklane's own flush
+
+    def log_metric_async(self, run_id: str, metric: Any) -> RunOperations:
+        self.log_metric(run_id, metric)
+        return RunOperations([])
+
+    def log_param_async(self, run_id: str, param: Any) -> RunOperations:
+        self.log_param(run_id, param)
+        return RunOperations([])
+
+    def set_tag_async(self, run_id: str, tag: Any) -> RunOperations:
+        self.set_tag(run_id, tag)
+        return RunOperations([])
+
+    def flush_async_logging(self) -> None:
+        self.tracklane.flush()
+
+    def end_async_logging(self) -> None:
+        self.tracklane.flush()
+
+    def shut_down_async_logging(self) -> None:
+        self.tracklane.flush()
+
+    # -- lifecycle and reads: deliver first, then MLflow's REST store ------------------------------
+
+    def update_run_info(self, run_id: str, run_status: Any, end_time: Any, run_name: Any) -> Any:
+        status = RunStatus.to_string(run_status) if isinstance(run_status, int) else run_status
+        if status in ("FINISHED", "FAILED", "KILLED"):
+            # tracklane's end: the run's events and artifacts first; kept in the journal with them
+            # if the server is away (then MLflow's own call below reports the outage).
+            self.tracklane.set_terminated(run_id, status, end_time, _links=False)  # MLflow prints them
+        else:
+            self.tracklane.flush()
+        return super().update_run_info(run_id, run_status, end_time, run_name)
+
+    def get_run(self, run_id: str) -> Any:
+        self.tracklane.flush()
+        return super().get_run(run_id)
+
+    def get_metric_history(self, run_id: str, metric_key: str, *args: Any, **kwargs: Any) -> Any:
+        self.tracklane.flush()
+        return super().get_metric_history(run_id, metric_key, *args, **kwargs)
+
+    def search_runs(self, *args: Any, **kwargs: Any) -> Any:
+        self.tracklane.flush()
+        return super().search_runs(*args, **kwargs)
+
+    def delete_tag(self, run_id: str, key: str) -> None:
+        self.tracklane.flush()
+        super().delete_tag(run_id, key)
+
+
+def tracking_store(store_uri: str, artifact_uri: str | None = None, **_: Any) -> TracklaneStore:
+    """MLflow's ``mlflow.tracking_store`` entry point."""
+    return TracklaneStore(store_uri, artifact_uri)
+
+
+def registry_store(store_uri: str, tracking_uri: str | None = None, **_: Any) -> Any:
+    """MLflow's ``mlflow.model_registry_store`` entry point: the server's own REST registry."""
+    return RegistryRestStore(partial(_host_creds, http_uri(store_uri)))
