@@ -204,13 +204,22 @@ def tracking_destination(tracking_uri: str | None) -> Destination:
         assert server is not None
         return Destination(server.api_host, server, None)
     if parts.scheme == "file":
-        return Destination(uri, None, parts.path or ".")
+        return Destination(uri, None, _storage_of(parts.path or "."))
     if parts.scheme and len(parts.scheme) > 1:  # one letter: a Windows drive, a path
         raise ConfigurationError(
             f"tracking URI {uri!r}: tracklane logs to http(s) tracking servers and local paths; "
             f"{parts.scheme!r} is not supported. Use e.g. 'http://127.0.0.1:5000' or a directory."
         )
-    return Destination(uri, None, uri)
+    return Destination(uri, None, _storage_of(uri))
+
+
+def _storage_of(path: str) -> str:
+    """A local tracking URI names the journal's folder (``./ml_runs``, what ``get_tracking_uri``
+    reports) or the storage directory holding it: either way, the storage directory."""
+    trimmed = path.rstrip("/")
+    if trimmed == "ml_runs" or trimmed.endswith("/ml_runs"):
+        return trimmed[: -len("ml_runs")].rstrip("/") or "."
+    return path
 
 
 def default_experiment() -> tuple[str | None, str | None]:

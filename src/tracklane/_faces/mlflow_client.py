@@ -152,6 +152,7 @@ class MlflowClient:
         self, run_id: str, status: str | None = None, end_time: int | None = None, *, _links: bool = True
     ) -> None:
         """Deliver what was logged to the run, then end it (FINISHED unless ``status`` says)."""
+        self._runs.owned.discard(run_id)
         self._call(self._runs.set_terminated(check_run_id(run_id), status, end_time, _links))
 
     def update_run(self, run_id: str, status: str | None = None, name: str | None = None) -> None:
@@ -159,6 +160,17 @@ class MlflowClient:
         if status is not None and status not in ("RUNNING", "SCHEDULED"):
             check_status(status)
         self._call(self._session.store.update_run(check_run_id(run_id), status, None, name))
+
+    def _own_run(self, run_id: str) -> None:
+        """An integration created ``run_id`` and ends it when training ends; if the process exits
+        first (a crash the framework reports to no callback), the run ends at exit: FAILED on an
+        uncaught exception, else FINISHED."""
+        if self._runs not in self._session.models:
+            self._session.models.append(self._runs)
+        self._runs.owned.add(run_id)
+
+    def _disown(self, run_id: str) -> None:
+        self._runs.owned.discard(run_id)
 
     def get_metric_history(self, run_id: str, key: str) -> list[Metric]:
         """Every point of metric ``key``, including those logged before this call."""

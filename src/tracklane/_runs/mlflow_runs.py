@@ -63,6 +63,9 @@ class MlflowRuns:
         self._lock = threading.Lock()
         self.owns_runs = True  # False in a forked child: the parent ends its runs
         self._launcher_run_used = False
+        #: Runs an integration created by id and ends itself; at exit, those still open end here
+        #: (FAILED when the process dies of an exception: a framework's end hook never ran).
+        self.owned: set[str] = set()
 
     @property
     def stack(self) -> list[Run]:
@@ -335,7 +338,14 @@ class MlflowRuns:
             print_run_links(self.store, run.info)
 
     async def end_active(self, status: str, deadline: float | None) -> None:
-        """At exit: end every active run, innermost first (MLflow's atexit ``end_run``)."""
+        """At exit: end every active run, innermost first (MLflow's atexit ``end_run``), and the
+        runs an integration owns."""
+        for run_id in sorted(self.owned):
+            self.owned.discard(run_id)
+            try:
+                await self.set_terminated(run_id, status, None)
+            except TrackingError as exc:
+                logger.warning("tracklane: at shutdown: %s", exc)
         for stack in list(self._stacks):
             while stack:
                 try:
