@@ -33,6 +33,12 @@ ENV = {
     "MLFLOW_TRACKING_TOKEN": "tracklane.mlflow and MlflowClient: sent as Authorization: Bearer",
     "MLFLOW_EXPERIMENT_NAME": "tracklane.mlflow: the experiment of runs started with none set",
     "MLFLOW_EXPERIMENT_ID": "tracklane.mlflow: the experiment of runs started with none set (by id)",
+    # transformers' MLflowCallback's, honoured by tracklane.integrations.transformers:
+    "MLFLOW_TAGS": "TracklaneCallback (transformers): tags of the run, as JSON",
+    "MLFLOW_NESTED_RUN": "TracklaneCallback (transformers): a child run per training (boolean)",
+    "MLFLOW_FLATTEN_PARAMS": "TracklaneCallback (transformers): nested params as a.b keys (boolean)",
+    "HF_MLFLOW_LOG_ARTIFACTS": "TracklaneCallback (transformers): upload output_dir at the end (boolean)",
+    "MLFLOW_MAX_LOG_PARAMS": "TracklaneCallback (transformers): log at most this many params",
     # Set by torchrun, torch.distributed, DeepSpeed, Accelerate and most launchers:
     "RANK": "this process's rank in the job (0 creates and ends the run)",
     "LOCAL_RANK": "this process's rank on its node (0 samples the node's system metrics)",
