@@ -23,6 +23,7 @@ FIGURES = (
     "7_import",
     "8_offline",
     "9_artifacts",
+    "10_lightning_logger",
 )
 
 

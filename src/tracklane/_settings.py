@@ -203,6 +203,8 @@ def tracking_destination(tracking_uri: str | None) -> Destination:
     uri = tracking_uri if tracking_uri else env("MLFLOW_TRACKING_URI") or env("OIP_TRACKING_SERVER")
     if not uri:
         return Destination("file:./ml_runs", None, ".")
+    if uri.startswith(("tracklane+http://", "tracklane+https://")):
+        uri = uri[len("tracklane+") :]  # the MLflow plugin's scheme names the same server
     parts = urlsplit(uri)
     if parts.scheme in ("http", "https"):
         token = env("MLFLOW_TRACKING_TOKEN")

@@ -62,6 +62,7 @@ FIGURES: dict[str, str] = {
     "7_import": "bench_import.py",
     "8_offline": "bench_offline.py",
     "9_artifacts": "bench_artifacts.py",
+    "10_lightning_logger": "bench_lightning_logger.py",
 }
 SCALES = ("smoke", "quick", "full")
 #: The longest one script may run before it is stopped, by scale (seconds).
@@ -573,6 +574,24 @@ TARGETS = (
         False,
         _scaled("9_artifacts", "raw_put_mb_per_s", 0.8),
     ),
+    # A training step with a logger costs the loop what the logger's call costs: tracklane's is an
+    # enqueue, so its per-step overhead is a sliver of the stock logger's request per step.
+    Target(
+        "TracklaneLogger per-step overhead",
+        "10_lightning_logger",
+        "tracklane_logger_overhead_us",
+        "<= 5% of MLFlowLogger's (http) per-step overhead",
+        True,
+        _scaled("10_lightning_logger", "mlflow_logger_overhead_us", 0.05),
+    ),
+    Target(
+        "MLFlowLogger via tracklane+http per-step overhead",
+        "10_lightning_logger",
+        "mlflow_logger_tracklane_store_overhead_us",
+        "<= 5% of MLFlowLogger's (http) per-step overhead",
+        True,
+        _scaled("10_lightning_logger", "mlflow_logger_overhead_us", 0.05),
+    ),
 )
 
 
@@ -674,6 +693,16 @@ RATIOS = (
         "tracklane upload rate (to end_run returned) / raw PUT",
         ("9_artifacts", "tracklane_upload_mb_per_s"),
         ("9_artifacts", "raw_put_mb_per_s"),
+    ),
+    (
+        "MLFlowLogger (http) / TracklaneLogger, wall time per step",
+        ("10_lightning_logger", "mlflow_logger_step_ms"),
+        ("10_lightning_logger", "tracklane_logger_step_ms"),
+    ),
+    (
+        "MLFlowLogger (http) / MLFlowLogger (tracklane+http), wall time per step",
+        ("10_lightning_logger", "mlflow_logger_step_ms"),
+        ("10_lightning_logger", "mlflow_logger_tracklane_store_step_ms"),
     ),
 )
 
