@@ -107,6 +107,7 @@ class Engine:
         self._giving_up: asyncio.Event | None = None
         self._retry_now: asyncio.Event | None = None  # a flush is waiting: the uploader stops backing off
         self._journal_moved: asyncio.Event | None = None  # the uploader delivered something
+        self._flush_began: asyncio.Event | None = None  # a batch kept in memory retries now
         self._last_progress = time.monotonic()
         self._rejected: list[RejectedEvent] = []
         self._warned: set[str] = set()
@@ -125,6 +126,7 @@ class Engine:
         self._giving_up = asyncio.Event()
         self._retry_now = asyncio.Event()
         self._journal_moved = asyncio.Event()
+        self._flush_began = asyncio.Event()
 
         def notify() -> None:
             loop.call_soon_threadsafe(wake.set)
@@ -145,7 +147,7 @@ class Engine:
         (the parent sends its own events); the child starts afresh on a new loop."""
         self.buffer.reset_after_fork()
         self._loop = self._wake = self._hand_ready = self._giving_up = self._retry_now = None
-        self._journal_moved = None
+        self._journal_moved = self._flush_began = None
         self._tasks, self._uploader, self._resumes = [], None, []
         self._hand, self._hand_events = deque(), 0
         self._inflight, self._orphans, self._waiters = {}, [], []
@@ -395,10 +397,16 @@ class Engine:
             self._warn_once("outage", "tracklane: %s Retrying; events stay in memory.", why)
             self._signal_hand()
             return
-        # No journal: keep it in memory, at the front, and try again after a pause.
+        # No journal: keep it in memory, at the front, and try again after a pause, cut short by a
+        # flush that begins meanwhile (end_run right after the server is back must see it back).
         self._warn_once("outage", "tracklane: %s Retrying; events stay in memory.", why)
         try:
-            await asyncio.sleep(min(_UPLOAD_BACKOFF_CAP, self.config.retry_window))
+            assert self._flush_began is not None
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(
+                    self._flush_began.wait(), min(_UPLOAD_BACKOFF_CAP, self.config.retry_window)
+                )
+            self._flush_began.clear()
         except asyncio.CancelledError:
             self._orphans.append(batch)
             raise
@@ -638,6 +646,8 @@ class Engine:
         self._wake.set()
         if self._retry_now is not None:
             self._retry_now.set()
+        if self._flush_began is not None:
+            self._flush_began.set()
         started = time.monotonic()
         giving_up: asyncio.Future[Any] = asyncio.ensure_future(self._giving_up.wait())
         try:

@@ -417,6 +417,10 @@ async def finish_run(
         if await engine.keep_run_end(end):
             if notice and engine.blocked is None:
                 await engine.journal_notice("in the retry window")
+        elif engine.blocked is None and await _end_now(store, end):
+            # No journal to keep the end in, but the server answers: end it now; its events still
+            # in memory keep being retried (MLflow takes them into an ended run).
+            delivered = True
         else:
             logger.error(
                 "tracklane: run %s could not be ended as %s on %s, and the local journal cannot "
@@ -428,6 +432,14 @@ async def finish_run(
     if problem is not None:
         raise problem
     return delivered
+
+
+async def _end_now(store: RunStore, end: RunEnd) -> bool:
+    try:
+        await store.update_run(end.run_id, end.status, end.end_time)
+    except TrackingError:
+        return False
+    return True
 
 
 def print_run_links(store: RunStore, info: RunInfo) -> None:
