@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from .._delivery.buffer import Buffer
 from .._entities import ActiveRun, Experiment, PagedList, Run, ViewType
 from .._exceptions import NoActiveRunError
 from .._runs.metadata import PARENT_RUN_ID
@@ -38,6 +39,9 @@ class Fluent:
         self._session: Session | None = None
         self._runs: MlflowRuns | None = None
         self._runs_for: Destination | None = None  # the destination ``_runs`` logs to
+        #: For the hot path: the run model's per-thread stacks, and the engine's buffer.
+        self._stacks: threading.local | None = None
+        self._buffer: Buffer | None = None
         self._lock = threading.RLock()
 
     # -- where to log ----------------------------------------------------------------------------
@@ -79,6 +83,7 @@ class Fluent:
             runs = MlflowRuns(session.engine, session.store, session.engine.config, job_ranks())
             session.models.append(runs)
             self._session, self._runs, self._runs_for = session, runs, destination
+            self._stacks, self._buffer = runs.thread_stacks, session.engine.buffer
             return runs
 
     def _call(self, coro: Any) -> Any:
@@ -308,12 +313,10 @@ class Fluent:
         timestamp: int | None = None,
         run_id: str | None = None,
     ) -> None:
-        runs = self._runs
-        active = runs.run_id if runs is not None and run_id is None else None
-        if active is None:
-            active = self._run_id(run_id)
-        assert self._session is not None
-        self._session.engine.buffer.log_metric(active, key, value, step, timestamp)
+        # The hot path: this thread's innermost run, straight from its stack, into the buffer.
+        stack = getattr(self._stacks, "stack", None) if run_id is None else None
+        active = stack[-1].info.run_id if stack else self._run_id(run_id)
+        self._buffer.log_metric(active, key, value, step, timestamp)  # type: ignore[union-attr]
         if synchronous:
             self._wait_if(synchronous, active)
 

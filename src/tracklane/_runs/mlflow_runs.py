@@ -68,6 +68,11 @@ class MlflowRuns:
         self.owned: set[str] = set()
 
     @property
+    def thread_stacks(self) -> threading.local:
+        """The per-thread holder of ``stack`` (its ``stack`` attribute, once the thread has one)."""
+        return self._local
+
+    @property
     def stack(self) -> list[Run]:
         """The calling thread's stack of active runs (call it on the caller's thread, not the loop)."""
         try:
