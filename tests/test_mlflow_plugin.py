@@ -14,7 +14,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from servers import Reader
+from servers import Reader, tracklane_cli
 
 MLFLOW_PROGRAM = """
 import json, sys, threading
@@ -132,3 +132,39 @@ def test_lightnings_stock_mlflow_logger_on_tracklane_http_logs_every_step(
     assert [s for _, s, _ in reader.history(run_id, "train_loss")] == list(range(steps))
     assert reader.params(run_id) == {"hidden": "4", "lr": "0.05"}
     assert reader.run(run_id)["info"]["status"] == "FINISHED"
+
+
+OFFLINE_PROGRAM = """
+import sys
+import mlflow
+
+mlflow.set_tracking_uri("tracklane+file://" + sys.argv[1])  # offline, into tracklane's journal there
+mlflow.set_experiment(sys.argv[2])
+with mlflow.start_run(run_name="offline") as run:
+    mlflow.log_params({"lr": 0.1})
+    for step in range(500):
+        mlflow.log_metric("loss", 1.0 / (step + 1), step=step)
+    mlflow.set_tag("stage", "dev")
+print(mlflow.get_run(run.info.run_id).info.status, flush=True)
+"""
+
+
+def test_mlflow_pointed_at_tracklane_file_logs_offline_and_sync_uploads_it(
+    tmp_path: Path, server_url: str, experiment_name: str, reader: Reader
+) -> None:
+    storage = tmp_path / "offline"
+    result = _run(tmp_path, OFFLINE_PROGRAM, str(storage), experiment_name)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "FINISHED"
+
+    synced = tracklane_cli("sync", str(storage), "--to", server_url)
+
+    assert synced.returncode == 0, synced.stderr
+    experiment = reader.experiment(experiment_name)
+    assert experiment is not None
+    [run] = reader.runs(experiment["experiment_id"])
+    run_id = run["info"]["run_id"]
+    assert run["info"]["status"] == "FINISHED" and run["info"]["run_name"] == "offline"
+    assert [s for _, s, _ in reader.history(run_id, "loss")] == list(range(500))
+    assert reader.params(run_id) == {"lr": "0.1"}
+    assert reader.tags(run_id)["stage"] == "dev"
