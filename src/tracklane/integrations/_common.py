@@ -66,13 +66,14 @@ def never_raises(what: str) -> Callable[[F], F]:
     return wrap
 
 
-def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested hyperparameters as ``a/b`` keys, values as they are (the client stringifies)."""
+def flatten_params(params: Mapping[str, Any], prefix: str = "", sep: str = "/") -> dict[str, Any]:
+    """Nested hyperparameters as ``a/b`` keys (``sep``: the framework's own joiner), values as they
+    are (the client stringifies)."""
     out: dict[str, Any] = {}
     for key, value in params.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
-            out.update(flatten_params(value, f"{name}/"))
+            out.update(flatten_params(value, f"{name}{sep}", sep))
         else:
             out[name] = value
     return out

@@ -58,15 +58,11 @@ def _host_creds(uri: str) -> MlflowHostCreds:
     return utils.get_default_host_creds(uri)
 
 
-class TracklaneStore(RestStore):
-    """MLflow's REST store, with logging through tracklane's engine."""
+class _LoggingThroughTracklane:
+    """MLflow's logging calls (and their ``*_async`` forms) on tracklane's engine: enqueued, never
+    waited for; ``self.tracklane`` is the store's tracklane ``MlflowClient``."""
 
-    def __init__(self, store_uri: str, artifact_uri: str | None = None) -> None:
-        self.http_uri = http_uri(store_uri)
-        super().__init__(partial(_host_creds, self.http_uri))
-        self.tracklane = MlflowClient(self.http_uri)
-
-    # -- logging: enqueue and return -------------------------------------------------------------
+    tracklane: MlflowClient
 
     def log_batch(self, run_id: str, metrics: Any, params: Any, tags: Any) -> None:
         self.tracklane.log_batch(run_id, metrics or (), params or (), tags or ())
@@ -105,6 +101,15 @@ class TracklaneStore(RestStore):
     def shut_down_async_logging(self) -> None:
         self.tracklane.flush()
 
+
+class TracklaneStore(_LoggingThroughTracklane, RestStore):
+    """MLflow's REST store, with logging through tracklane's engine."""
+
+    def __init__(self, store_uri: str, artifact_uri: str | None = None) -> None:
+        self.http_uri = http_uri(store_uri)
+        super().__init__(partial(_host_creds, self.http_uri))
+        self.tracklane = MlflowClient(self.http_uri)
+
     # -- lifecycle and reads: deliver first, then MLflow's REST store ------------------------------
 
     def update_run_info(self, run_id: str, run_status: Any, end_time: Any, run_name: Any) -> Any:
@@ -134,7 +139,7 @@ class TracklaneStore(RestStore):
         super().delete_tag(run_id, key)
 
 
-class TracklaneOfflineStore(AbstractStore):
+class TracklaneOfflineStore(_LoggingThroughTracklane, AbstractStore):
     """MLflow's store API on tracklane's offline journal (``tracklane+file:///path``)."""
 
     def __init__(self, store_uri: str, artifact_uri: str | None = None) -> None:
@@ -183,45 +188,6 @@ class TracklaneOfflineStore(AbstractStore):
 
         points = self.tracklane.get_metric_history(run_id, metric_key)
         return PagedList([mlflow_entities.Metric(p.key, p.value, p.timestamp, p.step) for p in points], None)
-
-    # -- logging: enqueue and return ----------------------------------------------------------------
-
-    def log_batch(self, run_id: str, metrics: Any, params: Any, tags: Any) -> None:
-        self.tracklane.log_batch(run_id, metrics or (), params or (), tags or ())
-
-    def log_metric(self, run_id: str, metric: Any) -> None:
-        self.tracklane.log_metric(run_id, metric.key, metric.value, metric.timestamp, metric.step)
-
-    def log_param(self, run_id: str, param: Any) -> None:
-        self.tracklane.log_param(run_id, param.key, param.value)
-
-    def set_tag(self, run_id: str, tag: Any) -> None:
-        self.tracklane.set_tag(run_id, tag.key, tag.value)
-
-    def log_batch_async(self, run_id: str, metrics: Any, params: Any, tags: Any) -> RunOperations:
-        self.log_batch(run_id, metrics, params, tags)
-        return RunOperations([])
-
-    def log_metric_async(self, run_id: str, metric: Any) -> RunOperations:
-        self.log_metric(run_id, metric)
-        return RunOperations([])
-
-    def log_param_async(self, run_id: str, param: Any) -> RunOperations:
-        self.log_param(run_id, param)
-        return RunOperations([])
-
-    def set_tag_async(self, run_id: str, tag: Any) -> RunOperations:
-        self.set_tag(run_id, tag)
-        return RunOperations([])
-
-    def flush_async_logging(self) -> None:
-        self.tracklane.flush()
-
-    def end_async_logging(self) -> None:
-        self.tracklane.flush()
-
-    def shut_down_async_logging(self) -> None:
-        self.tracklane.flush()
 
     def log_inputs(self, *args: Any, **kwargs: Any) -> None:
         """Datasets are not kept offline (MLflow's autolog calls this; it must not fail)."""

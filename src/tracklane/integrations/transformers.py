@@ -44,7 +44,7 @@ from .._runs.metadata import PARENT_RUN_ID, run_context_tags
 from .._runs.mlflow_runs import DEFAULT_EXPERIMENT_ID
 from .._runtime.process import exit_status_of_process
 from .._settings import default_experiment, env, env_bool, launcher_run_id
-from ._common import KeySanitizer, never_raises
+from ._common import KeySanitizer, flatten_params, never_raises
 
 logger = logging.getLogger("tracklane")
 
@@ -294,7 +294,7 @@ class TracklaneCallback(TrainerCallback):  # type: ignore[misc]
             combined.update(config.to_dict())
         combined.update(args.to_dict())
         if self._flatten:
-            combined = _flatten(combined)
+            combined = flatten_params(combined, sep=".")  # transformers' flatten_dict: a.b
         items = list(combined.items())
         if self._max_params is not None:
             items = items[: self._max_params]
@@ -389,18 +389,6 @@ def _number(value: Any) -> float | None:
         item = value.item()
         return float(item) if isinstance(item, numbers.Real) else None
     return None
-
-
-def _flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dicts as ``a.b`` keys: transformers' ``flatten_dict``, so the names match MLflowCallback's."""
-    out: dict[str, Any] = {}
-    for key, value in params.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, f"{name}."))
-        else:
-            out[name] = value
-    return out
 
 
 def _fluent_run_id() -> str | None:
