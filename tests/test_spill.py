@@ -7,6 +7,7 @@ import logging
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -39,8 +40,12 @@ def test_run_logged_through_a_server_outage_ends_complete_on_the_server(
     for step in range(2000, 6000):
         tc.log_metric("loss", step, step=step)
     tc.set_tag("phase", "during-outage")
-    # The server takes nothing for retry_window: flush gives up, and every event is in the journal.
+    # The server takes nothing for retry_window: flush gives up, and every event goes to the journal
+    # (a request still in flight when the flush gave up joins it once its own retry window ends).
     assert not tc.flush(timeout=60)
+    deadline = time.monotonic() + 30
+    while tc.stats()["spilled"] < 4001 and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert tc.stats()["spilled"] == 4001 and tc.stats()["buffer_depth"] == tc.stats()["in_flight_events"] == 0
     restartable_server.start()
     for step in range(6000, 7000):
