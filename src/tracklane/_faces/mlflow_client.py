@@ -270,6 +270,8 @@ class MlflowClient:
             step,
             timestamp,
         )
+        if synchronous:  # accepted as MLflow's; it was ignored: wait until the server has the image(s)
+            self._call(self._session.engine.deliver_artifacts(run_id))
 
     def log_table(self, run_id: str, data: Any, artifact_file: str) -> None:
         artifact_calls.log_table(
