@@ -7,9 +7,17 @@ started for you when you log with none active, ``MLFLOW_TRACKING_URI``, ``MLFLOW
 unless ``synchronous=True`` (MLflow waits by default), and what the server cannot take now is kept
 in a local journal and delivered later. Active runs end at interpreter exit, FAILED if the process
 dies of an exception. Importing this module starts nothing; the first call does.
+
+Every other attribute of ``mlflow`` is MLflow's own, when MLflow is installed: the flavors
+(``mlflow.sklearn.log_model``, ``mlflow.pytorch`` ...), ``autolog``, ``evaluate``, ``log_input``,
+``register_model``, ``MlflowException``. They act on tracklane's active run, on the same server, and
+what they log goes through tracklane's engine (see ``tracklane.integrations.mlflow_module``). MLflow
+is imported only when one of them is first used.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from . import entities
 from ._entities import ActiveRun
@@ -54,6 +62,15 @@ log_image = _fluent.log_image
 log_table = _fluent.log_table
 get_artifact_uri = _fluent.get_artifact_uri
 flush = _fluent.flush
+
+
+def __getattr__(name: str) -> Any:
+    """MLflow's own attribute ``name`` (imported, and linked to tracklane's runs, on first use)."""
+    if name.startswith("__"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from .integrations.mlflow_module import mlflow_attribute
+
+    return mlflow_attribute(_fluent, name)
 
 __all__ = [
     "ActiveRun",

@@ -12,7 +12,8 @@ import importlib.util
 import os
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 from .._delivery.buffer import Buffer
@@ -43,6 +44,9 @@ class Fluent:
         self._stacks: threading.local | None = None
         self._buffer: Buffer | None = None
         self._lock = threading.RLock()
+        #: Called after the tracking URI or the experiment changes: MLflow's own fluent module
+        #: follows (set by ``integrations.mlflow_module`` once an MLflow attribute is used).
+        self.on_change: Callable[[], None] | None = None
 
     # -- where to log ----------------------------------------------------------------------------
 
@@ -51,9 +55,18 @@ class Fluent:
         with self._lock:
             self._uri = str(uri)
             self._destination = None
+        self._changed()
 
     def get_tracking_uri(self) -> str:
         return self._where().uri
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
+
+    def where(self) -> Destination:
+        """The destination the next run logs to (resolved from the URI; starts nothing)."""
+        return self._where()
 
     def _where(self) -> Destination:
         if self._destination is None:
@@ -97,7 +110,9 @@ class Fluent:
         self, experiment_name: str | None = None, experiment_id: str | None = None
     ) -> Experiment:
         runs = self._model()
-        return self._call(runs.set_experiment(experiment_name, experiment_id))  # type: ignore[no-any-return]
+        experiment: Experiment = self._call(runs.set_experiment(experiment_name, experiment_id))
+        self._changed()
+        return experiment
 
     def create_experiment(
         self,
@@ -121,6 +136,7 @@ class Fluent:
         self._call(runs.store.delete_experiment(str(experiment_id)))
         if runs.experiment_id == str(experiment_id):
             runs.experiment_id = None
+            self._changed()
 
     def search_experiments(
         self,
@@ -189,7 +205,7 @@ class Fluent:
                 runs.stack,
             )
         )
-        return ActiveRun(run, self.end_run)
+        return ActiveRun(run, partial(self._end_if_active, run.info.run_id))
 
     def end_run(self, status: str = "FINISHED") -> None:
         """End the active run (the innermost): its events delivered, then ``status``."""
@@ -198,11 +214,30 @@ class Fluent:
             return
         self._call(runs.end_run(check_status(status), runs.stack))
 
+    def _end_if_active(self, run_id: str, status: str) -> None:
+        """A ``with`` block's end: as MLflow's, only while its run is still active in this thread
+        (code inside may have ended it already, through either module: it ends once)."""
+        runs = self._runs
+        if runs is not None and any(r.info.run_id == run_id for r in runs.stack):
+            self.end_run(status)
+
     def active_run(self) -> ActiveRun | None:
         runs = self._runs
         if runs is None or not runs.stack:
             return None
-        return ActiveRun(runs.stack[-1], self.end_run)
+        run = runs.stack[-1]
+        return ActiveRun(run, partial(self._end_if_active, run.info.run_id))
+
+    # -- the run stack as MLflow's own fluent module sees it (``integrations.mlflow_module``) --------
+
+    def run_model(self, start: bool = False) -> MlflowRuns | None:
+        """The run model whose per-thread stacks hold the active runs; made (with its session)
+        when ``start``, else None until the first run."""
+        return self._model() if start else self._runs
+
+    def call(self, coro: Any) -> Any:
+        """Run ``coro`` on the engine's loop (the session made if needed) and wait for it."""
+        return self._call(coro)
 
     def last_active_run(self) -> Run | None:
         """The active run, else the run most recently ended here, as the server has it now."""

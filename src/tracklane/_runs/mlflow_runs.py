@@ -324,17 +324,38 @@ class MlflowRuns:
         info = RunInfo(**{**run.info.__dict__, "status": "RUNNING", "end_time": None})
         return Run(info, RunData(run.data.metrics, run.data.params, {**run.data.tags, **tags}))
 
-    async def end_run(self, status: str, stack: list[Run], deadline: float | None = None) -> None:
-        """End the innermost run of ``stack`` (a thread's): deliver its events and artifacts, mark it
-        ``status``, print its link."""
+    def push(self, run: Run, stack: list[Run]) -> None:
+        """Make ``run``, started elsewhere (MLflow's own ``start_run``, through the plugin store),
+        the innermost active run of ``stack`` (the calling thread's)."""
+        with self._lock:
+            stack.append(run)
+        self.params[run.info.run_id] = dict(run.data.params)
+
+    async def pop(self, stack: list[Run]) -> Run | None:
+        """Take the innermost run off ``stack`` (a thread's) and stop its sampler, without ending
+        it on the server: ``end_run`` does that, or MLflow's own ``end_run`` through the plugin."""
         with self._lock:
             if not stack:
-                return
+                return None
             run = stack.pop()
         run_id = run.info.run_id
         await stop_sampler(self._samplers.pop(run_id, None))
         self.last_run_id = run_id
         self.params.pop(run_id, None)
+        return run
+
+    def active_runs(self) -> list[list[Run]]:
+        """Every thread's stack of active runs (copies), for MLflow's cross-thread lookups."""
+        with self._lock:
+            return [list(stack) for stack in self._stacks]
+
+    async def end_run(self, status: str, stack: list[Run], deadline: float | None = None) -> None:
+        """End the innermost run of ``stack`` (a thread's): deliver its events and artifacts, mark it
+        ``status``, print its link."""
+        run = await self.pop(stack)
+        if run is None:
+            return
+        run_id = run.info.run_id
         if not self.owns_runs:
             await self.engine.flush(deadline, run_id)
             return

@@ -27,6 +27,7 @@ from typing import Any
 
 from mlflow import entities as mlflow_entities
 from mlflow.entities import RunStatus
+from mlflow.store.artifact.mlflow_artifacts_repo import MlflowArtifactsRepository
 from mlflow.store.model_registry.rest_store import RestStore as RegistryRestStore
 from mlflow.store.tracking.abstract_store import AbstractStore
 from mlflow.store.tracking.rest_store import RestStore
@@ -50,6 +51,36 @@ def http_uri(store_uri: str) -> str:
             "tracklane+https://HOST."
         )
     return store_uri[len(PREFIX) :]
+
+
+def plain_uri(uri: str | None) -> str | None:
+    """A ``tracklane+http(s)://`` tracking URI as MLflow's HTTP code needs it (``http(s)://``);
+    any other URI unchanged."""
+    if uri is not None and uri.startswith(PREFIX) and uri[len(PREFIX) :].startswith(("http://", "https://")):
+        return uri[len(PREFIX) :]
+    return uri
+
+
+class ProxiedArtifacts(MlflowArtifactsRepository):
+    """MLflow's ``mlflow-artifacts:`` repository (the server's artifact proxy), resolved against the
+    server behind a ``tracklane+http(s)://`` tracking URI: MLflow's own accepts only ``http(s)``
+    and refuses the plugin's scheme. For any other tracking URI it is MLflow's, unchanged."""
+
+    def __init__(
+        self, artifact_uri: str, tracking_uri: str | None = None, registry_uri: str | None = None
+    ) -> None:
+        from mlflow.tracking._tracking_service.utils import get_tracking_uri
+
+        super().__init__(artifact_uri, plain_uri(tracking_uri or get_tracking_uri()), registry_uri)
+
+
+def route_proxied_artifacts() -> None:
+    """Make ``mlflow-artifacts:`` URIs resolve through ``ProxiedArtifacts`` (MLflow's artifact
+    repository registry is its plugin point for schemes; the class behaves as MLflow's for every
+    other tracking URI, so registering it process-wide changes nothing else)."""
+    from mlflow.store.artifact.artifact_repository_registry import _artifact_repository_registry
+
+    _artifact_repository_registry.register("mlflow-artifacts", ProxiedArtifacts)
 
 
 def _host_creds(uri: str) -> MlflowHostCreds:
@@ -170,10 +201,10 @@ class TracklaneOfflineStore(_LoggingThroughTracklane, AbstractStore):
         self, experiment_id: str, user_id: str, start_time: int, tags: Any, run_name: str | None
     ) -> Any:
         pairs = {t.key: t.value for t in tags or ()}
-        return _run(self.tracklane.create_run(experiment_id, start_time, pairs, run_name))
+        return mlflow_run(self.tracklane.create_run(experiment_id, start_time, pairs, run_name))
 
     def get_run(self, run_id: str) -> Any:
-        return _run(self.tracklane.get_run(run_id))
+        return mlflow_run(self.tracklane.get_run(run_id))
 
     def update_run_info(self, run_id: str, run_status: Any, end_time: Any, run_name: Any) -> Any:
         status = RunStatus.to_string(run_status) if isinstance(run_status, int) else run_status
@@ -209,7 +240,7 @@ def _experiment(e: _entities.Experiment) -> Any:
     )
 
 
-def _run(r: _entities.Run) -> Any:
+def mlflow_run(r: _entities.Run) -> Any:
     i = r.info
     info = mlflow_entities.RunInfo(
         i.run_id,
@@ -234,6 +265,7 @@ def tracking_store(store_uri: str, artifact_uri: str | None = None, **_: Any) ->
     """MLflow's ``mlflow.tracking_store`` entry point: the server's store, or the offline journal."""
     if store_uri.startswith(PREFIX + "file:"):
         return TracklaneOfflineStore(store_uri, artifact_uri)
+    route_proxied_artifacts()
     return TracklaneStore(store_uri, artifact_uri)
 
 
