@@ -62,12 +62,21 @@ def _proxy_root(artifact_uri: str) -> str:
     return artifact_uri[len("mlflow-artifacts:") :].lstrip("/")
 
 
+def _place(run: dict[str, Any]) -> tuple[Any, ...]:
+    """Runs in an order two runs of one program share: top-level runs by name and start, children
+    (autolog's, which MLflow may create before or after their parent) by their params."""
+    tags = {t["key"]: t["value"] for t in run["data"].get("tags") or ()}
+    params = sorted((p["key"], p["value"]) for p in run["data"].get("params") or ())
+    child = "mlflow.parentRunId" in tags
+    return (child, "" if child else run["info"]["run_name"], params, 0 if child else run["info"]["start_time"])
+
+
 def stored(base: str, experiment_name: str, metric_values: bool = True) -> dict[str, Any]:
     """The experiment's runs and logged models, ids and times masked (see the module docstring)."""
     reader = Reader(base)
     experiment = reader.experiment(experiment_name)
     assert experiment is not None, f"no experiment {experiment_name!r} on the server"
-    runs = sorted(reader.runs(experiment["experiment_id"]), key=lambda r: (r["info"]["start_time"], r["info"]["run_name"]))
+    runs = sorted(reader.runs(experiment["experiment_id"]), key=_place)
     names = {r["info"]["run_id"]: f"run{i}" for i, r in enumerate(runs)}
     out_runs = []
     for r in runs:
@@ -77,7 +86,8 @@ def stored(base: str, experiment_name: str, metric_values: bool = True) -> dict[
         metrics: dict[str, Any] = {}
         for m in data.get("metrics") or ():
             history = reader.history(run_id, m["key"])
-            metrics[m["key"]] = [(v if metric_values else None, s) for v, s, _ in history]
+            timing = "time" in m["key"] or "per_second" in m["key"]  # differs between any two runs
+            metrics[m["key"]] = [(v if metric_values and not timing else None, s) for v, s, _ in history]
         out_runs.append(
             {
                 "name": names[run_id],
@@ -114,8 +124,11 @@ def stored(base: str, experiment_name: str, metric_values: bool = True) -> dict[
 
 
 def run_program(tmp_path: Path, source: str, *args: str, env: dict[str, str] | None = None) -> str:
-    """Run ``source`` in a fresh interpreter (MLflow's process-wide state starts clean); its stdout."""
-    script = tmp_path / f"program-{abs(hash((source, args)))}.py"
+    """Run ``source`` in a fresh interpreter (MLflow's process-wide state starts clean), in a working
+    directory of its own under ``tmp_path``; its stdout."""
+    workdir = tmp_path / f"program-{len(list(tmp_path.glob('program-*')))}"
+    workdir.mkdir()
+    script = workdir / "program.py"
     script.write_text(textwrap.dedent(source))
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "OIP_", "HF_MLFLOW"))}
     clean.update(MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true", **(env or {}))
@@ -125,7 +138,21 @@ def run_program(tmp_path: Path, source: str, *args: str, env: dict[str, str] | N
         text=True,
         timeout=600,
         env=clean,
-        cwd=tmp_path,
+        cwd=workdir,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     return result.stdout
+
+
+def differential(
+    tmp_path: Path, base: str, program: str, ways: dict[str, tuple[str, str]], env: dict[str, str] | None = None
+) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Run ``program`` once per way (a name -> (tracking URI, import) pair: ``sys.argv[1:4]`` are the
+    URI, a fresh experiment name and the import), and read back what each stored: name ->
+    (stdout, ``stored``)."""
+    out = {}
+    for name, (uri, module) in ways.items():
+        experiment = f"{tmp_path.name[:40]}-{name}-{len(list(tmp_path.glob('program-*')))}"
+        stdout = run_program(tmp_path, program, uri, experiment, module, env=env)
+        out[name] = (stdout, stored(base, experiment))
+    return out
