@@ -68,7 +68,12 @@ def _place(run: dict[str, Any]) -> tuple[Any, ...]:
     tags = {t["key"]: t["value"] for t in run["data"].get("tags") or ()}
     params = sorted((p["key"], p["value"]) for p in run["data"].get("params") or ())
     child = "mlflow.parentRunId" in tags
-    return (child, "" if child else run["info"]["run_name"], params, 0 if child else run["info"]["start_time"])
+    return (
+        child,
+        "" if child else run["info"]["run_name"],
+        params,
+        0 if child else run["info"]["start_time"],
+    )
 
 
 def stored(base: str, experiment_name: str, metric_values: bool = True) -> dict[str, Any]:
@@ -91,7 +96,7 @@ def stored(base: str, experiment_name: str, metric_values: bool = True) -> dict[
         out_runs.append(
             {
                 "name": names[run_id],
-                "parent": names.get(tags.get("mlflow.parentRunId", ""), None),
+                "parent": names.get(tags.get("mlflow.parentRunId", "")),
                 "status": info["status"],
                 "params": {p["key"]: p["value"] for p in data.get("params") or ()},
                 "metrics": metrics,
@@ -104,16 +109,21 @@ def stored(base: str, experiment_name: str, metric_values: bool = True) -> dict[
                 "model_outputs": len((r.get("outputs") or {}).get("model_outputs") or ()),
             }
         )
-    models = reader.call(
-        "POST", "logged-models/search", {"experiment_ids": [experiment["experiment_id"]], "max_results": 100}
-    ).get("models") or []
+    models = (
+        reader.call(
+            "POST",
+            "logged-models/search",
+            {"experiment_ids": [experiment["experiment_id"]], "max_results": 100},
+        ).get("models")
+        or []
+    )
     out_models = []
     for m in sorted(models, key=lambda m: m["info"]["creation_timestamp_ms"]):
         info = m["info"]
         out_models.append(
             {
                 "name": info["name"],
-                "run": names.get(info.get("source_run_id", ""), None),
+                "run": names.get(info.get("source_run_id", "")),
                 "status": info.get("status"),
                 "tag_keys": sorted(t["key"] for t in info.get("tags") or ()),
                 "params": {p["key"]: p["value"] for p in (m.get("data") or {}).get("params") or ()},
@@ -123,16 +133,18 @@ def stored(base: str, experiment_name: str, metric_values: bool = True) -> dict[
     return {"runs": out_runs, "models": out_models}
 
 
-def run_program(tmp_path: Path, source: str, *args: str, env: dict[str, str] | None = None) -> str:
+def run_process(
+    tmp_path: Path, source: str, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run ``source`` in a fresh interpreter (MLflow's process-wide state starts clean), in a working
-    directory of its own under ``tmp_path``; its stdout."""
+    directory of its own under ``tmp_path``, without the caller's MLflow settings."""
     workdir = tmp_path / f"program-{len(list(tmp_path.glob('program-*')))}"
     workdir.mkdir()
     script = workdir / "program.py"
     script.write_text(textwrap.dedent(source))
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "OIP_", "HF_MLFLOW"))}
     clean.update(MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true", **(env or {}))
-    result = subprocess.run(
+    return subprocess.run(
         [sys.executable, str(script), *args],
         capture_output=True,
         text=True,
@@ -140,12 +152,21 @@ def run_program(tmp_path: Path, source: str, *args: str, env: dict[str, str] | N
         env=clean,
         cwd=workdir,
     )
+
+
+def run_program(tmp_path: Path, source: str, *args: str, env: dict[str, str] | None = None) -> str:
+    """``run_process``, which must succeed; its stdout."""
+    result = run_process(tmp_path, source, *args, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
     return result.stdout
 
 
 def differential(
-    tmp_path: Path, base: str, program: str, ways: dict[str, tuple[str, str]], env: dict[str, str] | None = None
+    tmp_path: Path,
+    base: str,
+    program: str,
+    ways: dict[str, tuple[str, str]],
+    env: dict[str, str] | None = None,
 ) -> dict[str, tuple[str, dict[str, Any]]]:
     """Run ``program`` once per way (a name -> (tracking URI, import) pair: ``sys.argv[1:4]`` are the
     URI, a fresh experiment name and the import), and read back what each stored: name ->

@@ -194,7 +194,9 @@ from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 os.environ["MLFLOW_TRACKING_URI"] = url  # how transformers' MLflowCallback is configured
 os.environ["MLFLOW_EXPERIMENT_NAME"] = experiment
 torch.manual_seed(0)
-config = GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100, n_positions=32, bos_token_id=0, eos_token_id=0)
+config = GPT2Config(
+    n_layer=1, n_embd=32, n_head=2, vocab_size=100, n_positions=32, bos_token_id=0, eos_token_id=0
+)
 data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 100, (16, 8))]
 args = TrainingArguments(
     output_dir="out", num_train_epochs=1, per_device_train_batch_size=4,
