@@ -156,6 +156,7 @@ import mlflow  # MLflow's own module, in the same program: the two must agree
 url, experiment = sys.argv[1:3]
 tm.set_tracking_uri(url)
 tm.set_experiment(experiment)
+sklearn = tm.sklearn  # MLflow's own attribute through tracklane.mlflow: MLflow now follows tracklane
 X = np.random.RandomState(0).rand(10, 2)
 y = X @ np.array([1.0, 2.0])
 report = {"threads": {}}
@@ -165,7 +166,7 @@ def worker(i):
         seen = mlflow.active_run().info.run_id
         tm.log_metric("m", float(i))
         mlflow.log_param("via_mlflow", i)  # MLflow's fluent call, on tracklane's active run
-        info = tm.sklearn.log_model(LinearRegression().fit(X, y), name=f"model-{i}")
+        info = sklearn.log_model(LinearRegression().fit(X, y), name=f"model-{i}")
     report["threads"][i] = {
         "run": run.info.run_id, "mlflow_sees": seen, "after": mlflow.active_run() is None,
         "model_run": mlflow.get_logged_model(info.model_id).source_run_id,

@@ -26,15 +26,6 @@ from ._faces.mlflow_client import MlflowClient
 
 _fluent = Fluent()
 
-
-def _link(fluent: Fluent) -> None:
-    from .integrations.mlflow_module import link
-
-    link(fluent)
-
-
-Fluent.mlflow_linker = _link
-
 # Bound methods: one call from the user's code to the engine's hot path.
 set_tracking_uri = _fluent.set_tracking_uri
 get_tracking_uri = _fluent.get_tracking_uri

@@ -10,12 +10,11 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
-from typing import Any, ClassVar
+from typing import Any
 
 from .._delivery.buffer import Buffer
 from .._entities import ActiveRun, Experiment, PagedList, Run, ViewType
@@ -34,10 +33,6 @@ FLUENT_SEARCH_MAX_RESULTS = 100_000
 
 class Fluent:
     """The fluent API's process-wide state: tracking URI, session, run model."""
-
-    #: Links MLflow's own fluent module to a ``Fluent``'s run stack (set by ``tracklane.mlflow``;
-    #: this module imports no MLflow). ``start_run`` calls it when the program imported MLflow.
-    mlflow_linker: ClassVar[Callable[[Fluent], None] | None] = None
 
     def __init__(self) -> None:
         self._uri: str | None = None
@@ -196,9 +191,6 @@ class Fluent:
         log_system_metrics: bool | None = None,
     ) -> ActiveRun:
         """MLflow's ``start_run``; use as ``with mlflow.start_run():``."""
-        linker = Fluent.mlflow_linker
-        if self.on_change is None and linker is not None and "mlflow" in sys.modules:
-            linker(self)  # the program uses MLflow's module too: its active run is this one
         runs = self._model()
         run = self._call(
             runs.start_run(

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .._entities import Run, RunData, RunInfo
+from .._exceptions import TrackingError
 from .._faces.fluent import Fluent
 from .._runs.mlflow_runs import MlflowRuns
 
@@ -73,19 +74,25 @@ def follow(fluent: Fluent) -> None:
     from mlflow.tracking import fluent as mlflow_fluent
     from mlflow.tracking._tracking_service import utils
 
+    try:
+        uri: str | None = plugin_uri(fluent)
+    except TrackingError:
+        uri = None  # a URI tracklane refuses: its own calls say so; MLflow resolves its own
     # The module global, not mlflow.set_tracking_uri: that one also writes $MLFLOW_TRACKING_URI.
-    utils._tracking_uri = plugin_uri(fluent)
+    utils._tracking_uri = uri
     runs = fluent.run_model()
     mlflow_fluent._active_experiment_id = runs.experiment_id if runs is not None else None
 
 
 def plugin_uri(fluent: Fluent) -> str:
-    """The plugin's URI for tracklane's destination: the server (``tracklane+http(s)://``), or
-    offline the journal's directory (``tracklane+file://``)."""
+    """The plugin's URI for tracklane's destination: the server (``tracklane+http(s)://``),
+    offline the journal's directory (``tracklane+file://``), else the destination's own URI."""
     destination = fluent.where()
     if destination.server is not None:
         return "tracklane+" + destination.server.api_host
-    return "tracklane+" + Path(destination.storage or ".").resolve().as_uri()
+    if destination.storage is not None:
+        return "tracklane+" + Path(destination.storage).resolve().as_uri()
+    return destination.uri
 
 
 class SharedRunStack:
