@@ -63,17 +63,12 @@ def _proxy_root(artifact_uri: str) -> str:
 
 
 def _place(run: dict[str, Any]) -> tuple[Any, ...]:
-    """Runs in an order two runs of one program share: top-level runs by name and start, children
-    (autolog's, which MLflow may create before or after their parent) by their params."""
+    """Runs in an order two runs of one program share: top-level runs by start, children (autolog's,
+    which MLflow may create before or after their parent) by their params."""
     tags = {t["key"]: t["value"] for t in run["data"].get("tags") or ()}
     params = sorted((p["key"], p["value"]) for p in run["data"].get("params") or ())
     child = "mlflow.parentRunId" in tags
-    return (
-        child,
-        "" if child else run["info"]["run_name"],
-        params,
-        0 if child else run["info"]["start_time"],
-    )
+    return (child, 0 if child else run["info"]["start_time"], params)
 
 
 def stored(base: str, experiment_name: str, metric_values: bool = True) -> dict[str, Any]:
