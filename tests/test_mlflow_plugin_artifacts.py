@@ -218,5 +218,8 @@ def test_transformers_log_artifacts_stores_over_the_plugin_what_it_stores_over_h
 
     stored = _same(results)
     [run] = stored["runs"]  # type: ignore[misc]
-    assert "checkpoint-4/model.safetensors" in run["artifacts"]
+    # transformers logs each saved checkpoint as a pyfunc LoggedModel named for it, the files inside
+    [checkpoint] = [m for m in stored["models"] if m["name"] == "checkpoint-4"]  # type: ignore[attr-defined]
+    assert checkpoint["status"] == "LOGGED_MODEL_READY" and checkpoint["run"] == run["name"]
+    assert any(p.endswith("model.safetensors") for p in checkpoint["artifacts"]), checkpoint["artifacts"]
     assert [s for _, s in run["metrics"]["loss"]] == [1, 2, 3, 4]
