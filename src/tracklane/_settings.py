@@ -9,6 +9,7 @@ variable tracklane reads is named in ``ENV`` below, and every boolean one goes t
 from __future__ import annotations
 
 import hmac
+import importlib.util
 import os
 import socket
 from dataclasses import dataclass
@@ -282,14 +283,24 @@ def truncate_long_values() -> bool:
     return True if found is None else found
 
 
+#: MLflow's ``DATABASE_ENGINES`` (``mlflow/utils/uri.py``): a tracking URI of these schemes
+#: (``+driver`` allowed, e.g. ``postgresql+psycopg2``) names one of MLflow's database stores.
+DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+
+
+def is_database_uri(uri: str) -> bool:
+    return urlsplit(uri).scheme.split("+", 1)[0] in DATABASE_SCHEMES
+
+
 @dataclass(frozen=True)
 class Destination:
-    """Where an MLflow face logs: a tracking server, or (``server`` None) the local journal under
-    ``storage``. ``uri`` is how ``get_tracking_uri`` reports it."""
+    """Where an MLflow face logs: a tracking server, MLflow's database store (``database``), or
+    (both None) the local journal under ``storage``. ``uri`` is how ``get_tracking_uri`` reports it."""
 
     uri: str
     server: ServerConfig | None
     storage: str | None
+    database: str | None = None
 
 
 def tracking_destination(tracking_uri: str | None) -> Destination:
@@ -312,6 +323,14 @@ def tracking_destination(tracking_uri: str | None) -> Destination:
         return Destination(server.api_host, server, None)
     if parts.scheme == "file":
         return Destination(uri, None, _storage_of(parts.path or "."))
+    if is_database_uri(uri):
+        if importlib.util.find_spec("mlflow") is None:
+            raise ConfigurationError(
+                f"tracking URI {uri.split('://', 1)[0]}://...: a database is MLflow's own store, which "
+                "tracklane writes through MLflow's SQL store: pip install 'tracklane[mlflow]' (or use an "
+                "http(s) tracking server, or a local directory for tracklane's journal)."
+            )
+        return Destination(uri, None, None, database=uri)
     if parts.scheme and len(parts.scheme) > 1:  # one letter: a Windows drive, a path
         raise ConfigurationError(
             f"tracking URI {uri!r}: tracklane logs to http(s) tracking servers and local paths; "

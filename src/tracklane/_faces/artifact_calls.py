@@ -18,10 +18,11 @@ from .._delivery.buffer import Buffer, now_ms
 from .._delivery.engine import Engine
 from .._entities import FileInfo
 from .._exceptions import ConfigurationError, InvalidInputError, NotFoundError
+from .._stores.mlflow_sql import MlflowSqlBackend
 from .._stores.offline import JournalBackend
 from .._stores.rest import RestBackend
 
-Store = RestBackend | JournalBackend
+Store = RestBackend | JournalBackend | MlflowSqlBackend
 
 
 def log_artifact(log: ArtifactLog, run_id: str, local_path: Any, artifact_path_or_name: str | None) -> None:

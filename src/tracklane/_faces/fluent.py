@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -48,6 +50,7 @@ class Fluent:
         self._stacks: threading.local | None = None
         self._buffer: Buffer | None = None
         self._lock = threading.RLock()
+        _show_mlflow_lines()
 
     # -- where to log ----------------------------------------------------------------------------
 
@@ -88,7 +91,7 @@ class Fluent:
             if self._runs is not None and self._runs.stack:
                 return self._runs  # a new tracking URI applies once the active runs end
             destination = self._where()
-            key = destination_key(destination.server, destination.storage)
+            key = destination_key(destination.server, destination.storage, destination.database)
             session = self._session
             if (
                 self._runs is not None
@@ -98,7 +101,7 @@ class Fluent:
             ):
                 self._runs_for = destination
                 return self._runs
-            session = shared_session(destination.server, destination.storage)
+            session = shared_session(destination.server, destination.storage, destination.database)
             runs = MlflowRuns(session.engine, session.store, session.engine.config, job_ranks())
             session.models.append(runs)
             self._session, self._runs, self._runs_for = session, runs, destination
@@ -501,6 +504,22 @@ class Fluent:
         return bool(self._session.call(self._session.engine.flush(deadline)))
 
 
+def _show_mlflow_lines() -> None:
+    """MLflow prints its fluent API's INFO lines ("Experiment with name ... does not exist. Creating
+    a new experiment.") on stderr through a handler of its own logger; the same for
+    ``tracklane.mlflow``'s logger, unless the application configured that logger itself."""
+    log = logging.getLogger("tracklane.mlflow")
+    if log.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%Y/%m/%d %H:%M:%S")
+    )
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
 def model_link(model_id: str | None, dataset: Any) -> tuple[str | None, str | None, str | None]:
     """MLflow 3's metric fields ``model_id``, ``dataset_name``, ``dataset_digest`` (a dataset is an
     ``mlflow.data.Dataset`` or a ``DatasetEntity``: both have ``name`` and ``digest``)."""
@@ -518,24 +537,40 @@ def model_link(model_id: str | None, dataset: Any) -> tuple[str | None, str | No
 
 
 def runs_frame(runs: list[Run]) -> Any:
-    """Runs as MLflow's ``search_runs`` DataFrame: info columns, then ``metrics.*``, ``params.*``,
-    ``tags.*``; times as UTC datetimes."""
+    """Runs as MLflow's ``search_runs`` DataFrame (``mlflow/tracking/fluent.py``), built the way
+    MLflow builds it so that columns and dtypes match, an empty result included: info columns, then
+    ``metrics.*`` (NaN where a run lacks one), ``params.*``, ``tags.*`` (None); times as UTC
+    datetimes. Within each group, keys in the order runs first have them."""
     pd = importlib.import_module("pandas")
-
-    rows = []
-    for run in runs:
-        info = run.info
-        row: dict[str, Any] = {
-            "run_id": info.run_id,
-            "experiment_id": info.experiment_id,
-            "status": info.status,
-            "artifact_uri": info.artifact_uri,
-            "start_time": pd.to_datetime(info.start_time, unit="ms", utc=True),
-            "end_time": pd.to_datetime(info.end_time, unit="ms", utc=True),
-        }
-        row.update({f"metrics.{k}": v for k, v in run.data.metrics.items()})
-        row.update({f"params.{k}": v for k, v in run.data.params.items()})
-        row.update({f"tags.{k}": v for k, v in run.data.tags.items()})
-        rows.append(row)
-    columns = ["run_id", "experiment_id", "status", "artifact_uri", "start_time", "end_time"]
-    return pd.DataFrame(rows, columns=columns if not rows else None)
+    nan = float("nan")
+    info: dict[str, list[Any]] = {
+        "run_id": [],
+        "experiment_id": [],
+        "status": [],
+        "artifact_uri": [],
+        "start_time": [],
+        "end_time": [],
+    }
+    groups: tuple[tuple[str, dict[str, list[Any]], Any], ...] = (
+        ("metrics", {}, nan),
+        ("params", {}, None),
+        ("tags", {}, None),
+    )
+    for i, run in enumerate(runs):
+        info["run_id"].append(run.info.run_id)
+        info["experiment_id"].append(run.info.experiment_id)
+        info["status"].append(run.info.status)
+        info["artifact_uri"].append(run.info.artifact_uri)
+        info["start_time"].append(pd.to_datetime(run.info.start_time, unit="ms", utc=True))
+        info["end_time"].append(pd.to_datetime(run.info.end_time, unit="ms", utc=True))
+        for name, columns, null in groups:
+            values = getattr(run.data, name)
+            for key, column in columns.items():
+                column.append(values.get(key, null))
+            for key, value in values.items():
+                if key not in columns:
+                    columns[key] = [null] * i + [value]
+    data: dict[str, list[Any]] = dict(info)
+    for name, columns, _ in groups:
+        data.update({f"{name}.{key}": column for key, column in columns.items()})
+    return pd.DataFrame(data)

@@ -54,7 +54,9 @@ class MlflowClient:
         except TrackingError as exc:
             reraise(exc)
         self._registry_uri = registry_uri or PROCESS_URIS.registry or env("MLFLOW_REGISTRY_URI")
-        self._session: Session = shared_session(self._destination.server, self._destination.storage)
+        self._session: Session = shared_session(
+            self._destination.server, self._destination.storage, self._destination.database
+        )
         engine = self._session.engine
         self._runs = MlflowRuns(engine, self._session.store, engine.config, job_ranks())
         self._buffer = engine.buffer
