@@ -504,6 +504,16 @@ class Fluent:
         return bool(self._session.call(self._session.engine.flush(deadline)))
 
 
+class _Stderr:
+    """Whatever ``sys.stderr`` is when a line is written (MLflow's ``MlflowLoggingStream``)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def _show_mlflow_lines() -> None:
     """MLflow prints its fluent API's INFO lines ("Experiment with name ... does not exist. Creating
     a new experiment.") on stderr through a handler of its own logger; the same for
@@ -511,7 +521,7 @@ def _show_mlflow_lines() -> None:
     log = logging.getLogger("tracklane.mlflow")
     if log.handlers:
         return
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(_Stderr())
     handler.setFormatter(
         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%Y/%m/%d %H:%M:%S")
     )
