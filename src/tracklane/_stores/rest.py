@@ -251,7 +251,7 @@ class RestBackend:
                         headers=self._headers()
                         if upload is None
                         else {**self._headers(), "Content-Length": str(upload.stat().st_size)},
-                        timeout=self._streaming_timeout() if streaming else None,
+                        timeout=self._streaming_timeout() if streaming else self._session_now().timeout,
                     ) as resp:
                         if download is not None and carries_file(resp.status):
                             await _stream_to(resp, download)
