@@ -211,16 +211,16 @@ def test_client_cert_path_is_presented(
     _assert_stored(reader, _log_a_run(mtls_proxy.url, experiment_name))
 
 
-def test_missing_client_cert_is_a_tls_error_naming_the_setting(
+def test_missing_client_cert_gets_no_request_through(
     mtls_proxy: AuthProxy, certs: Certs, experiment_name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Under TLS 1.3 a server that wants a client certificate just closes the connection (no TLS
+    error reaches the client), so this is reported as a server that does not answer."""
     monkeypatch.setenv("MLFLOW_TRACKING_SERVER_CERT_PATH", str(certs.ca))
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # a reset is retried like an outage
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     tlm.set_tracking_uri(mtls_proxy.url)
-    with pytest.raises((CertificateError, ServerUnavailableError)) as caught:
+    with pytest.raises(ServerUnavailableError):
         tlm.set_experiment(experiment_name)
-    if isinstance(caught.value, CertificateError):
-        assert "MLFLOW_TRACKING_CLIENT_CERT_PATH" in str(caught.value)
     assert mtls_proxy.seen == []
 
 
