@@ -13,7 +13,20 @@ import pytest
 from mlflow.exceptions import MlflowException
 
 import tracklane.mlflow as tlm
-from tracklane import InvalidInputError, NotFoundError, TrackingClient, TrackingError
+from tracklane import (
+    AuthenticationError,
+    ConfigurationError,
+    DeliveryError,
+    InvalidInputError,
+    NoActiveRunError,
+    NotFoundError,
+    ServerError,
+    ServerUnavailableError,
+    TrackingClient,
+    TrackingError,
+)
+from tracklane._exceptions import RejectedEvent
+from tracklane._faces.mlflow_errors import as_mlflow
 
 pytestmark = pytest.mark.server
 
@@ -140,3 +153,32 @@ def test_import_does_not_import_mlflow() -> None:
         timeout=120,
     )
     assert done.stdout.strip() == "False", done.stderr
+
+
+@pytest.mark.parametrize(
+    ("exc", "code", "status"),
+    [
+        (InvalidInputError("x"), "INVALID_PARAMETER_VALUE", 400),
+        (NotFoundError("x", status=404), "RESOURCE_DOES_NOT_EXIST", 404),
+        (AuthenticationError("x", status=401), "UNAUTHENTICATED", 401),
+        (AuthenticationError("x", status=403), "PERMISSION_DENIED", 403),
+        (ServerError("x", status=503), "TEMPORARILY_UNAVAILABLE", 503),
+        (ServerError("x", status=400, error_code="RESOURCE_ALREADY_EXISTS"), "RESOURCE_ALREADY_EXISTS", 400),
+        (ServerUnavailableError("x"), "TEMPORARILY_UNAVAILABLE", 503),
+        (NoActiveRunError("x"), "BAD_REQUEST", 400),
+        (ConfigurationError("x"), "INVALID_PARAMETER_VALUE", 400),
+        (TrackingError("x"), "INTERNAL_ERROR", 500),
+    ],
+)
+def test_each_error_gets_mlflows_code_and_status(exc: TrackingError, code: str, status: int) -> None:
+    err = as_mlflow(exc)
+    assert isinstance(err, MlflowException) and isinstance(err, type(exc))
+    assert (err.error_code, err.get_http_status_code()) == (code, status)
+    assert str(err) == str(exc)
+
+
+def test_delivery_error_keeps_its_rejected_events() -> None:
+    rejected = [RejectedEvent("r" * 32, "param", "lr", "0.2", "Changing param values is not allowed")]
+    err = as_mlflow(DeliveryError(rejected))
+    assert isinstance(err, MlflowException) and isinstance(err, DeliveryError)
+    assert err.rejected == rejected and err.error_code == "INVALID_PARAMETER_VALUE"

@@ -50,6 +50,8 @@ class Fluent:
         self._stacks: threading.local | None = None
         self._buffer: Buffer | None = None
         self._lock = threading.RLock()
+        # The process has one fluent module (``tracklane.mlflow``): its URIs are the process's.
+        PROCESS_URIS.tracking = PROCESS_URIS.registry = None
         _show_mlflow_lines()
 
     # -- where to log ----------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
 
-from .._exceptions import ServerError, TrackingError
+from .._exceptions import AuthenticationError, ServerError, TrackingError
 
 T = TypeVar("T")
 
@@ -101,8 +101,8 @@ def code_of(exc: TrackingError) -> str:
     if isinstance(exc, ServerError):
         if exc.error_code in HTTP_STATUS:
             return exc.error_code
-        if exc.status in _CODE_OF_STATUS and exc.mlflow_code == ServerError.mlflow_code:
-            return _CODE_OF_STATUS[exc.status]
+        if exc.status in _CODE_OF_STATUS and type(exc) in (ServerError, AuthenticationError):
+            return _CODE_OF_STATUS[exc.status]  # e.g. 403: PERMISSION_DENIED, 503: TEMPORARILY_UNAVAILABLE
     return type(exc).mlflow_code
 
 
