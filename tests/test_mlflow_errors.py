@@ -31,8 +31,9 @@ from tracklane._faces.mlflow_errors import as_mlflow
 pytestmark = pytest.mark.server
 
 
-def test_fluent_bad_key_is_an_mlflow_invalid_parameter_value(tmp_path: pytest.TempPathFactory) -> None:
-    tlm.set_tracking_uri(str(tmp_path))
+def test_fluent_bad_key_is_an_mlflow_invalid_parameter_value(server_url: str, experiment_name: str) -> None:
+    tlm.set_tracking_uri(server_url)
+    tlm.set_experiment(experiment_name)
     with tlm.start_run(), pytest.raises(MlflowException) as caught:
         tlm.log_metric("bad key!", 1.0)
     err = caught.value
@@ -44,8 +45,9 @@ def test_fluent_bad_key_is_an_mlflow_invalid_parameter_value(tmp_path: pytest.Te
     assert "bad key!" in str(err) and err.message == str(err)
 
 
-def test_fluent_changed_param_is_caught_by_mlflow_exception(tmp_path: pytest.TempPathFactory) -> None:
-    tlm.set_tracking_uri(str(tmp_path))
+def test_fluent_changed_param_is_caught_by_mlflow_exception(server_url: str, experiment_name: str) -> None:
+    tlm.set_tracking_uri(server_url)
+    tlm.set_experiment(experiment_name)
     with tlm.start_run():
         tlm.log_param("lr", 0.1)
         with pytest.raises(mlflow.exceptions.MlflowException) as caught:
@@ -182,3 +184,20 @@ def test_delivery_error_keeps_its_rejected_events() -> None:
     err = as_mlflow(DeliveryError(rejected))
     assert isinstance(err, MlflowException) and isinstance(err, DeliveryError)
     assert err.rejected == rejected and err.error_code == "INVALID_PARAMETER_VALUE"
+
+
+def test_fluent_server_refusals_are_mlflow_exceptions(server_url: str, experiment_name: str) -> None:
+    """Refusals only the server makes (logging to, and ending, a run deleted meanwhile): flush raises
+    DeliveryError, end_run the server's ServerError; both are MlflowExceptions with its code."""
+    tlm.set_tracking_uri(server_url)
+    tlm.set_experiment(experiment_name)
+    run = tlm.start_run()
+    tlm.MlflowClient(server_url).delete_run(run.info.run_id)
+    tlm.log_param("lr", 0.1)
+    with pytest.raises(MlflowException) as refused:
+        tlm.flush()
+    assert isinstance(refused.value, DeliveryError) and refused.value.error_code == "INVALID_PARAMETER_VALUE"
+    with pytest.raises(MlflowException) as ended:
+        tlm.end_run()
+    assert isinstance(ended.value, ServerError) and ended.value.error_code == "INVALID_PARAMETER_VALUE"
+    assert ended.value.get_http_status_code() == 400
