@@ -303,8 +303,12 @@ def test_sqlite_uri_writes_into_mlflows_own_store(tmp_path: Path, experiment_nam
     assert [m.step for m in theirs.get_metric_history(run.info.run_id, "loss")] == list(range(50))
     assert [f.path for f in theirs.list_artifacts(run.info.run_id, "notes")] == ["notes/hello.txt"]
     assert theirs.get_experiment_by_name(experiment_name) is not None
-    # tracklane reads it back as well
+    # tracklane reads it back as well, artifacts included
     assert tlm.search_runs(output_format="list")[0].info.run_id == run.info.run_id
+    ours = tlm.MlflowClient(uri)
+    assert [f.path for f in ours.list_artifacts(run.info.run_id, "notes")] == ["notes/hello.txt"]
+    local = ours.download_artifacts(run.info.run_id, "notes/hello.txt", str(tmp_path))
+    assert Path(local).read_text() == "hello"
 
 
 def test_sqlite_uri_refusals_come_back_as_a_servers(tmp_path: Path, experiment_name: str) -> None:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 from .._delivery.batching import METRIC, PARAM, Batch, Event
-from .._entities import Experiment, Metric, Run
+from .._entities import Experiment, FileInfo, Metric, Run
 from .._exceptions import NotFoundError, ServerError, ServerUnavailableError
 from .._settings import ServerConfig
 from .journal import server_key
@@ -289,6 +289,15 @@ class MlflowSqlBackend:
         uri = (await self.get_run(run_id)).info.artifact_uri
         await asyncio.to_thread(_put_artifact, uri, path, file)
 
+    async def list_artifacts(self, run_id: str, path: str | None) -> list[FileInfo]:
+        uri = (await self.get_run(run_id)).info.artifact_uri
+        found = await asyncio.to_thread(_repository(uri).list_artifacts, path.strip("/") if path else None)
+        return [FileInfo(f.path, bool(f.is_dir), f.file_size) for f in found]
+
+    async def download_artifact(self, run_id: str, path: str, dst: Path) -> None:
+        uri = (await self.get_run(run_id)).info.artifact_uri
+        await asyncio.to_thread(_download_artifact, uri, path, dst)
+
     # -- the rest of what the run models ask of a store --------------------------------------------
 
     def after_fork(self) -> None:
@@ -336,10 +345,21 @@ def _write_batch(store: Any, run_id: str, events: list[Event]) -> None:
     store.log_batch(run_id, metrics=metrics, params=params, tags=tags)
 
 
-def _put_artifact(artifact_uri: str, path: str, file: Path) -> None:
+def _repository(artifact_uri: str) -> Any:
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-    repo = get_artifact_repository(artifact_uri)
+    return get_artifact_repository(artifact_uri)
+
+
+def _download_artifact(artifact_uri: str, path: str, dst: Path) -> None:
+    """One file into ``dst``, downloaded beside it first (a broken download leaves no half file)."""
+    with tempfile.TemporaryDirectory(prefix="tracklane-download-") as tmp:
+        local = _repository(artifact_uri).download_artifacts(path.strip("/"), tmp)
+        shutil.move(local, dst)  # a rename where it can be
+
+
+def _put_artifact(artifact_uri: str, path: str, file: Path) -> None:
+    repo = _repository(artifact_uri)
     directory, _, name = path.strip("/").rpartition("/")
     if file.name == name:
         repo.log_artifact(str(file), directory or None)
