@@ -206,3 +206,14 @@ def test_new_experiment_prints_mlflows_info_line(
     err = capsys.readouterr().err
     line = f"Experiment with name '{experiment_name}' does not exist. Creating a new experiment."
     assert err.count(line) == 1 and " INFO " in err
+
+
+def test_truncation_off_refuses_long_values_at_the_call(
+    server_url: str, experiment_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``MLFLOW_TRUNCATE_LONG_VALUES=false``: MLflow's server refuses them, so the call does."""
+    monkeypatch.setenv("MLFLOW_TRUNCATE_LONG_VALUES", "false")
+    tlm.set_tracking_uri(server_url)
+    tlm.set_experiment(experiment_name)
+    with tlm.start_run(), pytest.raises(mlflow.exceptions.MlflowException, match="at most 6000"):
+        tlm.log_param("long", "p" * 6001)
