@@ -9,6 +9,7 @@ variable tracklane reads is named in ``ENV`` below, and every boolean one goes t
 from __future__ import annotations
 
 import hmac
+import importlib.util
 import os
 import socket
 from dataclasses import dataclass
@@ -30,7 +31,16 @@ ENV = {
     "MLFLOW_SYSTEM_METRICS_NODE_ID": "system metrics under system/<node>/ (default in a job: the host name)",
     "MLFLOW_RUN_ID": "start_run() with no run_id or run_name attaches to this run",
     "MLFLOW_TRACKING_URI": "tracklane.mlflow, MlflowClient: the tracking URI (http(s) server, or a path)",
-    "MLFLOW_TRACKING_TOKEN": "tracklane.mlflow and MlflowClient: sent as Authorization: Bearer",
+    "MLFLOW_TRACKING_TOKEN": "every request to an MLflow server: sent as Authorization: Bearer",
+    "MLFLOW_TRACKING_USERNAME": "every request to an MLflow server: basic auth user (with the password)",
+    "MLFLOW_TRACKING_PASSWORD": "every request to an MLflow server: basic auth password",
+    "MLFLOW_TRACKING_INSECURE_TLS": "every request: do not verify the server's TLS certificate (boolean)",
+    "MLFLOW_TRACKING_SERVER_CERT_PATH": "every request: check the server's TLS certificate with this CA file",
+    "MLFLOW_TRACKING_CLIENT_CERT_PATH": "every request: present this client certificate (PEM, cert and key)",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "every request: request_timeout, in seconds",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "every request: give up after this many retries",
+    "MLFLOW_TRUNCATE_LONG_VALUES": "MLflow faces: cut long param/tag values (boolean, default on)",
+    "MLFLOW_REGISTRY_URI": "tracklane.mlflow.get_registry_uri() when set_registry_uri was not called",
     "MLFLOW_EXPERIMENT_NAME": "tracklane.mlflow: the experiment of runs started with none set",
     "MLFLOW_EXPERIMENT_ID": "tracklane.mlflow: the experiment of runs started with none set (by id)",
     # transformers' MLflowCallback's, honoured by tracklane.integrations.transformers:
@@ -91,6 +101,17 @@ class ServerConfig:
     request_timeout: float = 30.0
     #: Keep the platform's address out of the log: no UI links after start_run.
     hide_host: bool = False
+    #: Basic auth (``MLFLOW_TRACKING_USERNAME``/``_PASSWORD``, or the URL's user info).
+    username: str | None = None
+    password: Secret | None = None
+    #: False: no certificate check (``MLFLOW_TRACKING_INSECURE_TLS``); a path: the CA file to check
+    #: the server's certificate with (``MLFLOW_TRACKING_SERVER_CERT_PATH``).
+    tls_verify: bool | str = True
+    #: A PEM file with the client's certificate and key (``MLFLOW_TRACKING_CLIENT_CERT_PATH``).
+    client_cert: str | None = None
+    #: Give up a request after this many retries (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``); None: the
+    #: retry window alone decides.
+    max_retries: int | None = None
 
     @property
     def is_oicm(self) -> bool:
@@ -152,13 +173,14 @@ def resolve_server(
     api_key: str | None,
     *,
     verify_ssl: bool = True,
-    request_timeout: float = 30.0,
+    request_timeout: float | None = None,
     hide_host: bool = False,
 ) -> ServerConfig | None:
     """Build the server settings from arguments, else ``OIP_TRACKING_SERVER`` and
-    ``OIP_WORKLOAD_ACCESS_KEY``; ``None`` when no server is configured at all."""
+    ``OIP_WORKLOAD_ACCESS_KEY`` (else ``MLFLOW_TRACKING_TOKEN``); ``None`` when no server is
+    configured at all. MLflow's connection variables (``http_settings``) apply to every server."""
     host = api_host if api_host is not None else env("OIP_TRACKING_SERVER")
-    key = api_key if api_key is not None else env("OIP_WORKLOAD_ACCESS_KEY")
+    key = api_key if api_key is not None else env("OIP_WORKLOAD_ACCESS_KEY") or env("MLFLOW_TRACKING_TOKEN")
     if not host:
         return None
     host = host.rstrip("/")
@@ -173,8 +195,8 @@ def resolve_server(
         api_key=Secret(key) if key else None,
         verify_ssl=verify_ssl,
         workload_id=env("OIP_WORKLOAD_ID"),
-        request_timeout=request_timeout,
         hide_host=hide_host,
+        **http_settings(request_timeout),
     )
     if config.is_oicm and config.api_key is None:
         raise ConfigurationError(
@@ -184,23 +206,111 @@ def resolve_server(
     return config
 
 
+def http_settings(request_timeout: float | None = None) -> dict[str, Any]:
+    """MLflow's connection variables, read as MLflow's REST client reads them (``mlflow/
+    environment_variables.py``, ``mlflow/utils/rest_utils.py``), as ``ServerConfig`` fields.
+    ``request_timeout``: an explicit argument, which wins over ``MLFLOW_HTTP_REQUEST_TIMEOUT``."""
+    found: dict[str, Any] = {"request_timeout": request_timeout}
+    if request_timeout is None:
+        raw = env("MLFLOW_HTTP_REQUEST_TIMEOUT")
+        found["request_timeout"] = 30.0 if raw is None else _positive(raw, "MLFLOW_HTTP_REQUEST_TIMEOUT")
+    username, password = env("MLFLOW_TRACKING_USERNAME"), env("MLFLOW_TRACKING_PASSWORD")
+    if (username is None) != (password is None):
+        missing = "MLFLOW_TRACKING_PASSWORD" if password is None else "MLFLOW_TRACKING_USERNAME"
+        raise ConfigurationError(
+            f"Basic auth needs both MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD; {missing} "
+            "is not set. Set it, or unset the other."
+        )
+    if username is not None and password is not None:
+        found["username"], found["password"] = username, Secret(password)
+    insecure = env_bool("MLFLOW_TRACKING_INSECURE_TLS", "nothing (unset it)")
+    ca_file = env("MLFLOW_TRACKING_SERVER_CERT_PATH")
+    if insecure and ca_file:
+        raise ConfigurationError(
+            "MLFLOW_TRACKING_INSECURE_TLS and MLFLOW_TRACKING_SERVER_CERT_PATH are both set: either the "
+            "server's certificate is checked (against that CA file) or it is not. Unset one of them."
+        )
+    if insecure:
+        found["tls_verify"] = False
+    elif ca_file:
+        found["tls_verify"] = _readable_file(ca_file, "MLFLOW_TRACKING_SERVER_CERT_PATH")
+    client_cert = env("MLFLOW_TRACKING_CLIENT_CERT_PATH")
+    if client_cert:
+        found["client_cert"] = _readable_file(client_cert, "MLFLOW_TRACKING_CLIENT_CERT_PATH")
+    retries = env("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+    if retries is not None:
+        try:
+            found["max_retries"] = int(retries)
+        except ValueError:
+            found["max_retries"] = -1
+        if found["max_retries"] < 0:
+            raise ConfigurationError(
+                f"MLFLOW_HTTP_REQUEST_MAX_RETRIES={retries!r} is not a whole number of retries >= 0."
+            )
+    return found
+
+
+def _positive(raw: str, name: str) -> float:
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < float("inf"):
+        raise ConfigurationError(f"{name}={raw!r} is not a positive number of seconds, e.g. 120.")
+    return seconds
+
+
+def _readable_file(path: str, name: str) -> str:
+    if not os.path.isfile(path):
+        raise ConfigurationError(f"{name}={path!r}: no such file. Give the path of a PEM file.")
+    return path
+
+
+class _ProcessUris:
+    """MLflow's process-wide URIs as ``tracklane.mlflow.set_tracking_uri``/``set_registry_uri`` set
+    them: ``MlflowClient()`` with no URI uses them, as MLflow's client uses the fluent module's."""
+
+    tracking: str | None = None
+    registry: str | None = None
+
+
+PROCESS_URIS = _ProcessUris()
+
+
+def truncate_long_values() -> bool:
+    """``$MLFLOW_TRUNCATE_LONG_VALUES`` (default on): long param and tag values are cut, not refused."""
+    found = env_bool("MLFLOW_TRUNCATE_LONG_VALUES", "shorter values")
+    return True if found is None else found
+
+
+#: MLflow's ``DATABASE_ENGINES`` (``mlflow/utils/uri.py``): a tracking URI of these schemes
+#: (``+driver`` allowed, e.g. ``postgresql+psycopg2``) names one of MLflow's database stores.
+DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+
+
+def is_database_uri(uri: str) -> bool:
+    return urlsplit(uri).scheme.split("+", 1)[0] in DATABASE_SCHEMES
+
+
 @dataclass(frozen=True)
 class Destination:
-    """Where an MLflow face logs: a tracking server, or (``server`` None) the local journal under
-    ``storage``. ``uri`` is how ``get_tracking_uri`` reports it."""
+    """Where an MLflow face logs: a tracking server, MLflow's database store (``database``), or
+    (both None) the local journal under ``storage``. ``uri`` is how ``get_tracking_uri`` reports it."""
 
     uri: str
     server: ServerConfig | None
     storage: str | None
+    database: str | None = None
 
 
 def tracking_destination(tracking_uri: str | None) -> Destination:
     """MLflow's tracking URI rules, for ``tracklane.mlflow`` and ``MlflowClient``: the argument, else
-    ``$MLFLOW_TRACKING_URI``, else ``$OIP_TRACKING_SERVER``; an http(s) URL is a server (with
-    ``$MLFLOW_TRACKING_TOKEN``, else ``$OIP_WORKLOAD_ACCESS_KEY``, as the bearer token); a local path
-    or ``file:`` URI is the journal there (offline; ``tracklane sync`` uploads it); nothing at all is
-    the journal in the working directory, as MLflow's default is a local store."""
-    uri = tracking_uri if tracking_uri else env("MLFLOW_TRACKING_URI") or env("OIP_TRACKING_SERVER")
+    the one ``set_tracking_uri`` set, else ``$MLFLOW_TRACKING_URI``, else ``$OIP_TRACKING_SERVER``;
+    an http(s) URL is a server (with ``$MLFLOW_TRACKING_TOKEN``, else ``$OIP_WORKLOAD_ACCESS_KEY``,
+    as the bearer token); a local path or ``file:`` URI is the journal there (offline; ``tracklane
+    sync`` uploads it); nothing at all is the journal in the working directory, as MLflow's default
+    is a local store."""
+    uri = tracking_uri or PROCESS_URIS.tracking or env("MLFLOW_TRACKING_URI") or env("OIP_TRACKING_SERVER")
     if not uri:
         return Destination("file:./ml_runs", None, ".")
     if uri.startswith(("tracklane+http://", "tracklane+https://")):
@@ -213,6 +323,14 @@ def tracking_destination(tracking_uri: str | None) -> Destination:
         return Destination(server.api_host, server, None)
     if parts.scheme == "file":
         return Destination(uri, None, _storage_of(parts.path or "."))
+    if is_database_uri(uri):
+        if importlib.util.find_spec("mlflow") is None:
+            raise ConfigurationError(
+                f"tracking URI {uri.split('://', 1)[0]}://...: a database is MLflow's own store, which "
+                "tracklane writes through MLflow's SQL store: pip install 'tracklane[mlflow]' (or use an "
+                "http(s) tracking server, or a local directory for tracklane's journal)."
+            )
+        return Destination(uri, None, None, database=uri)
     if parts.scheme and len(parts.scheme) > 1:  # one letter: a Windows drive, a path
         raise ConfigurationError(
             f"tracking URI {uri!r}: tracklane logs to http(s) tracking servers and local paths; "

@@ -8,9 +8,11 @@ common case (a ``float`` value, an ``int`` step) and only then looks further.
 
 from __future__ import annotations
 
+import logging
 import operator
 import posixpath
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from ._exceptions import InvalidInputError
@@ -182,3 +184,39 @@ def check_status(status: object) -> str:
     if status not in ("FINISHED", "FAILED", "KILLED"):
         raise InvalidInputError(f"run status {status!r} is not one of 'FINISHED', 'FAILED', 'KILLED'.")
     return str(status)
+
+
+_logger = logging.getLogger("tracklane")
+_warned_long: set[tuple[str, str]] = set()
+
+
+def mlflow_truncated(values: Mapping[Any, Any], limit: int, what: str, truncate: bool) -> Mapping[Any, Any]:
+    """MLflow's rule for long param and run tag values (``mlflow/utils/validation.py``,
+    ``_validate_length_limit(..., truncate=True)``): the value as ``str``, cut to ``limit`` characters
+    with MLflow's warning (once per key), when ``truncate`` (``$MLFLOW_TRUNCATE_LONG_VALUES``); else
+    left for the call site to refuse. ``what``: "Param value" or "Tag value". Only the MLflow faces
+    call this: the OICM face refuses long values. Returns ``values`` itself when nothing is cut."""
+    if not truncate:
+        return values
+    cut: dict[Any, Any] | None = None
+    for key, value in values.items():
+        if type(value) is not str:
+            try:
+                value = str(value)
+            except Exception:  # text_value reports it, with the key
+                continue
+        if len(value) <= limit:
+            continue
+        if cut is None:
+            cut = dict(values)
+        cut[key] = value[:limit]
+        if (what, str(key)) not in _warned_long and len(_warned_long) < 10_000:
+            _warned_long.add((what, str(key)))
+            _logger.warning(
+                "%s '%s...' (%d characters) is truncated to %d characters to meet the length limit.",
+                what,
+                value[:100],
+                len(value),
+                limit,
+            )
+    return values if cut is None else cut

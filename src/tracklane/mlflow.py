@@ -17,18 +17,30 @@ is imported only when one of them is first used.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from . import entities
+from . import mlflow_exceptions as exceptions
 from ._entities import ActiveRun
 from ._faces.fluent import Fluent
 from ._faces.mlflow_client import MlflowClient
+from ._faces.run_operations import RunOperations
 
 _fluent = Fluent()
+# ``from tracklane.mlflow.exceptions import MlflowException``, as code written for MLflow imports it.
+sys.modules.setdefault(__name__ + ".exceptions", exceptions)
+
+#: The MLflow API tracklane's faces follow, when MLflow itself is not installed.
+MLFLOW_API_VERSION = "3.17.2"
+
 
 # Bound methods: one call from the user's code to the engine's hot path.
 set_tracking_uri = _fluent.set_tracking_uri
 get_tracking_uri = _fluent.get_tracking_uri
+is_tracking_uri_set = _fluent.is_tracking_uri_set
+set_registry_uri = _fluent.set_registry_uri
+get_registry_uri = _fluent.get_registry_uri
 set_experiment = _fluent.set_experiment
 create_experiment = _fluent.create_experiment
 get_experiment = _fluent.get_experiment
@@ -65,7 +77,18 @@ flush = _fluent.flush
 
 
 def __getattr__(name: str) -> Any:
-    """MLflow's own attribute ``name`` (imported, and linked to tracklane's runs, on first use)."""
+    """MLflow's own attribute ``name`` (imported, and linked to tracklane's runs, on first use).
+    ``MlflowException`` (MLflow's own when installed, else tracklane's stand-in) and ``__version__``
+    (the installed MLflow's, else the API version followed) work without MLflow too."""
+    if name == "MlflowException":
+        return exceptions.MlflowException
+    if name == "__version__":
+        from importlib import metadata
+
+        try:
+            return metadata.version("mlflow")
+        except metadata.PackageNotFoundError:
+            return MLFLOW_API_VERSION
     if name.startswith("__"):
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     from .integrations.mlflow_module import mlflow_attribute
@@ -76,6 +99,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "ActiveRun",
     "MlflowClient",
+    "RunOperations",
     "active_run",
     "create_experiment",
     "delete_experiment",
@@ -84,13 +108,16 @@ __all__ = [
     "delete_tag",
     "end_run",
     "entities",
+    "exceptions",
     "flush",
     "get_artifact_uri",
     "get_experiment",
     "get_experiment_by_name",
     "get_parent_run",
+    "get_registry_uri",
     "get_run",
     "get_tracking_uri",
+    "is_tracking_uri_set",
     "last_active_run",
     "log_artifact",
     "log_artifacts",
@@ -108,6 +135,7 @@ __all__ = [
     "set_experiment",
     "set_experiment_tag",
     "set_experiment_tags",
+    "set_registry_uri",
     "set_tag",
     "set_tags",
     "set_tracking_uri",

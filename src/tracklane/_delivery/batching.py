@@ -72,7 +72,10 @@ class Batch:
         return [*self.metrics, *self.params, *self.tags]
 
     def encode(self) -> bytes:
-        metrics = [{"key": k, "value": v, "timestamp": t, "step": s} for _, _, k, v, t, s in self.metrics]
+        try:
+            metrics = [{"key": k, "value": v, "timestamp": t, "step": s} for _, _, k, v, t, s in self.metrics]
+        except ValueError:  # a metric of an MLflow 3 model carries a 7th field (see ``metric_entry``)
+            metrics = [metric_entry(e) for e in self.metrics]
         # One C-level sum finds a NaN or an infinity in the batch (or an overflow, which the
         # per-value pass below then leaves alone); only then is each value looked at.
         total = sum(map(_VALUE, self.metrics))
@@ -95,6 +98,18 @@ class Batch:
         events = self.events()
         mid = len(events) // 2
         return batch_of(self.run_id, events[:mid], self.seq), batch_of(self.run_id, events[mid:], self.seq)
+
+
+def metric_entry(event: tuple[Any, ...]) -> dict[str, Any]:
+    """A metric's log-batch entry. ``Buffer.log_model_metric`` events carry a 7th field, MLflow 3's
+    ``(model_id, dataset_name, dataset_digest)``, sent as those fields (the journal keeps the point
+    without them)."""
+    entry: dict[str, Any] = {"key": event[2], "value": event[3], "timestamp": event[4], "step": event[5]}
+    if len(event) > 6:
+        for name, value in zip(("model_id", "dataset_name", "dataset_digest"), event[6], strict=True):
+            if value is not None:
+                entry[name] = value
+    return entry
 
 
 def batch_of(run_id: str, events: Iterable[Event], seq: int = 0) -> Batch:

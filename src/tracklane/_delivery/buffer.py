@@ -21,7 +21,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
 from .._exceptions import InvalidInputError, NoActiveRunError
 from .._limits import MAX_PARAM_VALUE_LENGTH, MAX_STEP, MAX_TAG_VALUE_LENGTH, MIN_STEP
@@ -142,6 +142,23 @@ class Buffer:
                 0 if step is None else check_step(key, step),
             )
         )
+
+    def log_model_metric(
+        self,
+        run_id: str | None,
+        key: str,
+        value: Any,
+        step: int | None,
+        timestamp: int | None,
+        link: tuple[str | None, str | None, str | None],
+    ) -> None:
+        """A metric of an MLflow 3 LoggedModel and/or dataset: the event carries ``link``
+        (model_id, dataset_name, dataset_digest) as a 7th field, for ``batching.metric_entry``."""
+        run_id = _require(run_id)
+        key = self._key(key, "metric")
+        ts = now_ms() if timestamp is None else check_timestamp(key, timestamp)
+        st = 0 if step is None else check_step(key, step)
+        self.put(cast(Event, (METRIC, run_id, key, metric_value(key, value), ts, st, link)))
 
     def log_metrics(
         self,

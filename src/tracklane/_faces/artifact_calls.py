@@ -18,10 +18,11 @@ from .._delivery.buffer import Buffer, now_ms
 from .._delivery.engine import Engine
 from .._entities import FileInfo
 from .._exceptions import ConfigurationError, InvalidInputError, NotFoundError
+from .._stores.mlflow_sql import MlflowSqlBackend
 from .._stores.offline import JournalBackend
 from .._stores.rest import RestBackend
 
-Store = RestBackend | JournalBackend
+Store = RestBackend | JournalBackend | MlflowSqlBackend
 
 
 def log_artifact(log: ArtifactLog, run_id: str, local_path: Any, artifact_path_or_name: str | None) -> None:
@@ -91,8 +92,8 @@ def log_table(log: ArtifactLog, buffer: Buffer, run_id: str, data: Any, artifact
 # -- reads: on the engine's loop ---------------------------------------------------------------------
 
 
-def _server(store: Store) -> RestBackend:
-    if not isinstance(store, RestBackend):
+def _server(store: Store) -> RestBackend | MlflowSqlBackend:
+    if not isinstance(store, (RestBackend, MlflowSqlBackend)):
         raise ConfigurationError(
             "Reading artifacts needs a tracking server; offline, they are in the local journal until "
             "`tracklane sync` (or `tracklane ui`) uploads them."
@@ -127,7 +128,9 @@ async def download_artifacts(
     return str(dst / path) if path else str(dst)
 
 
-async def _download_tree(server: RestBackend, run_id: str, entries: list[FileInfo], dst: Path) -> None:
+async def _download_tree(
+    server: RestBackend | MlflowSqlBackend, run_id: str, entries: list[FileInfo], dst: Path
+) -> None:
     for entry in entries:
         local = dst / entry.path
         if entry.is_dir:

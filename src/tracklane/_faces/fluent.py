@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -18,21 +20,26 @@ from typing import Any
 
 from .._delivery.buffer import Buffer
 from .._entities import ActiveRun, Experiment, PagedList, Run, ViewType
-from .._exceptions import NoActiveRunError
+from .._exceptions import InvalidInputError, NoActiveRunError, TrackingError
+from .._limits import MAX_PARAM_VALUE_LENGTH, MAX_TAG_VALUE_LENGTH
 from .._runs.metadata import PARENT_RUN_ID
 from .._runs.mlflow_runs import MlflowRuns
-from .._settings import Destination, job_ranks, tracking_destination
-from .._validation import check_status
+from .._settings import PROCESS_URIS, Destination, env, job_ranks, tracking_destination, truncate_long_values
+from .._validation import check_status, mlflow_truncated
 from . import artifact_calls
 from .mlflow_client import SEARCH_MAX_RESULTS_DEFAULT, check_run_id
+from .mlflow_errors import mlflow_face, reraise
+from .run_operations import RunOperations, refused_async
 from .session import Session, destination_key, shared_session
 
 #: MLflow's fluent ``search_runs`` returns up to this many runs by default, paging as needed.
 FLUENT_SEARCH_MAX_RESULTS = 100_000
 
 
+@mlflow_face(hot=("log_metric",))
 class Fluent:
-    """The fluent API's process-wide state: tracking URI, session, run model."""
+    """The fluent API's process-wide state: tracking URI, session, run model. Its methods raise
+    MLflow's exceptions (``mlflow_errors``)."""
 
     def __init__(self) -> None:
         self._uri: str | None = None
@@ -47,14 +54,19 @@ class Fluent:
         #: Called after the tracking URI or the experiment changes: MLflow's own fluent module
         #: follows (set by ``integrations.mlflow_module`` once an MLflow attribute is used).
         self.on_change: Callable[[], None] | None = None
+        # The process has one fluent module (``tracklane.mlflow``): its URIs are the process's.
+        PROCESS_URIS.tracking = PROCESS_URIS.registry = None
+        _show_mlflow_lines()
 
     # -- where to log ----------------------------------------------------------------------------
 
     def set_tracking_uri(self, uri: str | Any) -> None:
-        """Log to ``uri`` from the next run on (MLflow's rule: an active run keeps its server)."""
+        """Log to ``uri`` from the next run on (MLflow's rule: an active run keeps its server);
+        ``MlflowClient()`` with no URI uses it too, as MLflow's does."""
         with self._lock:
-            self._uri = str(uri)
+            self._uri = str(uri) if uri else None
             self._destination = None
+            PROCESS_URIS.tracking = self._uri
         self._changed()
 
     def get_tracking_uri(self) -> str:
@@ -67,6 +79,18 @@ class Fluent:
     def where(self) -> Destination:
         """The destination the next run logs to (resolved from the URI; starts nothing)."""
         return self._where()
+
+    def is_tracking_uri_set(self) -> bool:
+        """MLflow's rule: ``set_tracking_uri`` was called, or ``$MLFLOW_TRACKING_URI`` is set."""
+        return bool(self._uri or env("MLFLOW_TRACKING_URI"))
+
+    def set_registry_uri(self, uri: str | Any) -> None:
+        """Where MLflow's model registry calls go (``MlflowClient()`` uses it too)."""
+        PROCESS_URIS.registry = str(uri) if uri else None
+
+    def get_registry_uri(self) -> str:
+        """``set_registry_uri``'s, else ``$MLFLOW_REGISTRY_URI``, else the tracking URI (MLflow's rule)."""
+        return PROCESS_URIS.registry or env("MLFLOW_REGISTRY_URI") or self.get_tracking_uri()
 
     def _where(self) -> Destination:
         if self._destination is None:
@@ -82,7 +106,7 @@ class Fluent:
             if self._runs is not None and self._runs.stack:
                 return self._runs  # a new tracking URI applies once the active runs end
             destination = self._where()
-            key = destination_key(destination.server, destination.storage)
+            key = destination_key(destination.server, destination.storage, destination.database)
             session = self._session
             if (
                 self._runs is not None
@@ -92,7 +116,7 @@ class Fluent:
             ):
                 self._runs_for = destination
                 return self._runs
-            session = shared_session(destination.server, destination.storage)
+            session = shared_session(destination.server, destination.storage, destination.database)
             runs = MlflowRuns(session.engine, session.store, session.engine.config, job_ranks())
             session.models.append(runs)
             self._session, self._runs, self._runs_for = session, runs, destination
@@ -274,7 +298,7 @@ class Fluent:
         DataFrame (MLflow's columns) when pandas is installed, else (or with ``output_format="list"``)
         a list of ``Run``."""
         if output_format not in ("pandas", "list"):
-            raise ValueError(f"output_format={output_format!r}: use 'pandas' or 'list'.")
+            raise InvalidInputError(f"output_format={output_format!r}: use 'pandas' or 'list'.")
         runs = self._model()
         ids = self._search_ids(experiment_ids, search_all_experiments, experiment_names)
         found: list[Run] = []
@@ -333,11 +357,21 @@ class Fluent:
                 raise NoActiveRunError("No active run, and one could not be started.")
         return found
 
-    def _wait_if(self, synchronous: bool | None, run_id: str) -> None:
+    def _wait_if(self, synchronous: bool | None, run_id: str) -> RunOperations | None:
         """``synchronous=True``: wait until the server has the call's events (and raise the run's
-        refused ones)."""
-        if synchronous and self._session is not None:
+        refused ones); ``False``: MLflow's ``RunOperations`` to wait on later."""
+        if synchronous is None or self._session is None:
+            return None
+        if synchronous:
             self._session.call(self._session.engine.flush(None, run_id))
+            return None
+        return RunOperations(self._session, run_id)
+
+    def _refused(self, synchronous: bool | None, run_id: str, exc: InvalidInputError) -> RunOperations:
+        """MLflow refuses ``synchronous=False`` calls on its queue, logging an error, never raising."""
+        if synchronous is not False or self._session is None:
+            raise exc
+        return refused_async(self._session, run_id, exc)
 
     def log_metric(
         self,
@@ -347,13 +381,28 @@ class Fluent:
         synchronous: bool | None = None,
         timestamp: int | None = None,
         run_id: str | None = None,
-    ) -> None:
-        # The hot path: this thread's innermost run, straight from its stack, into the buffer.
-        stack = getattr(self._stacks, "stack", None) if run_id is None else None
-        active = stack[-1].info.run_id if stack else self._run_id(run_id)
-        self._buffer.log_metric(active, key, value, step, timestamp)  # type: ignore[union-attr]
-        if synchronous:
-            self._wait_if(synchronous, active)
+        model_id: str | None = None,
+        dataset: Any = None,
+    ) -> RunOperations | None:
+        """MLflow's ``log_metric``; ``synchronous=False`` returns ``RunOperations`` (``.wait()``)."""
+        # The hot path: this thread's innermost run, straight from its stack, into the buffer. The
+        # ``try`` costs nothing until an error, which leaves as an MlflowException too.
+        try:
+            stack = getattr(self._stacks, "stack", None) if run_id is None else None
+            active = stack[-1].info.run_id if stack else self._run_id(run_id)
+            if model_id is None and dataset is None:
+                self._buffer.log_metric(active, key, value, step, timestamp)  # type: ignore[union-attr]
+            else:
+                self._buffer.log_model_metric(  # type: ignore[union-attr]
+                    active, key, value, step, timestamp, model_link(model_id, dataset)
+                )
+            if synchronous is not None:
+                return self._wait_if(synchronous, active)
+            return None
+        except TrackingError as exc:
+            if synchronous is False and isinstance(exc, InvalidInputError) and self._session is not None:
+                return refused_async(self._session, run_id or str(self._runs and self._runs.run_id), exc)
+            reraise(exc)
 
     def log_metrics(
         self,
@@ -362,32 +411,55 @@ class Fluent:
         synchronous: bool | None = None,
         run_id: str | None = None,
         timestamp: int | None = None,
-    ) -> None:
+        model_id: str | None = None,
+        dataset: Any = None,
+    ) -> RunOperations | None:
+        """MLflow's ``log_metrics``; ``synchronous=False`` returns ``RunOperations``."""
         active = self._run_id(run_id)
         assert self._session is not None
-        self._session.engine.buffer.log_metrics(active, metrics, step, timestamp)
-        self._wait_if(synchronous, active)
+        buffer = self._session.engine.buffer
+        try:
+            if model_id is None and dataset is None:
+                buffer.log_metrics(active, metrics, step, timestamp)
+            else:
+                link = model_link(model_id, dataset)
+                for key, value in metrics.items():
+                    buffer.log_model_metric(active, key, value, step, timestamp, link)
+        except InvalidInputError as exc:
+            return self._refused(synchronous, active, exc)
+        return self._wait_if(synchronous, active)
 
     def log_param(self, key: str, value: Any, synchronous: bool | None = None) -> Any:
-        self.log_params({key: value}, synchronous)
-        return value
+        """MLflow's ``log_param``: returns ``value`` (``RunOperations`` when ``synchronous=False``)."""
+        ops = self.log_params({key: value}, synchronous)
+        return ops if synchronous is False else value
 
     def log_params(
         self, params: Mapping[str, Any], synchronous: bool | None = None, run_id: str | None = None
-    ) -> None:
+    ) -> RunOperations | None:
+        """MLflow's ``log_params``; values over 6,000 characters are cut as MLflow cuts them."""
         active = self._run_id(run_id)
         assert self._session is not None and self._runs is not None
-        self._session.engine.buffer.log_params(active, params, self._runs.params_of(active))
-        self._wait_if(synchronous, active)
+        params = mlflow_truncated(params, MAX_PARAM_VALUE_LENGTH, "Param value", truncate_long_values())
+        try:
+            self._session.engine.buffer.log_params(active, params, self._runs.params_of(active))
+        except InvalidInputError as exc:
+            return self._refused(synchronous, active, exc)
+        return self._wait_if(synchronous, active)
 
-    def set_tag(self, key: str, value: Any, synchronous: bool | None = None) -> None:
-        self.set_tags({key: value}, synchronous)
+    def set_tag(self, key: str, value: Any, synchronous: bool | None = None) -> RunOperations | None:
+        return self.set_tags({key: value}, synchronous)
 
-    def set_tags(self, tags: Mapping[str, Any], synchronous: bool | None = None) -> None:
+    def set_tags(self, tags: Mapping[str, Any], synchronous: bool | None = None) -> RunOperations | None:
+        """MLflow's ``set_tags``; values over 8,000 characters are cut as MLflow cuts them."""
         active = self._run_id()
         assert self._session is not None
-        self._session.engine.buffer.set_tags(active, tags)
-        self._wait_if(synchronous, active)
+        tags = mlflow_truncated(tags, MAX_TAG_VALUE_LENGTH, "Tag value", truncate_long_values())
+        try:
+            self._session.engine.buffer.set_tags(active, tags)
+        except InvalidInputError as exc:
+            return self._refused(synchronous, active, exc)
+        return self._wait_if(synchronous, active)
 
     def delete_tag(self, key: str) -> None:
         active = self._run_id()
@@ -469,25 +541,83 @@ class Fluent:
         return bool(self._session.call(self._session.engine.flush(deadline)))
 
 
-def runs_frame(runs: list[Run]) -> Any:
-    """Runs as MLflow's ``search_runs`` DataFrame: info columns, then ``metrics.*``, ``params.*``,
-    ``tags.*``; times as UTC datetimes."""
-    pd = importlib.import_module("pandas")
+class _Stderr:
+    """Whatever ``sys.stderr`` is when a line is written (MLflow's ``MlflowLoggingStream``)."""
 
-    rows = []
-    for run in runs:
-        info = run.info
-        row: dict[str, Any] = {
-            "run_id": info.run_id,
-            "experiment_id": info.experiment_id,
-            "status": info.status,
-            "artifact_uri": info.artifact_uri,
-            "start_time": pd.to_datetime(info.start_time, unit="ms", utc=True),
-            "end_time": pd.to_datetime(info.end_time, unit="ms", utc=True),
-        }
-        row.update({f"metrics.{k}": v for k, v in run.data.metrics.items()})
-        row.update({f"params.{k}": v for k, v in run.data.params.items()})
-        row.update({f"tags.{k}": v for k, v in run.data.tags.items()})
-        rows.append(row)
-    columns = ["run_id", "experiment_id", "status", "artifact_uri", "start_time", "end_time"]
-    return pd.DataFrame(rows, columns=columns if not rows else None)
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+def _show_mlflow_lines() -> None:
+    """MLflow prints its fluent API's INFO lines ("Experiment with name ... does not exist. Creating
+    a new experiment.") on stderr through a handler of its own logger; the same for
+    ``tracklane.mlflow``'s logger, unless the application configured that logger itself."""
+    log = logging.getLogger("tracklane.mlflow")
+    if log.handlers:
+        return
+    handler = logging.StreamHandler(_Stderr())
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%Y/%m/%d %H:%M:%S")
+    )
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+def model_link(model_id: str | None, dataset: Any) -> tuple[str | None, str | None, str | None]:
+    """MLflow 3's metric fields ``model_id``, ``dataset_name``, ``dataset_digest`` (a dataset is an
+    ``mlflow.data.Dataset`` or a ``DatasetEntity``: both have ``name`` and ``digest``)."""
+    if model_id is not None and not isinstance(model_id, str):
+        raise InvalidInputError(f"model_id={model_id!r} must be a string (a LoggedModel's id).")
+    if dataset is None:
+        return model_id, None, None
+    name, digest = getattr(dataset, "name", None), getattr(dataset, "digest", None)
+    if not isinstance(name, str) or not isinstance(digest, str):
+        raise InvalidInputError(
+            f"dataset={dataset!r} has no name and digest; pass an mlflow.data Dataset (e.g. from "
+            "mlflow.data.from_pandas) or a DatasetEntity."
+        )
+    return model_id, name, digest
+
+
+def runs_frame(runs: list[Run]) -> Any:
+    """Runs as MLflow's ``search_runs`` DataFrame (``mlflow/tracking/fluent.py``), built the way
+    MLflow builds it so that columns and dtypes match, an empty result included: info columns, then
+    ``metrics.*`` (NaN where a run lacks one), ``params.*``, ``tags.*`` (None); times as UTC
+    datetimes. Within each group, keys in the order runs first have them."""
+    pd = importlib.import_module("pandas")
+    nan = float("nan")
+    info: dict[str, list[Any]] = {
+        "run_id": [],
+        "experiment_id": [],
+        "status": [],
+        "artifact_uri": [],
+        "start_time": [],
+        "end_time": [],
+    }
+    groups: tuple[tuple[str, dict[str, list[Any]], Any], ...] = (
+        ("metrics", {}, nan),
+        ("params", {}, None),
+        ("tags", {}, None),
+    )
+    for i, run in enumerate(runs):
+        info["run_id"].append(run.info.run_id)
+        info["experiment_id"].append(run.info.experiment_id)
+        info["status"].append(run.info.status)
+        info["artifact_uri"].append(run.info.artifact_uri)
+        info["start_time"].append(pd.to_datetime(run.info.start_time, unit="ms", utc=True))
+        info["end_time"].append(pd.to_datetime(run.info.end_time, unit="ms", utc=True))
+        for name, columns, null in groups:
+            values = getattr(run.data, name)
+            for key, column in columns.items():
+                column.append(values.get(key, null))
+            for key, value in values.items():
+                if key not in columns:
+                    columns[key] = [null] * i + [value]
+    data: dict[str, list[Any]] = dict(info)
+    for name, columns, _ in groups:
+        data.update({f"{name}.{key}": column for key, column in columns.items()})
+    return pd.DataFrame(data)

@@ -15,11 +15,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from .._entities import Experiment, FileInfo, Metric, PagedList, Param, Run, RunTag, ViewType
-from .._exceptions import InvalidInputError
+from .._exceptions import InvalidInputError, TrackingError
+from .._limits import MAX_PARAM_VALUE_LENGTH, MAX_TAG_VALUE_LENGTH
 from .._runs.mlflow_runs import MlflowRuns
-from .._settings import job_ranks, tracking_destination
-from .._validation import check_status
+from .._settings import PROCESS_URIS, env, job_ranks, tracking_destination, truncate_long_values
+from .._validation import check_status, mlflow_truncated
 from . import artifact_calls
+from .mlflow_errors import mlflow_face, reraise
+from .run_operations import RunOperations, refused_async
 from .session import Session, shared_session
 
 #: MLflow's default page size for ``search_runs``.
@@ -32,18 +35,28 @@ def check_run_id(run_id: object) -> str:
     return run_id
 
 
+@mlflow_face(hot=("log_metric",))
 class MlflowClient:
-    """Client of an MLflow (or OICM) tracking server with ``mlflow.MlflowClient``'s API.
+    """Client of an MLflow (or OICM) tracking server with ``mlflow.MlflowClient``'s API; its errors
+    are ``MlflowException`` instances too (``mlflow_errors``).
 
     Args:
         tracking_uri: an http(s) server URL, or a local directory to log offline to (uploaded later
-            with ``tracklane sync``). Defaults to ``$MLFLOW_TRACKING_URI``, then
-            ``$OIP_TRACKING_SERVER``, then the journal in the working directory.
+            with ``tracklane sync``). Defaults, as MLflow's, to the URI ``tracklane.mlflow.set_tracking_uri``
+            set, then ``$MLFLOW_TRACKING_URI``, then ``$OIP_TRACKING_SERVER``, then the journal in
+            the working directory.
+        registry_uri: kept for ``get_registry_uri`` (tracklane has no model registry of its own).
     """
 
     def __init__(self, tracking_uri: str | None = None, registry_uri: str | None = None) -> None:
-        self._destination = tracking_destination(tracking_uri)
-        self._session: Session = shared_session(self._destination.server, self._destination.storage)
+        try:
+            self._destination = tracking_destination(tracking_uri)
+        except TrackingError as exc:
+            reraise(exc)
+        self._registry_uri = registry_uri or PROCESS_URIS.registry or env("MLFLOW_REGISTRY_URI")
+        self._session: Session = shared_session(
+            self._destination.server, self._destination.storage, self._destination.database
+        )
         engine = self._session.engine
         self._runs = MlflowRuns(engine, self._session.store, engine.config, job_ranks())
         self._buffer = engine.buffer
@@ -58,11 +71,29 @@ class MlflowClient:
     def _call(self, coro: Any) -> Any:
         return self._session.call(coro)
 
-    def _wait_if(self, synchronous: bool | None, run_id: str) -> None:
+    @property
+    def _registry_uri_now(self) -> str:
+        return self._registry_uri or self._destination.uri
+
+    def get_registry_uri(self) -> str:
+        """The registry URI given, else the fluent module's, else the tracking URI (MLflow's rule)."""
+        return self._registry_uri_now
+
+    def _wait_if(self, synchronous: bool | None, run_id: str) -> RunOperations | None:
         """``synchronous=True``: wait until the server has the call's events (and raise the run's
-        refused ones)."""
+        refused ones); ``False``: MLflow's ``RunOperations`` to wait on later."""
+        if synchronous is None:
+            return None
         if synchronous:
             self._call(self._session.engine.flush(None, run_id))
+            return None
+        return RunOperations(self._session, run_id)
+
+    def _refused(self, synchronous: bool | None, run_id: str, exc: InvalidInputError) -> RunOperations:
+        """MLflow refuses ``synchronous=False`` calls on its queue, logging an error, never raising."""
+        if synchronous is not False:
+            raise exc
+        return refused_async(self._session, run_id, exc)
 
     # -- experiments -----------------------------------------------------------------------------
 
@@ -186,25 +217,52 @@ class MlflowClient:
         timestamp: int | None = None,
         step: int | None = None,
         synchronous: bool | None = None,
-    ) -> None:
-        """Log one point (timestamp in ms, default now; step default 0)."""
-        if type(run_id) is not str or not run_id:  # inline: this is the hot path
-            check_run_id(run_id)
-        self._buffer.log_metric(run_id, key, value, step, timestamp)
-        if synchronous:
-            self._wait_if(synchronous, run_id)
+        dataset_name: str | None = None,
+        dataset_digest: str | None = None,
+        model_id: str | None = None,
+    ) -> RunOperations | None:
+        """Log one point (timestamp in ms, default now; step default 0); ``synchronous=False``
+        returns ``RunOperations``. ``model_id``/``dataset_*``: MLflow 3's LoggedModel metric fields."""
+        # The hot path: the ``try`` costs nothing until an error (then raised as MlflowException).
+        try:
+            if type(run_id) is not str or not run_id:
+                check_run_id(run_id)
+            if model_id is None and dataset_name is None and dataset_digest is None:
+                self._buffer.log_metric(run_id, key, value, step, timestamp)
+            else:
+                link = (model_id, dataset_name, dataset_digest)
+                self._buffer.log_model_metric(run_id, key, value, step, timestamp, link)
+            if synchronous is not None:
+                return self._wait_if(synchronous, run_id)
+            return None
+        except TrackingError as exc:
+            if synchronous is False and isinstance(exc, InvalidInputError) and isinstance(run_id, str):
+                return refused_async(self._session, run_id, exc)
+            reraise(exc)
 
     def log_param(self, run_id: str, key: str, value: Any, synchronous: bool | None = None) -> Any:
-        """Log a param (stored as ``str(value)``); returns ``value`` as MLflow does."""
+        """Log a param (stored as ``str(value)``, cut to 6,000 characters as MLflow cuts it);
+        returns ``value`` as MLflow does (``RunOperations`` when ``synchronous=False``)."""
         run_id = check_run_id(run_id)
-        self._buffer.log_params(run_id, {key: value}, self._runs.params_of(run_id))
-        self._wait_if(synchronous, run_id)
-        return value
+        params = mlflow_truncated({key: value}, MAX_PARAM_VALUE_LENGTH, "Param value", truncate_long_values())
+        try:
+            self._buffer.log_params(run_id, params, self._runs.params_of(run_id))
+        except InvalidInputError as exc:
+            return self._refused(synchronous, run_id, exc)
+        ops = self._wait_if(synchronous, run_id)
+        return ops if synchronous is False else value
 
-    def set_tag(self, run_id: str, key: str, value: Any, synchronous: bool | None = None) -> None:
-        """Set a run tag; the last value set wins."""
-        self._buffer.set_tags(check_run_id(run_id), {key: value})
-        self._wait_if(synchronous, run_id)
+    def set_tag(
+        self, run_id: str, key: str, value: Any, synchronous: bool | None = None
+    ) -> RunOperations | None:
+        """Set a run tag (cut to 8,000 characters as MLflow cuts it); the last value set wins."""
+        run_id = check_run_id(run_id)
+        tags = mlflow_truncated({key: value}, MAX_TAG_VALUE_LENGTH, "Tag value", truncate_long_values())
+        try:
+            self._buffer.set_tags(run_id, tags)
+        except InvalidInputError as exc:
+            return self._refused(synchronous, run_id, exc)
+        return self._wait_if(synchronous, run_id)
 
     def delete_tag(self, run_id: str, key: str) -> None:
         """Delete a run tag (after delivering what was logged before)."""
@@ -217,11 +275,16 @@ class MlflowClient:
         params: Sequence[Param | tuple[Any, ...]] = (),
         tags: Sequence[RunTag | tuple[Any, ...]] = (),
         synchronous: bool | None = None,
-    ) -> None:
+    ) -> RunOperations | None:
         """Log ``Metric``/``Param``/``RunTag`` entities (or ``(key, value, timestamp, step)`` and
-        ``(key, value)`` tuples). Bad entries raise InvalidInputError after the good ones are logged."""
-        log_batch(self._buffer, self._runs, check_run_id(run_id), metrics, params, tags)
-        self._wait_if(synchronous, run_id)
+        ``(key, value)`` tuples). Bad entries raise InvalidInputError after the good ones are logged
+        (with ``synchronous=False``: logged at ERROR, as MLflow's queue does, and raised by ``wait()``)."""
+        run_id = check_run_id(run_id)
+        try:
+            log_batch(self._buffer, self._runs, run_id, metrics, params, tags)
+        except InvalidInputError as exc:
+            return self._refused(synchronous, run_id, exc)
+        return self._wait_if(synchronous, run_id)
 
     # -- artifacts: snapshot now, upload in the background ------------------------------------------
 
@@ -312,21 +375,30 @@ def log_batch(
         try:
             if isinstance(m, Metric) or hasattr(m, "timestamp"):
                 key, value, timestamp, step = m.key, m.value, m.timestamp, m.step  # type: ignore[union-attr]
+                link = tuple(getattr(m, f, None) for f in ("model_id", "dataset_name", "dataset_digest"))
             else:
                 key, value, timestamp, step = (*m, None, None)[:4]
-            buffer.log_metric(run_id, key, value, step, timestamp)
+                link = (None, None, None)
+            if link == (None, None, None):
+                buffer.log_metric(run_id, key, value, step, timestamp)
+            else:
+                buffer.log_model_metric(run_id, key, value, step, timestamp, link)
         except InvalidInputError as exc:
             problem = problem or exc
+    truncate = truncate_long_values()
     pairs = [_pair(p) for p in params]
     if pairs:
         try:
-            buffer.log_params(run_id, dict(pairs), runs.params_of(run_id))
+            values = mlflow_truncated(dict(pairs), MAX_PARAM_VALUE_LENGTH, "Param value", truncate)
+            buffer.log_params(run_id, values, runs.params_of(run_id))
         except InvalidInputError as exc:
             problem = problem or exc
     tag_pairs = [_pair(t) for t in tags]
     if tag_pairs:
         try:
-            buffer.set_tags(run_id, dict(tag_pairs))
+            buffer.set_tags(
+                run_id, mlflow_truncated(dict(tag_pairs), MAX_TAG_VALUE_LENGTH, "Tag value", truncate)
+            )
         except InvalidInputError as exc:
             problem = problem or exc
     if problem is not None:

@@ -24,11 +24,12 @@ from .._delivery.engine import Engine
 from .._delivery.spool import Spool
 from .._runtime.process import RunModel, SyncRuntime
 from .._settings import EngineConfig, ServerConfig
+from .._stores.mlflow_sql import MlflowSqlBackend
 from .._stores.offline import JournalBackend, offline_backend
 from .._stores.rest import RestBackend
 
 T = TypeVar("T")
-Store = RestBackend | JournalBackend
+Store = RestBackend | JournalBackend | MlflowSqlBackend
 
 
 def build_engine(
@@ -43,8 +44,10 @@ def build_engine(
     return Engine(rest, config, spool=Spool(storage, rest)), rest
 
 
-def destination_key(server: ServerConfig | None, storage: str | None) -> str:
-    """Offline, the journal's directory names the destination; else the server."""
+def destination_key(server: ServerConfig | None, storage: str | None, database: str | None = None) -> str:
+    """Offline, the journal's directory names the destination; else the server (or the database)."""
+    if database is not None:
+        return f"database:{database}"
     if server is None:
         return f"journal:{Path(storage or '.').resolve()}"
     return f"server:{server.api_host}"
@@ -126,17 +129,24 @@ def joinable(key: str, config: EngineConfig, server: ServerConfig | None) -> Ses
         return session
 
 
-def shared_session(server: ServerConfig | None, storage: str | None) -> Session:
-    """The session for this destination (a server, or offline the journal under ``storage``), made
-    with default settings if there is none yet."""
-    key = destination_key(server, storage)
+def shared_session(server: ServerConfig | None, storage: str | None, database: str | None = None) -> Session:
+    """The session for this destination (a server, MLflow's database store, or offline the journal
+    under ``storage``), made with default settings if there is none yet."""
+    key = destination_key(server, storage, database)
     with _lock:
         session = _shared.get(key)
         if session is not None and not session.runtime.closed:
             session.holders += 1
             return session
-        journal = offline_backend(True, None, storage) if server is None else None
-        engine, store = build_engine(server, journal, EngineConfig(journal_dir=storage), storage)
+        store: Store
+        if database is not None:
+            # The journal in front of the database as in front of a server: artifacts are snapshot
+            # there, and events wait there while the database is away (a PostgreSQL restart).
+            sql = MlflowSqlBackend(database)
+            engine, store = Engine(sql, EngineConfig(journal_dir=storage), spool=Spool(storage, sql)), sql
+        else:
+            journal = offline_backend(True, None, storage) if server is None else None
+            engine, store = build_engine(server, journal, EngineConfig(journal_dir=storage), storage)
         session = Session(key, engine, store)
         session.from_mlflow_face = True
         _shared[key] = session

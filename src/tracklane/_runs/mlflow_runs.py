@@ -30,6 +30,7 @@ from .._settings import (
     launcher_run_id,
     system_metrics_node_id,
 )
+from .._stores.mlflow_sql import MlflowSqlBackend
 from .._stores.offline import JournalBackend
 from .._stores.rest import RestBackend
 from .._validation import check_status
@@ -38,8 +39,10 @@ from .lifecycle import finish_run, print_run_links, tag_dict
 from .sysmetrics import sampler_interval, start_sampler, stop_sampler
 
 logger = logging.getLogger("tracklane")
+#: The lines MLflow's fluent API prints through its logging (``tracklane.mlflow`` prints them too).
+mlflow_logger = logging.getLogger("tracklane.mlflow")
 
-Store = RestBackend | JournalBackend
+Store = RestBackend | JournalBackend | MlflowSqlBackend
 DEFAULT_EXPERIMENT_ID = "0"
 
 
@@ -119,6 +122,9 @@ class MlflowRuns:
             assert name is not None
             found = await self.store.get_experiment_by_name(name)
             if found is None:
+                mlflow_logger.info(
+                    "Experiment with name '%s' does not exist. Creating a new experiment.", name
+                )
                 experiment = await self.store.get_experiment(await self._create_experiment(name, {}))
             else:
                 experiment = found

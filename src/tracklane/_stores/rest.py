@@ -8,8 +8,10 @@ on the engine's event loop; one aiohttp session is opened lazily and reused.
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import os
+import ssl
 import time
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
@@ -36,6 +38,7 @@ from .._delivery.outcome import (
 )
 from .._entities import Experiment, FileInfo, Metric, Run
 from .._exceptions import (
+    CertificateError,
     ConfigurationError,
     NotFoundError,
     ServerError,
@@ -85,6 +88,50 @@ def proxied_path(artifact_uri: str, api_host: str) -> str:
     )
 
 
+def tls_context(config: ServerConfig) -> ssl.SSLContext | bool:
+    """aiohttp's ``ssl=`` for this server: True (the system's trust store), False (no check), or a
+    context with the CA file and client certificate MLflow's variables name."""
+    verify = config.verify_ssl and config.tls_verify is not False
+    if verify and config.tls_verify is True and config.client_cert is None:
+        return True
+    if not verify and config.client_cert is None:
+        return False
+    try:
+        ctx = ssl.create_default_context(
+            cafile=config.tls_verify if isinstance(config.tls_verify, str) else None
+        )
+        if not verify:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        if config.client_cert is not None:
+            ctx.load_cert_chain(config.client_cert)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigurationError(
+            f"TLS settings for {config.api_host} cannot be used ({exc}): MLFLOW_TRACKING_SERVER_CERT_PATH "
+            "must name a PEM file of CA certificates, MLFLOW_TRACKING_CLIENT_CERT_PATH a PEM file holding "
+            "the client's certificate and its key."
+        ) from None
+    return ctx
+
+
+def certificate_error(exc: BaseException, api_host: str) -> CertificateError:
+    """A TLS failure is not an outage: say what it is, and the setting that fixes it, at once."""
+    if isinstance(exc, _aiohttp().ClientConnectorCertificateError):
+        what = f"the server's TLS certificate could not be verified ({exc.certificate_error})"
+        fix = (
+            "If the server uses a self-signed or private-CA certificate, set "
+            "MLFLOW_TRACKING_SERVER_CERT_PATH to its CA file (PEM), or MLFLOW_TRACKING_INSECURE_TLS=true "
+            "on a network you trust"
+        )
+    else:
+        what = f"the TLS handshake failed ({exc})"
+        fix = (
+            "If the server asks for a client certificate, set MLFLOW_TRACKING_CLIENT_CERT_PATH to a PEM "
+            "file with the certificate and its key; check MLFLOW_TRACKING_SERVER_CERT_PATH too"
+        )
+    return CertificateError(f"{api_host}: {what}. {fix}.")
+
+
 def _aiohttp() -> Any:
     """aiohttp, imported on first use: it is most of what ``import tracklane`` would cost, and
     the first request is made on the worker's loop, not on the caller's thread."""
@@ -119,7 +166,10 @@ class RestBackend:
 
     def _headers(self) -> dict[str, str]:
         headers = {"Content-Type": "application/json"}
-        if self.config.api_key is not None:
+        if self.config.username is not None and self.config.password is not None:
+            pair = f"{self.config.username}:{self.config.password.reveal()}".encode()
+            headers["Authorization"] = f"Basic {base64.b64encode(pair).decode('ascii')}"
+        elif self.config.api_key is not None:
             headers["Authorization"] = f"Bearer {self.config.api_key.reveal()}"
         if self.config.workload_id:
             headers["OIP-Workload-Id"] = self.config.workload_id
@@ -130,7 +180,7 @@ class RestBackend:
             aiohttp = _aiohttp()
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=self.config.request_timeout),
-                connector=aiohttp.TCPConnector(limit=8, ssl=self.config.verify_ssl),
+                connector=aiohttp.TCPConnector(limit=8, ssl=tls_context(self.config)),
             )
         return self._session
 
@@ -201,7 +251,7 @@ class RestBackend:
                         headers=self._headers()
                         if upload is None
                         else {**self._headers(), "Content-Length": str(upload.stat().st_size)},
-                        timeout=self._streaming_timeout() if streaming else None,
+                        timeout=self._streaming_timeout() if streaming else self._session_now().timeout,
                     ) as resp:
                         if download is not None and carries_file(resp.status):
                             await _stream_to(resp, download)
@@ -225,6 +275,8 @@ class RestBackend:
                         status=status,
                         error_code=reply.error_code,
                     )
+            except _aiohttp().ClientSSLError as exc:
+                raise certificate_error(exc, self.config.api_host) from None
             except _connection_errors() as exc:
                 problem = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 faults = 0
@@ -232,7 +284,8 @@ class RestBackend:
                 wait = backoff(attempt)
             attempt += 1
             remaining = deadline - time.monotonic()
-            if wait > remaining:
+            retries_left = self.config.max_retries is None or attempt <= self.config.max_retries
+            if wait > remaining or not retries_left:
                 raise ServerUnavailableError(
                     f"{self.config.api_host} did not answer {endpoint} within the retry window "
                     f"({attempt} attempt(s), last: {problem}). Check that the server is up and "
