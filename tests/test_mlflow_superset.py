@@ -264,8 +264,14 @@ exception = mlflow.MlflowException  # an attribute of MLflow's: now MLflow is im
 import mlflow as real
 report["forwarded"] = all(
     getattr(mlflow, name) is getattr(real, name)
-    for name in ("MlflowException", "exceptions", "Image", "models", "data", "log_input", "evaluate",
+    for name in ("MlflowException", "Image", "models", "data", "log_input", "evaluate",
                  "register_model", "autolog", "sklearn", "pytorch", "transformers")
+)
+# ``exceptions`` is tracklane's own module (it must exist without MLflow too); with MLflow installed
+# every name in it is MLflow's.
+report["forwarded"] = report["forwarded"] and all(
+    getattr(mlflow.exceptions, name) is getattr(real.exceptions, name)
+    for name in ("MlflowException", "RestException", "MlflowTracingException")
 )
 print(json.dumps(report), flush=True)
 """
