@@ -24,7 +24,7 @@ import pytest
 
 from tracklane import DeliveryError, InvalidInputError, MlflowClient, TrackingClient
 from tracklane._artifacts import kinds
-from tracklane._cli.bench import QUIET_MLFLOW, stop_process, wait_for_http
+from tracklane._cli.mlflow_server import QUIET_MLFLOW, stop_process, wait_for_http
 
 from servers import MlflowServer, OicmGateway, Reader, free_port, tracklane_cli
 
