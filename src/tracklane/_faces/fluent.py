@@ -24,7 +24,7 @@ from .._settings import Destination, job_ranks, tracking_destination
 from .._validation import check_status
 from . import artifact_calls
 from .mlflow_client import SEARCH_MAX_RESULTS_DEFAULT, check_run_id
-from .session import Session, destination_key, shared_session
+from .session import Session, destination_key, on_reset, shared_session
 
 #: MLflow's fluent ``search_runs`` returns up to this many runs by default, paging as needed.
 FLUENT_SEARCH_MAX_RESULTS = 100_000
@@ -34,6 +34,11 @@ class Fluent:
     """The fluent API's process-wide state: tracking URI, session, run model."""
 
     def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._forget()
+        on_reset(self.reset)
+
+    def _forget(self) -> None:
         self._uri: str | None = None
         self._destination: Destination | None = None
         self._session: Session | None = None
@@ -42,7 +47,11 @@ class Fluent:
         #: For the hot path: the run model's per-thread stacks, and the engine's buffer.
         self._stacks: threading.local | None = None
         self._buffer: Buffer | None = None
-        self._lock = threading.RLock()
+
+    def reset(self) -> None:
+        """Back to the state of a fresh import: no tracking URI, session or run (``session.reset``)."""
+        with self._lock:
+            self._forget()
 
     # -- where to log ----------------------------------------------------------------------------
 
