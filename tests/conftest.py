@@ -31,6 +31,35 @@ SERVER_FIXTURES = frozenset(
 POSTGRES_FIXTURES = frozenset({"postgres", "pg_mlflow_server"})
 
 
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """Under ``-m unit`` (or any selection that needs the mark), skip importing the test modules
+    that never say ``mark.unit``: the ``unit`` mark is only ever explicit, and importing the
+    framework tests' modules alone costs seconds."""
+    if collection_path.suffix != ".py" or not collection_path.name.startswith("test_"):
+        return None
+    if not _selection_needs_unit(config.getoption("markexpr", "")):
+        return None
+    return b"mark.unit" not in collection_path.read_bytes() or None
+
+
+def _selection_needs_unit(markexpr: str) -> bool:
+    """Whether ``-m markexpr`` selects no test that lacks the ``unit`` mark, whatever else it has."""
+    if not markexpr:
+        return False
+    try:
+        from _pytest.mark.expression import Expression  # pytest's own parser of -m
+
+        expression = Expression.compile(markexpr)
+    except Exception:  # another pytest's internals, or a bad expression pytest reports itself
+        return False
+    others = [tier for tier in TIERS if tier != "unit"]
+    for bits in itertools.product((False, True), repeat=len(others)):
+        present = {name for name, on in zip(others, bits, strict=True) if on}
+        if expression.evaluate(lambda name, present=present: name in present):
+            return False
+    return True
+
+
 @pytest.hookimpl(tryfirst=True)  # before `-m` selects by the markers added here
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     untiered, contradicted = [], []

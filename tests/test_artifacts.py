@@ -396,6 +396,7 @@ def unproxied_server(tmp_path: Path) -> Iterator[str]:
         stop_process(proc)
 
 
+@pytest.mark.server
 def test_a_server_that_does_not_proxy_artifacts_fails_end_run_saying_how_to_start_it(
     unproxied_server: str, experiment_name: str, tmp_path: Path
 ) -> None:

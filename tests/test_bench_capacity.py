@@ -34,6 +34,7 @@ def row(table: str, n: int) -> list[str]:
     return [cell.strip() for cell in found.group(1).split("|")]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_bench_capacity_plan_reports_each_process_count_and_the_server_holds_every_point(
     mlflow_server: MlflowServer, tmp_path: Path, experiment_name: str
@@ -80,6 +81,7 @@ def test_bench_capacity_plan_reports_each_process_count_and_the_server_holds_eve
         assert reader.run(tracklane_run)["info"]["status"] == "FINISHED"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_bench_capacity_plan_on_oicm_sends_the_key_from_the_environment_and_never_shows_it(
     oicm_gateway: OicmGateway, tmp_path: Path, experiment_name: str
@@ -96,6 +98,7 @@ def test_bench_capacity_plan_on_oicm_sends_the_key_from_the_environment_and_neve
     assert oicm_gateway.token not in done.stdout + done.stderr
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("option", "value", "message"),
     [
@@ -116,6 +119,7 @@ def test_bench_refuses_a_count_that_makes_no_sense(
     assert message in done.stderr, done.stderr
 
 
+@pytest.mark.unit
 def test_bench_on_postgres_refuses_a_given_server_as_well(tmp_path: Path) -> None:
     # The PostgreSQL launcher is the tests' own: a source checkout's script starts it, then the bench.
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "capacity_postgres.py"

@@ -11,7 +11,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from servers import MlflowServer
+
+pytestmark = pytest.mark.slow
 
 FIGURES = (
     "1_caller_cost",

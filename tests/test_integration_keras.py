@@ -17,6 +17,8 @@ from tracklane.integrations import keras as keras_integration  # the class itsel
 
 from servers import Reader
 
+pytestmark = pytest.mark.frameworks
+
 EPOCHS, BATCH_SIZE, SAMPLES = 3, 16, 64  # 4 batches an epoch, 12 optimizer steps in all
 
 
