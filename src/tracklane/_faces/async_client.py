@@ -29,8 +29,8 @@ from .._end_status import end_status, exit_status_of_process
 from .._entities import ActiveRun, Experiment, FileInfo, Metric, Run
 from .._exceptions import ConfigurationError
 from .._faces.base import ClientBase
-from .._runs.lifecycle import OicmRuns, tag_dict
-from .._validation import check_status
+from .._runs.lifecycle import OicmRuns
+from .._validation import check_status, tag_dict
 from . import artifact_calls
 
 
