@@ -12,8 +12,8 @@ import importlib.util
 import os
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
 
 from .._delivery.buffer import Buffer
 from .._entities import ActiveRun, Experiment, PagedList, Run, ViewType
@@ -25,6 +25,8 @@ from .._validation import check_status
 from . import artifact_calls
 from .mlflow_client import SEARCH_MAX_RESULTS_DEFAULT, check_run_id
 from .session import Session, destination_key, on_reset, shared_session
+
+T = TypeVar("T")
 
 #: MLflow's fluent ``search_runs`` returns up to this many runs by default, paging as needed.
 FLUENT_SEARCH_MAX_RESULTS = 100_000
@@ -95,7 +97,8 @@ class Fluent:
             self._stacks, self._buffer = runs.thread_stacks, session.engine.buffer
             return runs
 
-    def _call(self, coro: Any) -> Any:
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the session's loop (made on first use) and wait for its result."""
         self._model()
         assert self._session is not None
         return self._session.call(coro)
@@ -106,7 +109,7 @@ class Fluent:
         self, experiment_name: str | None = None, experiment_id: str | None = None
     ) -> Experiment:
         runs = self._model()
-        return self._call(runs.set_experiment(experiment_name, experiment_id))  # type: ignore[no-any-return]
+        return self._call(runs.set_experiment(experiment_name, experiment_id))
 
     def create_experiment(
         self,
@@ -119,11 +122,11 @@ class Fluent:
 
     def get_experiment(self, experiment_id: str) -> Experiment:
         runs = self._model()
-        return self._call(runs.store.get_experiment(str(experiment_id)))  # type: ignore[no-any-return]
+        return self._call(runs.store.get_experiment(str(experiment_id)))
 
     def get_experiment_by_name(self, name: str) -> Experiment | None:
         runs = self._model()
-        return self._call(runs.store.get_experiment_by_name(name))  # type: ignore[no-any-return]
+        return self._call(runs.store.get_experiment_by_name(name))
 
     def delete_experiment(self, experiment_id: str) -> None:
         runs = self._model()
@@ -223,7 +226,7 @@ class Fluent:
 
     def get_run(self, run_id: str) -> Run:
         runs = self._model()
-        return self._call(runs.get_run(check_run_id(run_id)))  # type: ignore[no-any-return]
+        return self._call(runs.get_run(check_run_id(run_id)))
 
     def get_parent_run(self, run_id: str) -> Run | None:
         parent = self.get_run(run_id).data.tags.get(PARENT_RUN_ID)
