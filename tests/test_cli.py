@@ -96,6 +96,7 @@ def test_argument_types_accept_sensible_numbers() -> None:
     assert positive_int("1000") == 1000
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_long_sync_off_a_terminal_prints_a_few_progress_lines_with_rate_and_eta(
     tmp_path: Path, server_url: str, experiment_name: str, reader: Reader

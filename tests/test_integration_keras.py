@@ -230,6 +230,7 @@ model.fit(x, y, epochs=3, batch_size=16, verbose=0, callbacks=[callback, Boom()]
 """
 
 
+@pytest.mark.slow
 def test_a_fit_that_crashes_leaves_its_run_failed_not_running(
     server_url: str, experiment_name: str, reader: Reader, tmp_path: Path
 ) -> None:
