@@ -20,6 +20,7 @@ imported once).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import itertools
 import json
 import logging
@@ -194,6 +195,11 @@ def steps_child(url: str, counts: dict[str, int]) -> dict[str, Any]:
 def measure(args: argparse.Namespace) -> harness.Figure:
     figure = harness.Figure("10_lightning_logger", "Figure 10: Lightning logger cost per training step")
     harness.banner(figure, args)
+    # Not in the bench extra (torch is large): a wheel installed alone skips this figure, saying why.
+    missing = [name for name in ("torch", "lightning", "mlflow") if importlib.util.find_spec(name) is None]
+    if missing:
+        figure.skip(f"{', '.join(missing)} not installed; `pip install 'tracklane[lightning,bench]'` adds it")
+        return figure
     counts = COUNTS[args.scale]
     figure.params = {
         **counts,
