@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import multiprocessing
 import os
 import signal
@@ -157,6 +159,7 @@ def test_ctrl_c_during_the_exit_flush_exits_at_once_keeping_what_is_left(
     assert [p[1] for p in reader.history(run_id, "stuck")] == list(range(100))
 
 
+@pytest.mark.slow
 def test_eight_threads_logging_fifty_thousand_events_each_lose_and_duplicate_nothing(
     fault_proxy: FaultProxy, experiment_name: str, reader: Reader
 ) -> None:
