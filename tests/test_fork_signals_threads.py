@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
-
 import multiprocessing
 import os
 import signal
@@ -13,6 +11,8 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+
+import pytest
 
 from tracklane import TrackingClient
 
