@@ -34,7 +34,7 @@ def run(*cmd: str | Path, cwd: Path, timeout: float, env: dict[str, str]) -> sub
     return done
 
 
-@pytest.mark.timeout(420)
+@pytest.mark.timeout(900)
 def test_bench_from_an_installed_wheel_outside_the_checkout_writes_every_figure(
     mlflow_server: MlflowServer, tmp_path: Path
 ) -> None:
@@ -86,7 +86,7 @@ def test_bench_from_an_installed_wheel_outside_the_checkout_writes_every_figure(
         "--out",
         out,
         cwd=outside,
-        timeout=240,
+        timeout=400,
         env=env,
     )
 
