@@ -10,9 +10,8 @@ import asyncio
 import statistics
 import time
 
-from _common import mlflow_server, parse_args
-
 from tracklane import AsyncTrackingClient
+from tracklane._bench.harness import mlflow_server, parse_args
 
 EVENTS = {"smoke": 2_000, "quick": 20_000, "full": 100_000}
 

@@ -1,4 +1,11 @@
-"""Fixtures: one real MLflow server per test session, an experiment name per test."""
+"""Fixtures: one real MLflow server per test session, an experiment name per test; and the tiers.
+
+Every test has a tier marker (registered in pyproject.toml): ``unit`` (no server, fast),
+``server``, ``postgres``, ``frameworks``, ``slow``. A test that uses a server fixture is marked
+``server`` here (``postgres`` too for the PostgreSQL ones), so a module need not say it; a test with
+no tier at all, or marked ``unit`` while it uses a server, stops the collection with a message. A
+``unit`` test that starts a server anyway fails at the start.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +22,87 @@ from postgres import PgMlflowServer, PostgresNotFound, PostgresServer
 from servers import FaultProxy, MlflowServer, OicmGateway, Reader
 
 _counter = itertools.count()
+
+TIERS = ("unit", "server", "postgres", "frameworks", "slow")
+#: The fixtures that start (or stand on) a real server, by the tier they put a test in.
+SERVER_FIXTURES = frozenset(
+    {"mlflow_server", "server_url", "reader", "restartable_server", "oicm_gateway", "client", "fault_proxy"}
+)
+POSTGRES_FIXTURES = frozenset({"postgres", "pg_mlflow_server"})
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """Under ``-m unit`` (or any selection that needs the mark), skip importing the test modules
+    that never say ``mark.unit``: the ``unit`` mark is only ever explicit, and importing the
+    framework tests' modules alone costs seconds."""
+    if collection_path.suffix != ".py" or not collection_path.name.startswith("test_"):
+        return None
+    if not _selection_needs_unit(config.getoption("markexpr", "")):
+        return None
+    return b"mark.unit" not in collection_path.read_bytes() or None
+
+
+def _selection_needs_unit(markexpr: str) -> bool:
+    """Whether ``-m markexpr`` selects no test that lacks the ``unit`` mark, whatever else it has."""
+    if not markexpr:
+        return False
+    try:
+        from _pytest.mark.expression import Expression  # pytest's own parser of -m
+
+        expression = Expression.compile(markexpr)
+    except Exception:  # another pytest's internals, or a bad expression pytest reports itself
+        return False
+    others = [tier for tier in TIERS if tier != "unit"]
+    for bits in itertools.product((False, True), repeat=len(others)):
+        present = {name for name, on in zip(others, bits, strict=True) if on}
+        try:
+            if expression.evaluate(lambda name, present=present, **_: name in present):
+                return False
+        except Exception:  # an expression with marker arguments: collect everything, as pytest does
+            return False
+    return True
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects by the markers added here
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    untiered, contradicted = [], []
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        if used & POSTGRES_FIXTURES:
+            item.add_marker(pytest.mark.postgres)
+        if used & (SERVER_FIXTURES | POSTGRES_FIXTURES):
+            item.add_marker(pytest.mark.server)
+        names = {mark.name for mark in item.iter_markers()}
+        if "unit" in names and names & {"server", "postgres"}:
+            contradicted.append(item.nodeid)
+        if not names & set(TIERS):
+            untiered.append(item.nodeid)
+    problems = []
+    if untiered:
+        problems.append(
+            "these tests have no tier: mark the module (pytestmark = pytest.mark.unit, or server, "
+            "postgres, frameworks, slow) or the test:\n  " + "\n  ".join(untiered)
+        )
+    if contradicted:
+        problems.append(
+            "these tests are marked unit but use a server fixture: drop the unit mark:\n  "
+            + "\n  ".join(contradicted)
+        )
+    if problems:
+        raise pytest.UsageError("\n".join(problems))
+
+
+@pytest.fixture(autouse=True)
+def _unit_starts_no_server(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a ``unit`` test, starting an MLflow server or PostgreSQL fails the test, naming the tier."""
+    if request.node.get_closest_marker("unit") is None:
+        return
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"{request.node.nodeid} is marked unit but starts a server: mark it server")
+
+    monkeypatch.setattr(MlflowServer, "start", refuse)
+    monkeypatch.setattr(PostgresServer, "start", refuse)
 
 
 @pytest.fixture(autouse=True)
@@ -64,16 +152,9 @@ def _fresh_mlflow_faces() -> Iterator[None]:
     """Each test starts with no engine left by another test's MlflowClient or tracklane.mlflow
     (they live for the process, as MLflow's do), so a TrackingClient built here never joins one."""
     yield
-    import tracklane.mlflow
     from tracklane._faces import session
 
-    with session._lock:
-        left = [s for s in session._shared.values() if s.from_mlflow_face]
-        for s in left:
-            del session._shared[s.key]
-    for s in left:
-        s.runtime.shutdown(10.0)
-    tracklane.mlflow._fluent.__init__()  # type: ignore[misc]
+    session.reset(timeout=10.0)
 
 
 @pytest.fixture(scope="session")

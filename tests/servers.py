@@ -2,8 +2,9 @@
 
 The Reader imports nothing of tracklane: the tests check what the server stored through MLflow's
 REST API with the standard library, so a bug in tracklane's own REST code cannot hide itself. The
-server itself is started by the launcher ``tracklane bench`` uses (``tracklane._cli.bench``): it can be
-stopped and started again on the same port and database, to simulate an outage.
+server itself is started by the launcher ``tracklane ui`` and ``tracklane bench`` use
+(``tracklane._cli.mlflow_server``): it can be stopped and started again on the same port and
+database, to simulate an outage.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any, NamedTuple
 from aiohttp import ClientSession, web
 from yarl import URL
 
-from tracklane._cli.bench import MlflowServer, free_port
+from tracklane._cli.mlflow_server import MlflowServer, free_port
 
 __all__ = ["FaultProxy", "MlflowServer", "OicmGateway", "Reader", "free_port", "tracklane_cli"]
 

@@ -29,6 +29,8 @@ from PIL import Image
 from tracklane._artifacts import kinds
 from tracklane._exceptions import ConfigurationError, InvalidInputError
 
+pytestmark = pytest.mark.unit
+
 TIMESTAMP = 1_700_000_000_000
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 

@@ -24,7 +24,7 @@ import pytest
 
 from tracklane import DeliveryError, InvalidInputError, MlflowClient, TrackingClient
 from tracklane._artifacts import kinds
-from tracklane._cli.bench import QUIET_MLFLOW, stop_process, wait_for_http
+from tracklane._cli.mlflow_server import QUIET_MLFLOW, stop_process, wait_for_http
 
 from servers import MlflowServer, OicmGateway, Reader, free_port, tracklane_cli
 
@@ -396,6 +396,7 @@ def unproxied_server(tmp_path: Path) -> Iterator[str]:
         stop_process(proc)
 
 
+@pytest.mark.server
 def test_a_server_that_does_not_proxy_artifacts_fails_end_run_saying_how_to_start_it(
     unproxied_server: str, experiment_name: str, tmp_path: Path
 ) -> None:

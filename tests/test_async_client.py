@@ -30,6 +30,7 @@ async def test_the_issue_example_logs_and_finishes_the_run(
     assert reader.params(run.info.run_id) == {"model": "v3"}
 
 
+@pytest.mark.slow
 async def test_a_thousand_concurrent_tasks_deliver_every_event_exactly_once(
     server_url: str, experiment_name: str, reader: Reader
 ) -> None:
@@ -91,6 +92,7 @@ async def test_cancelling_end_run_still_ends_the_run_with_every_event(
     assert reader.run(run.info.run_id)["info"]["status"] == "FINISHED"
 
 
+@pytest.mark.slow
 async def test_the_loop_keeps_serving_while_a_hundred_thousand_events_drain(
     server_url: str, experiment_name: str, reader: Reader
 ) -> None:

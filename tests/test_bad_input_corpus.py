@@ -138,6 +138,7 @@ STORED = [
 ]
 
 
+@pytest.mark.unit
 def test_corpus_has_at_least_fifty_cases() -> None:
     assert len(REFUSED) + len(STORED) >= 50
 

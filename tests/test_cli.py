@@ -23,6 +23,7 @@ MARKUP = re.compile(r"``|:class:|:func:|:meth:|\*\*|`[^`\s]+`_")
 PROGRESS_LINE = re.compile(r"^[\d,]+/[\d,]+ events \(\d+%\), [\d,]+ events/s, ETA \d+[smh]", re.M)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("argv", [(), ("--help",), ("-h",)], ids=["alone", "--help", "-h"])
 def test_tracklane_alone_or_with_help_prints_plain_help_and_exits_0(argv: tuple[str, ...]) -> None:
     result = tracklane_cli(*argv, timeout=60)
@@ -36,6 +37,7 @@ def test_tracklane_alone_or_with_help_prints_plain_help_and_exits_0(argv: tuple[
     assert "tracklane COMMAND --help" in result.stdout
 
 
+@pytest.mark.unit
 def test_sync_help_is_plain_text_with_the_exit_statuses() -> None:
     result = tracklane_cli("sync", "--help", timeout=60)
 
@@ -44,6 +46,7 @@ def test_sync_help_is_plain_text_with_the_exit_statuses() -> None:
     assert "--to URL" in result.stdout and "exit status" in result.stdout
 
 
+@pytest.mark.unit
 def test_version_prints_the_name_and_the_package_version() -> None:
     result = tracklane_cli("--version", timeout=60)
 
@@ -51,6 +54,7 @@ def test_version_prints_the_name_and_the_package_version() -> None:
     assert result.stdout.strip() == f"tracklane {tracklane.__version__}"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("value", ["nan", "inf", "-5", "0", "soon"])
 def test_sync_refuses_a_retry_window_that_is_not_a_positive_number(value: str, tmp_path: Path) -> None:
     result = tracklane_cli("sync", str(tmp_path), "--to", "http://127.0.0.1:9", "--retry-window", value)
@@ -61,6 +65,7 @@ def test_sync_refuses_a_retry_window_that_is_not_a_positive_number(value: str, t
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("parse", "text", "rule"),
     [
@@ -84,12 +89,14 @@ def test_argument_types_name_the_value_and_the_rule(parse: object, text: str, ru
     assert repr(text) in str(refused.value) and rule in str(refused.value)
 
 
+@pytest.mark.unit
 def test_argument_types_accept_sensible_numbers() -> None:
     assert positive_float("2.5") == 2.5
     assert non_negative_float("0") == 0.0
     assert positive_int("1000") == 1000
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_long_sync_off_a_terminal_prints_a_few_progress_lines_with_rate_and_eta(
     tmp_path: Path, server_url: str, experiment_name: str, reader: Reader
@@ -124,6 +131,7 @@ class _Clock:
         return self.now
 
 
+@pytest.mark.unit
 def test_progress_off_a_terminal_prints_at_most_one_line_every_few_seconds() -> None:
     out, clock = io.StringIO(), _Clock()
     progress = Progress(100_000, out, tty=False, clock=clock)
@@ -138,6 +146,7 @@ def test_progress_off_a_terminal_prints_at_most_one_line_every_few_seconds() -> 
     assert re.fullmatch(r"10,[01]00/100,000 events \(10%\), 10,000 events/s, ETA 9s", lines[0]), lines
 
 
+@pytest.mark.unit
 def test_progress_on_a_terminal_redraws_one_bar_in_place() -> None:
     class Terminal(io.StringIO):
         def isatty(self) -> bool:
@@ -160,6 +169,7 @@ def test_progress_on_a_terminal_redraws_one_bar_in_place() -> None:
     assert text.endswith("1,000/1,000 events (100%), 100 events/s\033[K\n")
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("seconds", "text"), [(0.4, "0s"), (8, "8s"), (207, "3m27s"), (3720, "1h02m"), (-1, "0s")]
 )

@@ -129,6 +129,8 @@ def _server_run(reader: Reader, experiment: str, run_name: str) -> str:
     return str(runs[0]["info"]["run_id"])
 
 
+@pytest.mark.slow
+@pytest.mark.server
 def test_ui_shows_offline_runs_in_mlflow_and_ctrl_c_stops_its_server(
     tmp_path: Path, experiment_name: str
 ) -> None:
@@ -152,6 +154,8 @@ def test_ui_shows_offline_runs_in_mlflow_and_ctrl_c_stops_its_server(
         ui.kill()
 
 
+@pytest.mark.slow
+@pytest.mark.server
 def test_ui_run_again_syncs_only_what_was_logged_since_and_sigterm_stops_it(
     tmp_path: Path, experiment_name: str
 ) -> None:
@@ -182,6 +186,7 @@ def test_ui_run_again_syncs_only_what_was_logged_since_and_sigterm_stops_it(
         again.kill()
 
 
+@pytest.mark.unit
 def test_ui_without_mlflow_says_pip_install_mlflow_and_exits_2(tmp_path: Path) -> None:
     # As if MLflow were not installed: the import system is told the module does not exist.
     code = (
@@ -197,6 +202,7 @@ def test_ui_without_mlflow_says_pip_install_mlflow_and_exits_2(tmp_path: Path) -
     assert not (tmp_path / "mlflow-ui").exists()
 
 
+@pytest.mark.unit
 def test_ui_on_a_taken_port_says_so_and_suggests_another(tmp_path: Path, experiment_name: str) -> None:
     _log_offline(tmp_path, experiment_name, "offline", [1.0])
     with socket.socket() as taken:
@@ -211,6 +217,7 @@ def test_ui_on_a_taken_port_says_so_and_suggests_another(tmp_path: Path, experim
     assert "--port" in result.stderr
 
 
+@pytest.mark.unit
 def test_ui_without_a_journal_names_the_path_and_starts_nothing(tmp_path: Path) -> None:
     result = tracklane_cli("ui", str(tmp_path / "nowhere"), "--port", str(free_port()), timeout=60)
 
@@ -219,6 +226,7 @@ def test_ui_without_a_journal_names_the_path_and_starts_nothing(tmp_path: Path) 
     assert "starting" not in result.stdout
 
 
+@pytest.mark.unit
 def test_ui_is_listed_in_tracklane_help() -> None:
     result = tracklane_cli("--help", timeout=60)
 

@@ -14,6 +14,7 @@ from servers import Reader, free_port
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
+@pytest.mark.unit
 def test_quickstart_runs_offline_on_the_embedded_default(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OIP_")}
     proc = subprocess.run(

@@ -12,6 +12,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from tracklane import TrackingClient
 
 from servers import FaultProxy, Reader, tracklane_cli
@@ -157,6 +159,7 @@ def test_ctrl_c_during_the_exit_flush_exits_at_once_keeping_what_is_left(
     assert [p[1] for p in reader.history(run_id, "stuck")] == list(range(100))
 
 
+@pytest.mark.slow
 def test_eight_threads_logging_fifty_thousand_events_each_lose_and_duplicate_nothing(
     fault_proxy: FaultProxy, experiment_name: str, reader: Reader
 ) -> None:

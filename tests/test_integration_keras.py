@@ -17,6 +17,8 @@ from tracklane.integrations import keras as keras_integration  # the class itsel
 
 from servers import Reader
 
+pytestmark = pytest.mark.frameworks
+
 EPOCHS, BATCH_SIZE, SAMPLES = 3, 16, 64  # 4 batches an epoch, 12 optimizer steps in all
 
 
@@ -228,6 +230,7 @@ model.fit(x, y, epochs=3, batch_size=16, verbose=0, callbacks=[callback, Boom()]
 """
 
 
+@pytest.mark.slow
 def test_a_fit_that_crashes_leaves_its_run_failed_not_running(
     server_url: str, experiment_name: str, reader: Reader, tmp_path: Path
 ) -> None:

@@ -17,6 +17,8 @@ from tracklane.integrations.lightning import TracklaneLogger
 
 from servers import Reader
 
+pytestmark = pytest.mark.frameworks
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 EPOCHS = 3
 BATCHES = 4  # per epoch: 32 samples in batches of 8

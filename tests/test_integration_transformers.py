@@ -29,6 +29,8 @@ from tracklane.integrations.transformers import TracklaneCallback
 
 from servers import Reader
 
+pytestmark = pytest.mark.frameworks
+
 #: MLflowCallback's own variables; the callback reads them through tracklane's settings.
 CALLBACK_ENV = (
     "MLFLOW_TAGS",

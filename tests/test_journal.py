@@ -65,6 +65,7 @@ def test_two_processes_logging_offline_into_one_journal_lose_nothing(
         assert len(reader.history(runs[f"rank-{rank}"], "loss")) == 30_000
 
 
+@pytest.mark.unit
 def test_a_metric_point_takes_at_most_60_bytes_on_disk(tmp_path: Path) -> None:
     points = 100_000
     with TrackingClient(offline_mode=True, path_to_storage=str(tmp_path)) as tc:

@@ -10,6 +10,8 @@ import pytest
 
 from tracklane import ConfigurationError, NotFoundError, TrackingClient
 
+pytestmark = pytest.mark.unit
+
 VALUES = [0.5, math.nan, math.inf, -math.inf, -0.0, 1e-300, 123456789.125]
 
 

@@ -105,6 +105,7 @@ def test_a_host_that_is_not_the_tracking_service_fails_construction_naming_the_e
         TrackingClient(api_host=wrong, api_key="k")
 
 
+@pytest.mark.unit
 def test_an_unreachable_host_fails_construction_saying_to_check_api_host() -> None:
     nobody = f"http://127.0.0.1:{free_port()}/api/tracking"
 

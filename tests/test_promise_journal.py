@@ -200,6 +200,7 @@ def test_sync_of_another_programs_database_says_which_file_and_leaves_it_alone(
     assert _tables(path) == {"users"}
 
 
+@pytest.mark.unit
 def test_offline_client_on_a_damaged_journal_file_raises_configuration_error_naming_it(
     tmp_path: Path,
 ) -> None:
@@ -212,6 +213,7 @@ def test_offline_client_on_a_damaged_journal_file_raises_configuration_error_nam
         tc.set_experiment("never")
 
 
+@pytest.mark.unit
 def test_offline_client_on_another_programs_database_raises_and_leaves_it_alone(tmp_path: Path) -> None:
     path = _foreign_database(tmp_path)
 

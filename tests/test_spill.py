@@ -160,6 +160,7 @@ def test_online_client_that_never_spills_creates_no_files(
     assert not (tmp_path / "ml_runs").exists()
 
 
+@pytest.mark.unit
 async def test_batches_failing_together_share_one_journal(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, ClassVar, TypeVar
 
+from ._end_status import end_status
 from ._exceptions import InvalidInputError
 
 
@@ -244,22 +245,34 @@ class PagedList(list[T]):
         self.token = token
 
 
-def exit_status(exc_type: type[BaseException] | None) -> str:
-    """The status a ``with start_run()`` block ends its run with, by how the block ended."""
-    if exc_type is None:
-        return "FINISHED"
-    return "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
-
-
-class ActiveRun(Run):
+class ActiveRun:
     """The run ``start_run`` made active; leaving its ``with`` block ends it.
 
-    FINISHED when the block completes, FAILED on an exception, KILLED on KeyboardInterrupt.
+    FINISHED when the block completes, FAILED on an exception, KILLED on KeyboardInterrupt (the
+    rule: ``end_status``). It holds the ``Run`` as it was at the start (``run``) and reads like it:
+    ``info``, ``data``, ``to_dictionary()``.
     """
 
+    __slots__ = ("_end", "run")
+
     def __init__(self, run: Run, end: Callable[[str], None]) -> None:
-        super().__init__(run.info, run.data)
-        object.__setattr__(self, "_end", end)
+        self.run = run
+        self._end = end
+
+    @property
+    def info(self) -> RunInfo:
+        return self.run.info
+
+    @property
+    def data(self) -> RunData:
+        return self.run.data
+
+    def to_dictionary(self) -> dict[str, Any]:
+        """The run as plain dicts, as ``Run.to_dictionary`` gives it."""
+        return self.run.to_dictionary()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(info={self.run.info!r}, data={self.run.data!r})"
 
     def __enter__(self) -> ActiveRun:
         return self
@@ -270,4 +283,4 @@ class ActiveRun(Run):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._end(exit_status(exc_type))  # type: ignore[attr-defined]
+        self._end(end_status(exc_type))

@@ -12,16 +12,21 @@ import logging
 import operator
 import posixpath
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ._exceptions import InvalidInputError
 from ._limits import (
     KEY_PATTERN,
+    MAX_EXPERIMENT_TAG_VALUE_LENGTH,
     MAX_KEY_LENGTH,
     MAX_STEP,
+    MAX_TAG_VALUE_LENGTH,
     MIN_STEP,
 )
+
+#: The value OICM stores for a tag given by name only (``set_run_tags(["baseline"])``).
+USER_TAG_VALUE = "_OI_USER_TAG"
 
 
 def check_key(key: object, what: str) -> str:
@@ -220,3 +225,33 @@ def mlflow_truncated(values: Mapping[Any, Any], limit: int, what: str, truncate:
                 limit,
             )
     return values if cut is None else cut
+
+
+def tag_dict(tags: Mapping[str, Any] | Iterable[str] | None, what: str) -> dict[str, str]:
+    """Tags in both dialects: a mapping is MLflow's key/values; a list of names is OICM's
+    (``name: _OI_USER_TAG``)."""
+    if tags is None:
+        return {}
+    if isinstance(tags, Mapping):
+        out = {}
+        for key, value in tags.items():
+            check_key(key, f"{what} tag")
+            limit = MAX_EXPERIMENT_TAG_VALUE_LENGTH if what == "experiment" else MAX_TAG_VALUE_LENGTH
+            out[key] = text_value(key, value, f"{what} tag", limit)
+        return out
+    return dict.fromkeys(checked_tag_names(tags, what), USER_TAG_VALUE)
+
+
+def checked_tag_names(names: Iterable[str], what: str) -> list[str]:
+    """OICM's tag names, each checked as a key and once, in order; a bare string is refused."""
+    if isinstance(names, str):
+        raise InvalidInputError(
+            f"{what} tags are a list of tag names, got the string {names!r}; pass [{names!r}]."
+        )
+    out = []
+    for name in names:
+        check_key(name, f"{what} tag")
+        text_value(name, USER_TAG_VALUE, f"{what} tag", MAX_EXPERIMENT_TAG_VALUE_LENGTH)
+        if name not in out:
+            out.append(name)
+    return out

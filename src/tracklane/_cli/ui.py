@@ -30,7 +30,7 @@ from typing import Any
 from .._exceptions import TrackingError
 from .._settings import ServerConfig
 from .._stores.journal import JOURNAL_DIR, Journal, journal_file, server_key
-from .bench import QUIET_MLFLOW, _tail, stop_process, wait_for_http
+from .mlflow_server import QUIET_MLFLOW, stop_process, tail, wait_for_http
 from .sync import _deliver, pending
 
 #: The folder next to the journal that holds the UI server's own store.
@@ -196,7 +196,7 @@ class UiServer:
                 else f"did not answer within {timeout:g} s"
             )
             raise TrackingError(
-                f"the MLflow server {what}. The end of its log, {self.log}:\n{_tail(self.log).rstrip()}"
+                f"the MLflow server {what}. The end of its log, {self.log}:\n{tail(self.log).rstrip()}"
             ) from None
 
     def wait(self) -> int:
@@ -222,7 +222,7 @@ def _serve(journal: Journal, server: UiServer) -> int:
         status = server.wait()
         _error(
             f"the MLflow server stopped by itself (exit status {status}). The end of its log, "
-            f"{server.log}:\n{_tail(server.log).rstrip()}"
+            f"{server.log}:\n{tail(server.log).rstrip()}"
         )
         return 1
     except KeyboardInterrupt:

@@ -25,12 +25,12 @@ from types import TracebackType
 from typing import Any
 
 from .._delivery.buffer import Buffer
-from .._entities import ActiveRun, Experiment, FileInfo, Metric, Run, exit_status
+from .._end_status import end_status, exit_status_of_process
+from .._entities import ActiveRun, Experiment, FileInfo, Metric, Run
 from .._exceptions import ConfigurationError
 from .._faces.base import ClientBase
-from .._runs.lifecycle import OicmRuns, tag_dict
-from .._runtime.process import exit_status_of_process
-from .._validation import check_status
+from .._runs.lifecycle import OicmRuns
+from .._validation import check_status, tag_dict
 from . import artifact_calls
 
 
@@ -50,9 +50,11 @@ class Room:
 class AsyncActiveRun(ActiveRun):
     """The run ``start_run`` made active; leaving its ``async with`` block ends it."""
 
+    __slots__ = ("_client",)
+
     def __init__(self, run: Run, client: AsyncTrackingClient) -> None:
         super().__init__(run, _no_sync_end)
-        object.__setattr__(self, "_client", client)
+        self._client = client
 
     async def __aenter__(self) -> AsyncActiveRun:
         return self
@@ -63,8 +65,7 @@ class AsyncActiveRun(ActiveRun):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        status = "KILLED" if exc_type is not None and issubclass(exc_type, asyncio.CancelledError) else None
-        await self._client.end_run(status or exit_status(exc_type))  # type: ignore[attr-defined]
+        await self._client.end_run(end_status(exc_type))
 
 
 class StartRun:
@@ -142,7 +143,7 @@ class AsyncTrackingClient(ClientBase[AsyncActiveRun]):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.aclose(status=exit_status(exc_type))
+        await self.aclose(status=end_status(exc_type))
 
     async def aclose(self, timeout: float | None = None, status: str = "FINISHED") -> int:
         """Deliver what is left (while the server makes progress, or at most ``timeout`` s), end an

@@ -16,10 +16,9 @@ from typing import Any, TypeVar
 from .._delivery.engine import Engine
 from .._entities import ActiveRun, Experiment, FileInfo, Metric, Run
 from .._faces.base import ClientBase
-from .._runs.lifecycle import tag_dict
 from .._settings import EngineConfig, ServerConfig
 from .._stores.offline import JournalBackend
-from .._validation import check_status
+from .._validation import check_status, tag_dict
 from . import artifact_calls
 from .session import Session, Store, joinable, register
 

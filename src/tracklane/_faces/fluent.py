@@ -14,9 +14,9 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 from .._delivery.buffer import Buffer
 from .._entities import ActiveRun, Experiment, PagedList, Run, ViewType
@@ -30,7 +30,9 @@ from . import artifact_calls
 from .mlflow_client import SEARCH_MAX_RESULTS_DEFAULT, check_run_id
 from .mlflow_errors import mlflow_face, reraise
 from .run_operations import RunOperations, refused_async
-from .session import Session, destination_key, shared_session
+from .session import Session, destination_key, on_reset, shared_session
+
+T = TypeVar("T")
 
 #: MLflow's fluent ``search_runs`` returns up to this many runs by default, paging as needed.
 FLUENT_SEARCH_MAX_RESULTS = 100_000
@@ -42,6 +44,12 @@ class Fluent:
     MLflow's exceptions (``mlflow_errors``)."""
 
     def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._forget()
+        on_reset(self.reset)
+        _show_mlflow_lines()
+
+    def _forget(self) -> None:
         self._uri: str | None = None
         self._destination: Destination | None = None
         self._session: Session | None = None
@@ -50,13 +58,16 @@ class Fluent:
         #: For the hot path: the run model's per-thread stacks, and the engine's buffer.
         self._stacks: threading.local | None = None
         self._buffer: Buffer | None = None
-        self._lock = threading.RLock()
         #: Called after the tracking URI or the experiment changes: MLflow's own fluent module
         #: follows (set by ``integrations.mlflow_module`` once an MLflow attribute is used).
         self.on_change: Callable[[], None] | None = None
         # The process has one fluent module (``tracklane.mlflow``): its URIs are the process's.
         PROCESS_URIS.tracking = PROCESS_URIS.registry = None
-        _show_mlflow_lines()
+
+    def reset(self) -> None:
+        """Back to the state of a fresh import: no tracking URI, session or run (``session.reset``)."""
+        with self._lock:
+            self._forget()
 
     # -- where to log ----------------------------------------------------------------------------
 
@@ -123,7 +134,8 @@ class Fluent:
             self._stacks, self._buffer = runs.thread_stacks, session.engine.buffer
             return runs
 
-    def _call(self, coro: Any) -> Any:
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the session's loop (made on first use) and wait for its result."""
         self._model()
         assert self._session is not None
         return self._session.call(coro)
@@ -134,7 +146,7 @@ class Fluent:
         self, experiment_name: str | None = None, experiment_id: str | None = None
     ) -> Experiment:
         runs = self._model()
-        experiment: Experiment = self._call(runs.set_experiment(experiment_name, experiment_id))
+        experiment = self._call(runs.set_experiment(experiment_name, experiment_id))
         self._changed()
         return experiment
 
@@ -149,11 +161,11 @@ class Fluent:
 
     def get_experiment(self, experiment_id: str) -> Experiment:
         runs = self._model()
-        return self._call(runs.store.get_experiment(str(experiment_id)))  # type: ignore[no-any-return]
+        return self._call(runs.store.get_experiment(str(experiment_id)))
 
     def get_experiment_by_name(self, name: str) -> Experiment | None:
         runs = self._model()
-        return self._call(runs.store.get_experiment_by_name(name))  # type: ignore[no-any-return]
+        return self._call(runs.store.get_experiment_by_name(name))
 
     def delete_experiment(self, experiment_id: str) -> None:
         runs = self._model()
@@ -273,7 +285,7 @@ class Fluent:
 
     def get_run(self, run_id: str) -> Run:
         runs = self._model()
-        return self._call(runs.get_run(check_run_id(run_id)))  # type: ignore[no-any-return]
+        return self._call(runs.get_run(check_run_id(run_id)))
 
     def get_parent_run(self, run_id: str) -> Run | None:
         parent = self.get_run(run_id).data.tags.get(PARENT_RUN_ID)

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
 
 from .._entities import Experiment, FileInfo, Metric, PagedList, Param, Run, RunTag, ViewType
 from .._exceptions import InvalidInputError, TrackingError
@@ -24,6 +24,8 @@ from . import artifact_calls
 from .mlflow_errors import mlflow_face, reraise
 from .run_operations import RunOperations, refused_async
 from .session import Session, shared_session
+
+T = TypeVar("T")
 
 #: MLflow's default page size for ``search_runs``.
 SEARCH_MAX_RESULTS_DEFAULT = 1000
@@ -68,7 +70,8 @@ class MlflowClient:
     def tracking_uri(self) -> str:
         return self._destination.uri
 
-    def _call(self, coro: Any) -> Any:
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the session's loop and wait for its result."""
         return self._session.call(coro)
 
     @property
@@ -108,11 +111,11 @@ class MlflowClient:
 
     def get_experiment(self, experiment_id: str) -> Experiment:
         """The experiment with this id (NotFoundError if there is none)."""
-        return self._call(self._session.store.get_experiment(str(experiment_id)))  # type: ignore[no-any-return]
+        return self._call(self._session.store.get_experiment(str(experiment_id)))
 
     def get_experiment_by_name(self, name: str) -> Experiment | None:
         """The experiment called ``name``, or None."""
-        return self._call(self._session.store.get_experiment_by_name(name))  # type: ignore[no-any-return]
+        return self._call(self._session.store.get_experiment_by_name(name))
 
     def search_experiments(
         self,
@@ -123,7 +126,7 @@ class MlflowClient:
         page_token: str | None = None,
     ) -> PagedList[Experiment]:
         """Experiments matching MLflow's filter syntax; ``.token`` gives the next page."""
-        return self._call(  # type: ignore[no-any-return]
+        return self._call(
             self._runs.search_experiments(view_type, max_results, filter_string, order_by, page_token)
         )
 
@@ -152,11 +155,11 @@ class MlflowClient:
         run_name: str | None = None,
     ) -> Run:
         """Create a run (RUNNING) without making it active anywhere; returns it."""
-        return self._call(self._runs.create_run(experiment_id, start_time, tags, run_name))  # type: ignore[no-any-return]
+        return self._call(self._runs.create_run(experiment_id, start_time, tags, run_name))
 
     def get_run(self, run_id: str) -> Run:
         """The run as the server stores it, including everything logged before this call."""
-        return self._call(self._runs.get_run(check_run_id(run_id)))  # type: ignore[no-any-return]
+        return self._call(self._runs.get_run(check_run_id(run_id)))
 
     def search_runs(
         self,
@@ -169,7 +172,7 @@ class MlflowClient:
     ) -> PagedList[Run]:
         """Runs matching MLflow's filter syntax, in ``order_by`` order; ``.token`` gives the next page."""
         ids = [experiment_ids] if isinstance(experiment_ids, (str, int)) else list(experiment_ids)
-        return self._call(  # type: ignore[no-any-return]
+        return self._call(
             self._runs.search_runs(ids, filter_string, run_view_type, max_results, order_by, page_token)
         )
 
@@ -192,20 +195,20 @@ class MlflowClient:
             check_status(status)
         self._call(self._session.store.update_run(check_run_id(run_id), status, None, name))
 
-    def _own_run(self, run_id: str) -> None:
-        """An integration created ``run_id`` and ends it when training ends; if the process exits
-        first (a crash the framework reports to no callback), the run ends at exit: FAILED on an
-        uncaught exception, else FINISHED."""
+    def end_at_exit(self, run_id: str) -> None:
+        """End ``run_id`` at interpreter exit unless ``set_terminated`` ends it first (tracklane's
+        own): FAILED on an uncaught exception, KILLED on Ctrl-C, else FINISHED (``end_status``).
+
+        For code that creates a run and ends it from a framework's callback, which a crash in
+        training never calls (the Keras callback). MLflow's client has no such call.
+        """
         if self._runs not in self._session.models:
             self._session.models.append(self._runs)
-        self._runs.owned.add(run_id)
-
-    def _disown(self, run_id: str) -> None:
-        self._runs.owned.discard(run_id)
+        self._runs.owned.add(check_run_id(run_id))
 
     def get_metric_history(self, run_id: str, key: str) -> list[Metric]:
         """Every point of metric ``key``, including those logged before this call."""
-        return self._call(self._runs.get_metric_history(check_run_id(run_id), key))  # type: ignore[no-any-return]
+        return self._call(self._runs.get_metric_history(check_run_id(run_id), key))
 
     # -- logging: validate, stamp, enqueue; no I/O ----------------------------------------------
 
@@ -343,7 +346,7 @@ class MlflowClient:
 
     def list_artifacts(self, run_id: str, path: str | None = None) -> list[FileInfo]:
         engine, store = self._session.engine, self._session.store
-        return self._call(artifact_calls.list_artifacts(engine, store, check_run_id(run_id), path))  # type: ignore[no-any-return]
+        return self._call(artifact_calls.list_artifacts(engine, store, check_run_id(run_id), path))
 
     def download_artifacts(self, run_id: str, path: str, dst_path: str | None = None) -> str:
         """Download a file or directory of the run's artifacts; returns its local path."""

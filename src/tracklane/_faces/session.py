@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -98,6 +98,8 @@ class Session:
 
 _lock = threading.RLock()
 _shared: dict[str, Session] = {}
+#: What else holds process-wide state of the MLflow faces (the fluent API), cleared by ``reset``.
+_reset_hooks: list[Callable[[], None]] = []
 
 
 def _deadline(timeout: float) -> float:
@@ -151,3 +153,28 @@ def shared_session(server: ServerConfig | None, storage: str | None, database: s
         session.from_mlflow_face = True
         _shared[key] = session
         return session
+
+
+def on_reset(hook: Callable[[], None]) -> None:
+    """Have ``reset`` call ``hook``: the fluent API clears its state there."""
+    with _lock:
+        _reset_hooks.append(hook)
+
+
+def reset(timeout: float = 10.0) -> None:
+    """Forget what the MLflow faces share in this process, as in a fresh interpreter: shut down every
+    session they made (at most ``timeout`` s each) and clear the fluent API's state.
+
+    For tests, so that each starts with no engine another test's ``MlflowClient`` or
+    ``tracklane.mlflow`` left (they live for the process, as MLflow's do). A ``TrackingClient``'s own
+    session is left alone: its holder closes it.
+    """
+    with _lock:
+        left = [s for s in _shared.values() if s.from_mlflow_face]
+        for s in left:
+            del _shared[s.key]
+        hooks = list(_reset_hooks)
+    for s in left:
+        s.runtime.shutdown(timeout)
+    for hook in hooks:
+        hook()

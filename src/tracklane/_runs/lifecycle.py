@@ -28,9 +28,8 @@ from .._exceptions import (
     ServerUnavailableError,
     TrackingError,
 )
-from .._limits import MAX_EXPERIMENT_TAG_VALUE_LENGTH, MAX_TAG_VALUE_LENGTH
 from .._settings import EngineConfig, JobRanks, launcher_run_id, system_metrics_node_id
-from .._validation import check_key, text_value
+from .._validation import USER_TAG_VALUE, tag_dict
 from . import metadata
 from .sysmetrics import sampler_interval, start_sampler, stop_sampler
 
@@ -38,9 +37,6 @@ logger = logging.getLogger("tracklane")
 
 #: Longest a rank > 0 waits for rank 0 to create the job's run (model loading can take minutes).
 RANK_ATTACH_WAIT = 600.0
-
-#: The value OICM stores for a tag given by name only (``set_run_tags(["baseline"])``).
-USER_TAG_VALUE = "_OI_USER_TAG"
 
 
 class RunStore(Protocol):
@@ -451,32 +447,3 @@ def print_run_links(store: RunStore, info: RunInfo) -> None:
     experiment_url = f"{host}/#/experiments/{info.experiment_id}"
     sys.stdout.write(f"🏃 View run {info.run_name or info.run_id} at: {experiment_url}/runs/{info.run_id}\n")
     sys.stdout.write(f"🧪 View experiment at: {experiment_url}\n")
-
-
-def tag_dict(tags: Mapping[str, Any] | Iterable[str] | None, what: str) -> dict[str, str]:
-    """Tags in both dialects: a mapping is MLflow's key/values; a list of names is OICM's
-    (``name: _OI_USER_TAG``)."""
-    if tags is None:
-        return {}
-    if isinstance(tags, Mapping):
-        out = {}
-        for key, value in tags.items():
-            check_key(key, f"{what} tag")
-            limit = MAX_EXPERIMENT_TAG_VALUE_LENGTH if what == "experiment" else MAX_TAG_VALUE_LENGTH
-            out[key] = text_value(key, value, f"{what} tag", limit)
-        return out
-    return dict.fromkeys(checked_tag_names(tags, what), USER_TAG_VALUE)
-
-
-def checked_tag_names(names: Iterable[str], what: str) -> list[str]:
-    if isinstance(names, str):
-        raise InvalidInputError(
-            f"{what} tags are a list of tag names, got the string {names!r}; pass [{names!r}]."
-        )
-    out = []
-    for name in names:
-        check_key(name, f"{what} tag")
-        text_value(name, USER_TAG_VALUE, f"{what} tag", MAX_EXPERIMENT_TAG_VALUE_LENGTH)
-        if name not in out:
-            out.append(name)
-    return out

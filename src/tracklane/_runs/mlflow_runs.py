@@ -33,9 +33,9 @@ from .._settings import (
 from .._stores.mlflow_sql import MlflowSqlBackend
 from .._stores.offline import JournalBackend
 from .._stores.rest import RestBackend
-from .._validation import check_status
+from .._validation import check_status, tag_dict
 from . import metadata
-from .lifecycle import finish_run, print_run_links, tag_dict
+from .lifecycle import finish_run, print_run_links
 from .sysmetrics import sampler_interval, start_sampler, stop_sampler
 
 logger = logging.getLogger("tracklane")

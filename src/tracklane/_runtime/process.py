@@ -20,7 +20,6 @@ import multiprocessing.util
 import os
 import selectors
 import signal
-import sys
 import threading
 import time
 import weakref
@@ -29,6 +28,7 @@ from types import FrameType
 from typing import Any, Protocol, TypeVar
 
 from .._delivery.engine import Engine
+from .._end_status import end_status, exit_status_of_process
 from .._exceptions import ConfigurationError
 from .._runtime.loop_thread import LoopThread
 
@@ -161,19 +161,11 @@ class SyncRuntime:
                     # terminate() comes while its workers flush). Let it finish, bounded, then go.
                     runtime.deferred_signal = functools.partial(pass_on, signum, frame)
                     return
-                _shutdown_quietly(runtime, "KILLED")  # the application's handler runs regardless
+                # SIGTERM ends the run KILLED; the application's handler runs regardless.
+                _shutdown_quietly(runtime, end_status(signal=True))
             pass_on(signum, frame)
 
         signal.signal(signal.SIGTERM, on_sigterm)
-
-
-def exit_status_of_process() -> str:
-    """How a run still active at interpreter exit ends: KILLED if the process is dying of Ctrl-C
-    (an uncaught KeyboardInterrupt), FAILED of another uncaught exception, else FINISHED."""
-    dying = getattr(sys, "last_exc", None) or getattr(sys, "last_value", None)
-    if isinstance(dying, KeyboardInterrupt):
-        return "KILLED"
-    return "FAILED" if dying is not None else "FINISHED"
 
 
 def _shutdown_quietly(runtime: SyncRuntime, status: str | None = None) -> None:

@@ -165,7 +165,7 @@ class _TracklaneKerasLogging:
                 self._experiment_id(client), tags=run_context_tags(), run_name=self._run_name
             )
             self._run_id, self._owns_run = run.info.run_id, True
-            client._own_run(run.info.run_id)  # a crash in fit() calls no callback: ended at exit
+            client.end_at_exit(run.info.run_id)  # a crash in fit() calls no callback
 
     def _fluent_run(self) -> tuple[MlflowClient, str] | None:
         """The active ``tracklane.mlflow`` run, when nothing named another (and only if the user's

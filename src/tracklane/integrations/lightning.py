@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 
+from .._end_status import end_status
 from .._exceptions import InvalidInputError
 from .._faces.mlflow_client import MlflowClient
 from .._limits import MAX_PARAM_VALUE_LENGTH
@@ -88,8 +89,8 @@ def run_status(status: str) -> str:
     failed -> FAILED, except KILLED while Ctrl-C or SIGTERM is unwinding the trainer (Lightning
     calls ``finalize("failed")`` inside its ``except`` block); MLflow's own names pass through."""
     mapped = _STATUSES.get(status, str(status).upper())
-    if mapped == "FAILED" and isinstance(sys.exc_info()[1], (KeyboardInterrupt, _SIGTERM)):
-        return "KILLED"
+    if mapped == "FAILED":
+        return end_status(sys.exc_info()[1], failed=True, killed_by=(_SIGTERM,))
     if mapped not in _TERMINAL:
         logger.warning("tracklane: finalize(%r) is not a run status; the run ends FINISHED.", status)
         return "FINISHED"

@@ -37,12 +37,12 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from .._end_status import end_status, exit_status_of_process
 from .._exceptions import ConfigurationError, ServerError
 from .._faces.mlflow_client import MlflowClient
 from .._limits import MAX_PARAM_VALUE_LENGTH
 from .._runs.metadata import PARENT_RUN_ID, run_context_tags
 from .._runs.mlflow_runs import DEFAULT_EXPERIMENT_ID
-from .._runtime.process import exit_status_of_process
 from .._settings import default_experiment, env, env_bool, launcher_run_id
 from ._common import KeySanitizer, flatten_params, never_raises
 
@@ -140,7 +140,7 @@ class TracklaneCallback(TrainerCallback):  # type: ignore[misc]
             pass  # the same trial's train() again (a retry): go on in the run it left open
         else:
             if ends.training is not None:  # the last trial's train() raised and was caught
-                self._end_run("FAILED")
+                self._end_run(end_status(failed=True))
             self._start_run(args, state)
         ends.training = self._run_id
         self._log_params(args, model)
@@ -373,9 +373,8 @@ class _RunEnds:
     def at_exit(self) -> None:
         if os.getpid() != self.pid or not self.open:
             return
-        status = exit_status_of_process()
         try:
-            self.end_all(status, "KILLED" if status == "KILLED" else "FAILED")
+            self.end_all(exit_status_of_process(), exit_status_of_process(failed=True))
         except Exception as exc:  # a clean exit must never turn into a traceback because of telemetry
             logger.warning("tracklane: at exit, ending the Trainer's runs failed: %s", exc)
 

@@ -39,7 +39,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import _common
+from . import harness
 
 #: File size (bytes) and repeats per client. The issue's figure is 50 MB; smoke scale only checks
 #: that the figure is produced.
@@ -184,23 +184,23 @@ def stored_size(url: str, run_id: str, name: str) -> int | None:
     return None
 
 
-def measure(args: argparse.Namespace) -> _common.Figure:
-    figure = _common.Figure(
+def measure(args: argparse.Namespace) -> harness.Figure:
+    figure = harness.Figure(
         "9_artifacts", "Figure 9: log_artifact of a large file: caller time and upload rate"
     )
-    _common.banner(figure, args)
+    harness.banner(figure, args)
     counts = COUNTS[args.scale]
     size, repeats = counts["bytes"], counts["repeats"]
     mb = size / 1e6
     figure.params = {**counts, "put_block_bytes": BLOCK}
-    work = Path(_common.storage_dir())
+    work = Path(harness.storage_dir())
     file, small = work / f"artifact-{int(mb)}MB.bin", work / "warm-up.txt"
     write_file(file, size)
     small.write_text("warm-up\n")
     spec = {"url": "", "file": str(file), "small": str(small), "repeats": repeats}
     timeout = CHILD_TIMEOUT[args.scale]
     checks: list[tuple[str, str]] = []  # (who, run id) whose artifact must be on the server
-    with _common.mlflow_server(args) as url:
+    with harness.mlflow_server(args) as url:
         spec["url"] = url
         ceiling_experiment = rest(
             url,
@@ -217,7 +217,7 @@ def measure(args: argparse.Namespace) -> _common.Figure:
         except (RuntimeError, OSError) as exc:  # a server that does not proxy artifacts: no figure
             figure.skip(f"the raw PUT to the artifact proxy failed, so nothing is measured: {exc}")
             return figure
-        got = _common.child(__file__, "tracklane", spec, timeout=timeout)
+        got = harness.child(__file__, "tracklane", spec, timeout=timeout)
         checks += [("tracklane", run_id) for run_id in got["runs"]]
         theirs: dict[str, Any] | None = None
         if importlib.util.find_spec("mlflow") is None:
@@ -226,7 +226,7 @@ def measure(args: argparse.Namespace) -> _common.Figure:
             )
         else:
             try:
-                theirs = _common.child(__file__, "mlflow", spec, env=mlflow_env(), timeout=timeout)
+                theirs = harness.child(__file__, "mlflow", spec, env=mlflow_env(), timeout=timeout)
             except RuntimeError as exc:  # MLflow's failure is noted; it does not cost tracklane's rows
                 figure.skip(f"MLflow log_artifact failed: {str(exc).splitlines()[-1]}")
         if theirs is not None:
@@ -250,56 +250,56 @@ def measure(args: argparse.Namespace) -> _common.Figure:
     figure.add(
         "local_copy_ms",
         f"local copy of the {label} file (shutil.copyfile, same disk as the journal; median of {repeats})",
-        _common.median(got["copy_s"]) * 1e3,
+        harness.median(got["copy_s"]) * 1e3,
         "ms",
     )
     figure.add(
         "tracklane_log_artifact_ms",
         f"tracklane.mlflow.log_artifact({label}): caller time (median of {repeats})",
-        _common.median(got["call_s"]) * 1e3,
+        harness.median(got["call_s"]) * 1e3,
         "ms",
     )
     if theirs is not None:
         figure.add(
             "mlflow_log_artifact_ms",
             f"MLflow mlflow.log_artifact({label}): caller time, upload included (median of {repeats})",
-            _common.median(theirs["call_s"]) * 1e3,
+            harness.median(theirs["call_s"]) * 1e3,
             "ms",
         )
     figure.add(
         "tracklane_upload_s",
         f"tracklane: log_artifact({label}) returned to end_run() returned (upload, run end; median)",
-        _common.median(got["upload_s"]),
+        harness.median(got["upload_s"]),
         "s",
     )
     figure.add(
         "tracklane_upload_mb_per_s",
         "tracklane upload rate: the file's size over that time",
-        mb / _common.median(got["upload_s"]),
+        mb / harness.median(got["upload_s"]),
         "MB/s",
     )
     if theirs is not None:
         figure.add(
             "mlflow_upload_mb_per_s",
             "MLflow log_artifact upload rate: the file's size over its call",
-            mb / _common.median(theirs["call_s"]),
+            mb / harness.median(theirs["call_s"]),
             "MB/s",
         )
     figure.add(
         "raw_put_mb_per_s",
         f"raw PUT of the same file to the artifact proxy (http.client, streamed; median of {len(put_s)})",
-        mb / _common.median(put_s),
+        mb / harness.median(put_s),
         "MB/s",
     )
     return figure
 
 
 def main() -> None:
-    args = _common.parse_args(__doc__)
+    args = harness.parse_args(__doc__)
     children = {"tracklane": tracklane_child, "mlflow": mlflow_child}
     if args.child in children:
         spec = json.loads(args.child_arg)
-        _common.child_result(
+        harness.child_result(
             args, children[args.child](spec["url"], spec["file"], spec["small"], spec["repeats"])
         )
     measure(args).finish(args)

@@ -14,7 +14,7 @@ import importlib.util
 import subprocess
 import sys
 
-import _common
+from . import harness
 
 COUNTS = {"smoke": {"repeats": 1}, "quick": {"repeats": 1}, "full": {"repeats": 7}}
 MODULES = ("tracklane", "mlflow")
@@ -56,9 +56,9 @@ def slowest_imports(module: str, top: int = 6) -> list[tuple[str, float]]:
     return picked[:top]
 
 
-def measure(args: argparse.Namespace) -> _common.Figure:
-    figure = _common.Figure("7_import", "Figure 7: import time, fresh interpreter")
-    _common.banner(figure, args)
+def measure(args: argparse.Namespace) -> harness.Figure:
+    figure = harness.Figure("7_import", "Figure 7: import time, fresh interpreter")
+    harness.banner(figure, args)
     repeats = COUNTS[args.scale]["repeats"]
     figure.params = {"repeats": repeats}
     modules = [m for m in MODULES if importlib.util.find_spec(m) is not None]
@@ -68,7 +68,7 @@ def measure(args: argparse.Namespace) -> _common.Figure:
         for module in modules:
             times[module].append(import_seconds(module))
     for module in modules:
-        figure.add(f"import_{module}_ms", f"import {module}", _common.median(times[module]) * 1e3, "ms")
+        figure.add(f"import_{module}_ms", f"import {module}", harness.median(times[module]) * 1e3, "ms")
     heaviest = slowest_imports("tracklane")
     figure.params["tracklane_heaviest_imports_ms"] = heaviest
     figure.note("heaviest under import tracklane: " + ", ".join(f"{n} {ms:.0f} ms" for n, ms in heaviest))
@@ -76,7 +76,7 @@ def measure(args: argparse.Namespace) -> _common.Figure:
 
 
 def main() -> None:
-    args = _common.parse_args(__doc__)
+    args = harness.parse_args(__doc__)
     measure(args).finish(args)
 
 

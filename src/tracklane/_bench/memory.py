@@ -17,8 +17,9 @@ import json
 import time
 from typing import Any
 
-import _common
 import psutil
+
+from . import harness
 
 COUNTS = {"smoke": {"events": 50_000}, "quick": {"events": 200_000}, "full": {"events": 1_000_000}}
 KEYS = [f"metric_{i}" for i in range(10)]
@@ -37,10 +38,10 @@ def memory_child(variant: str, events: int) -> dict[str, Any]:
             buf.append(("loss", i * 0.5, time.time_ns(), i))
         return {"bytes": rss() - before, "buffered": len(buf)}
 
-    from tracklane._cli.bench import SinkServer
+    from .sink import SinkServer
 
     sink = SinkServer().start()
-    tc = _common.client(sink.url, max_buffer=events + 10_000, retry_window=3600.0, exit_timeout=0.1)
+    tc = harness.client(sink.url, max_buffer=events + 10_000, retry_window=3600.0, exit_timeout=0.1)
     tc.set_experiment("bench-memory")
     tc.start_run(run_name="unreachable")
     sink.stop()  # the port is closed from here on: nothing logged below can leave
@@ -62,9 +63,9 @@ def memory_child(variant: str, events: int) -> dict[str, Any]:
     return {"bytes": grown, "in_memory": int(in_memory), "stats": stats}
 
 
-def measure(args: argparse.Namespace) -> _common.Figure:
-    figure = _common.Figure("6_memory", "Figure 6: resident memory per buffered event, server unreachable")
-    _common.banner(figure, args)
+def measure(args: argparse.Namespace) -> harness.Figure:
+    figure = harness.Figure("6_memory", "Figure 6: resident memory per buffered event, server unreachable")
+    harness.banner(figure, args)
     events = COUNTS[args.scale]["events"]
     figure.params = {"events": events, "keys_per_log_metrics": len(KEYS)}
     labels = {
@@ -76,7 +77,7 @@ def measure(args: argparse.Namespace) -> _common.Figure:
         ),
     }
     for variant, (key, label) in labels.items():
-        got = _common.child(__file__, "memory", {"variant": variant, "events": events})
+        got = harness.child(__file__, "memory", {"variant": variant, "events": events})
         stats = got.get("stats") or {}
         if stats.get("spilled") or stats.get("delivered"):  # events that left memory flatter the figure
             figure.note(f"{variant}: not every event stayed in memory: {stats}")
@@ -90,10 +91,10 @@ def measure(args: argparse.Namespace) -> _common.Figure:
 
 
 def main() -> None:
-    args = _common.parse_args(__doc__)
+    args = harness.parse_args(__doc__)
     if args.child == "memory":
         spec = json.loads(args.child_arg)
-        _common.child_result(args, memory_child(spec["variant"], spec["events"]))
+        harness.child_result(args, memory_child(spec["variant"], spec["events"]))
     measure(args).finish(args)
 
 

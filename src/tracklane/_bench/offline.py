@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import _common
+from . import harness
 
 COUNTS = {"smoke": {"events": 2_000}, "quick": {"events": 20_000}, "full": {"events": 100_000}}
 KEYS = [f"metric_{i}" for i in range(10)]
@@ -87,14 +87,14 @@ def offline_child(client: str, events: int, storage: str) -> dict[str, Any]:
     return {"events_per_s": steps * len(KEYS) / elapsed, "bytes": size, "events": steps * len(KEYS)}
 
 
-def measure(args: argparse.Namespace) -> _common.Figure:
-    figure = _common.Figure("8_offline", "Figure 8: offline mode into local storage")
-    _common.banner(figure, args)
+def measure(args: argparse.Namespace) -> harness.Figure:
+    figure = harness.Figure("8_offline", "Figure 8: offline mode into local storage")
+    harness.banner(figure, args)
     events = COUNTS[args.scale]["events"]
     figure.params = {"events": events, "keys_per_step": len(KEYS)}
     clients = [("tracklane", "tracklane offline journal")]
     for peer, label in (("wandb", "W&B offline"), ("trackio", "trackio local")):
-        missing = _common.peer_available(peer, args.scale)
+        missing = harness.peer_available(peer, args.scale)
         if missing:
             figure.skip(missing)
         else:
@@ -103,7 +103,7 @@ def measure(args: argparse.Namespace) -> _common.Figure:
         with tempfile.TemporaryDirectory(prefix=f"bench-offline-{client}-") as tmp:
             spec = {"client": client, "events": events, "storage": tmp}
             try:
-                got = _common.child(__file__, "offline", spec, env=_common.peer_env(tmp))
+                got = harness.child(__file__, "offline", spec, env=harness.peer_env(tmp))
             except RuntimeError as exc:
                 if client == "tracklane":
                     raise
@@ -127,10 +127,10 @@ def measure(args: argparse.Namespace) -> _common.Figure:
 
 
 def main() -> None:
-    args = _common.parse_args(__doc__)
+    args = harness.parse_args(__doc__)
     if args.child == "offline":
         spec = json.loads(args.child_arg)
-        _common.child_result(args, offline_child(spec["client"], spec["events"], spec["storage"]))
+        harness.child_result(args, offline_child(spec["client"], spec["events"], spec["storage"]))
     measure(args).finish(args)
 
 

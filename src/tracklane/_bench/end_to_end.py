@@ -12,10 +12,12 @@ import argparse
 import asyncio
 import time
 import uuid
+from typing import Any
 
-import _common
 import aiohttp
 import orjson
+
+from . import harness
 
 COUNTS = {  # metric events per measurement, repeats
     "smoke": {"events": 2_000, "repeats": 1},
@@ -29,7 +31,7 @@ FLUSH_TIMEOUT = 600.0
 def tracklane_run(url: str, experiment: str, events: int) -> tuple[float, int]:
     steps = events // len(KEYS)
     values = {key: 0.25 * i for i, key in enumerate(KEYS)}
-    with _common.client(url) as tc:
+    with harness.client(url) as tc:
         tc.set_experiment(experiment)
         with tc.start_run(run_name=f"tracklane-{uuid.uuid4().hex[:6]}"):
             log_metrics = tc.log_metrics
@@ -39,12 +41,14 @@ def tracklane_run(url: str, experiment: str, events: int) -> tuple[float, int]:
             if not tc.flush(timeout=FLUSH_TIMEOUT):
                 raise RuntimeError(f"flush() did not finish within {FLUSH_TIMEOUT}s")
             elapsed = time.perf_counter() - began
-            spilled = _common.spilled(tc)
+            spilled = harness.spilled(tc)
     return steps * len(KEYS) / elapsed, spilled
 
 
-async def _rest(session: aiohttp.ClientSession, url: str, method: str, endpoint: str, **kw: object) -> dict:
-    async with session.request(method, f"{url}/api/2.0/mlflow/{endpoint}", **kw) as reply:  # type: ignore[arg-type]
+async def _rest(
+    session: aiohttp.ClientSession, url: str, method: str, endpoint: str, **kw: Any
+) -> dict[str, Any]:
+    async with session.request(method, f"{url}/api/2.0/mlflow/{endpoint}", **kw) as reply:
         body = await reply.read()
         if reply.status >= 300:
             raise RuntimeError(f"{endpoint}: HTTP {reply.status}: {body[:200]!r}")
@@ -89,13 +93,13 @@ async def ceiling_run(url: str, experiment: str, events: int, in_flight: int) ->
     return len(metrics) / elapsed
 
 
-def measure(args: argparse.Namespace) -> _common.Figure:
-    figure = _common.Figure("2_end_to_end", "Figure 2: end-to-end events/s into the MLflow server")
-    _common.banner(figure, args)
+def measure(args: argparse.Namespace) -> harness.Figure:
+    figure = harness.Figure("2_end_to_end", "Figure 2: end-to-end events/s into the MLflow server")
+    harness.banner(figure, args)
     counts = COUNTS[args.scale]
     figure.params = {**counts, "keys_per_step": len(KEYS), "events_per_request": 1000}
     results: dict[str, list[float]] = {"tracklane": [], "c1": [], "c2": []}
-    with _common.mlflow_server(args) as url:
+    with harness.mlflow_server(args) as url:
         experiment = f"bench-end-to-end-{uuid.uuid4().hex[:8]}"
         for _ in range(counts["repeats"]):
             rate, spilled = tracklane_run(url, experiment, counts["events"])
@@ -108,19 +112,19 @@ def measure(args: argparse.Namespace) -> _common.Figure:
     figure.add(
         "tracklane_events_per_s",
         f"tracklane end to end, {n} events",
-        _common.median(results["tracklane"]),
+        harness.median(results["tracklane"]),
         "events/s",
     )
     figure.add(
         "ceiling_1_in_flight_events_per_s",
         f"server ceiling: pre-encoded log-batch, 1 in flight, {n} events",
-        _common.median(results["c1"]),
+        harness.median(results["c1"]),
         "events/s",
     )
     figure.add(
         "ceiling_2_in_flight_events_per_s",
         f"server ceiling: pre-encoded log-batch, 2 in flight, {n} events",
-        _common.median(results["c2"]),
+        harness.median(results["c2"]),
         "events/s",
     )
     figure.params["all_runs_events_per_s"] = results
@@ -128,7 +132,7 @@ def measure(args: argparse.Namespace) -> _common.Figure:
 
 
 def main() -> None:
-    args = _common.parse_args(__doc__)
+    args = harness.parse_args(__doc__)
     measure(args).finish(args)
 
 

@@ -19,7 +19,7 @@ import time
 import uuid
 from typing import Any
 
-import _common
+from . import harness
 
 COUNTS = {
     "smoke": {"events": 20_000, "repeats": 1},
@@ -42,7 +42,7 @@ def delivered(tc: Any) -> int | None:
 def one_run(url: str, events: int) -> tuple[float, float | None, int, int]:
     steps = events // len(KEYS)
     values = {key: 0.25 * i for i, key in enumerate(KEYS)}
-    with _common.client(url, max_buffer=events + 10_000) as tc:
+    with harness.client(url, max_buffer=events + 10_000) as tc:
         tc.set_experiment(f"bench-drain-{uuid.uuid4().hex[:8]}")
         with tc.start_run(run_name="drain"):
             log_metrics = tc.log_metrics
@@ -55,22 +55,22 @@ def one_run(url: str, events: int) -> tuple[float, float | None, int, int]:
             if not tc.flush(timeout=300):
                 raise RuntimeError("flush() did not finish within 300s")
             ended = time.perf_counter()
-            spilled = _common.spilled(tc)
+            spilled = harness.spilled(tc)
     total = steps * len(KEYS)
     backlog = None if sent is None else total - (sent - before)
     drain = None if not backlog else backlog / (ended - logged)
     return total / (ended - began), drain, backlog or 0, spilled
 
 
-def measure(args: argparse.Namespace) -> _common.Figure:
-    figure = _common.Figure("4_drain", "Figure 4: drain capacity into a sink that stores nothing")
-    _common.banner(figure, args)
+def measure(args: argparse.Namespace) -> harness.Figure:
+    figure = harness.Figure("4_drain", "Figure 4: drain capacity into a sink that stores nothing")
+    harness.banner(figure, args)
     counts = COUNTS[args.scale]
     figure.params = {**counts, "keys_per_step": len(KEYS)}
     e2e: list[float] = []
     drains: list[float] = []
     backlogs: list[int] = []
-    with _common.sink_server() as sink:
+    with harness.sink_server() as sink:
         for _ in range(counts["repeats"]):
             total_rate, drain_rate, backlog, spilled = one_run(sink.url, counts["events"])
             if spilled:
@@ -83,14 +83,14 @@ def measure(args: argparse.Namespace) -> _common.Figure:
     figure.add(
         "sink_end_to_end_events_per_s",
         f"tracklane end to end into the sink, {n} events",
-        _common.median(e2e),
+        harness.median(e2e),
         "events/s",
     )
     if drains:
         figure.add(
             "drain_events_per_s",
-            f"tracklane drain capacity (backlog of {int(_common.median(backlogs)):,} after the calls)",
-            _common.median(drains),
+            f"tracklane drain capacity (backlog of {int(harness.median(backlogs)):,} after the calls)",
+            harness.median(drains),
             "events/s",
         )
     else:
@@ -102,7 +102,7 @@ def measure(args: argparse.Namespace) -> _common.Figure:
 
 
 def main() -> None:
-    args = _common.parse_args(__doc__)
+    args = harness.parse_args(__doc__)
     measure(args).finish(args)
 
 

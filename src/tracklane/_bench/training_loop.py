@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-import _common
+from . import harness
 
 COUNTS = {
     "smoke": {"steps": 100, "repeats": 1, "drain_bound_s": 10.0},
@@ -71,11 +71,11 @@ def open_client(
     settle: Callable[[], object] = lambda: None  # noqa: E731
     if variant in ("tracklane", "tracklane_sink"):
         if variant == "tracklane_sink":
-            from tracklane._cli.bench import SinkServer
+            from .sink import SinkServer
 
             sink = SinkServer().start()
             url = sink.url
-        tc = _common.client(url)
+        tc = harness.client(url)
         tc.set_experiment("bench-training-loop")
         tc.start_run(run_name=f"tracklane-{uuid.uuid4().hex[:6]}", log_system_metrics=False)
         return tc.log_metrics, tc.flush, tc.end_run, sink
@@ -141,11 +141,11 @@ def variant_child(variant: str, url: str, k: int, steps: int, drain_bound: float
     }
 
 
-def measure(args: argparse.Namespace) -> _common.Figure:
-    figure = _common.Figure(
+def measure(args: argparse.Namespace) -> harness.Figure:
+    figure = harness.Figure(
         "5_training_loop", "Figure 5: training-loop overhead (~1 ms CPU step, 10 metrics)"
     )
-    _common.banner(figure, args)
+    harness.banner(figure, args)
     counts = COUNTS[args.scale]
     k = calibrate()
     figure.params = {**counts, "metrics_per_step": len(KEYS), "work_iterations_per_step": k}
@@ -156,14 +156,14 @@ def measure(args: argparse.Namespace) -> _common.Figure:
     else:
         variants.append("mlflow")
     for peer in ("wandb", "trackio"):
-        missing = _common.peer_available(peer, args.scale)
+        missing = harness.peer_available(peer, args.scale)
         if missing:
             figure.skip(missing)
         else:
             variants.append(peer)
     runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
-    with _common.mlflow_server(args) as url, tempfile.TemporaryDirectory(prefix="bench-peers-") as tmp:
-        for repeat in range(counts["repeats"]):
+    with harness.mlflow_server(args) as url, tempfile.TemporaryDirectory(prefix="bench-peers-") as tmp:
+        for repeat in range(int(counts["repeats"])):
             for variant in variants:
                 if repeat and not variant.startswith("tracklane"):
                     continue  # the peers' overheads are far from the target; tracklane's is not
@@ -175,14 +175,14 @@ def measure(args: argparse.Namespace) -> _common.Figure:
                     "drain": counts["drain_bound_s"],
                 }
                 try:
-                    runs[variant].append(_common.child(__file__, "loop", spec, env=_common.peer_env(tmp)))
+                    runs[variant].append(harness.child(__file__, "loop", spec, env=harness.peer_env(tmp)))
                 except RuntimeError as exc:
                     if variant.startswith("tracklane") or variant == "mlflow":
                         raise
                     figure.skip(f"{variant} failed: {str(exc).splitlines()[-1]}")
     variants = [v for v in variants if runs[v]]
     steps = counts["steps"]
-    base = _common.median([r["base_loop_s"] for rs in runs.values() for r in rs])
+    base = harness.median([r["base_loop_s"] for rs in runs.values() for r in rs])
     figure.add("no_logging_loop_s", f"no logging: {steps:,} steps", base, "s")
     labels = {
         "tracklane": "tracklane",
@@ -194,24 +194,24 @@ def measure(args: argparse.Namespace) -> _common.Figure:
     for variant in variants:
         label = labels[variant]
         got = runs[variant]
-        wall = _common.median([r["loop_s"] for r in got])
+        wall = harness.median([r["loop_s"] for r in got])
         figure.add(f"{variant}_loop_s", f"{label}: {steps:,} steps", wall, "s")
         overheads = [(r["loop_s"] / r["base_loop_s"] - 1) * 100 for r in got]
-        cpu = _common.median([(r["cpu_s"] / r["base_cpu_s"] - 1) * 100 for r in got])
+        cpu = harness.median([(r["cpu_s"] / r["base_cpu_s"] - 1) * 100 for r in got])
         spread = (
             f" (median of {len(got)}: {min(overheads):.1f} .. {max(overheads):.1f})" if len(got) > 1 else ""
         )
         figure.add(
             f"{variant}_overhead_pct",
             f"{label}: wall-time overhead vs no logging{spread}",
-            _common.median(overheads),
+            harness.median(overheads),
             "%",
         )
         figure.add(f"{variant}_cpu_overhead_pct", f"{label}: process CPU overhead vs no logging", cpu, "%")
         drains = [r["drain_s"] for r in got]
         if all(d is not None for d in drains):
             figure.add(
-                f"{variant}_drain_after_loop_s", f"{label}: drain after the loop", _common.median(drains), "s"
+                f"{variant}_drain_after_loop_s", f"{label}: drain after the loop", harness.median(drains), "s"
             )
         else:
             figure.note(
@@ -222,11 +222,11 @@ def measure(args: argparse.Namespace) -> _common.Figure:
 
 
 def main() -> None:
-    args = _common.parse_args(__doc__)
+    args = harness.parse_args(__doc__)
     if args.child == "loop":
         spec = json.loads(args.child_arg)
         result = variant_child(spec["variant"], spec["url"], spec["k"], spec["steps"], spec["drain"])
-        _common.child_result(args, result)
+        harness.child_result(args, result)
     measure(args).finish(args)
 
 

@@ -20,6 +20,7 @@ imported once).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import itertools
 import json
 import logging
@@ -30,7 +31,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-import _common
+from . import harness
 
 COUNTS = {
     "smoke": {"steps": 20, "warmup_steps": 3, "runs": 1},
@@ -146,7 +147,7 @@ def steps_child(url: str, counts: dict[str, int]) -> dict[str, Any]:
         skipped["mlflow_logger_tracklane_store"] = missing
         del makers["mlflow_logger_tracklane_store"]
 
-    def fit(logger: Any) -> tuple[float, float, str | None]:
+    def fit(logger: Any) -> tuple[list[float], float, str | None]:
         clock = Clock()
         trainer = pl.Trainer(
             max_steps=total,
@@ -191,9 +192,14 @@ def steps_child(url: str, counts: dict[str, int]) -> dict[str, Any]:
     return {"results": {k: v for k, v in results.items() if v["step_s"]}, "skipped": skipped}
 
 
-def measure(args: argparse.Namespace) -> _common.Figure:
-    figure = _common.Figure("10_lightning_logger", "Figure 10: Lightning logger cost per training step")
-    _common.banner(figure, args)
+def measure(args: argparse.Namespace) -> harness.Figure:
+    figure = harness.Figure("10_lightning_logger", "Figure 10: Lightning logger cost per training step")
+    harness.banner(figure, args)
+    # Not in the bench extra (torch is large): a wheel installed alone skips this figure, saying why.
+    missing = [name for name in ("torch", "lightning", "mlflow") if importlib.util.find_spec(name) is None]
+    if missing:
+        figure.skip(f"{', '.join(missing)} not installed; `pip install 'tracklane[lightning,bench]'` adds it")
+        return figure
     counts = COUNTS[args.scale]
     figure.params = {
         **counts,
@@ -203,15 +209,15 @@ def measure(args: argparse.Namespace) -> _common.Figure:
         "torch_threads": 1,
     }
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
-    with _common.mlflow_server(args) as url:
-        got = _common.child(__file__, "steps", {"url": url, "counts": counts}, env=env, timeout=300)
+    with harness.mlflow_server(args) as url:
+        got = harness.child(__file__, "steps", {"url": url, "counts": counts}, env=env, timeout=300)
     results: dict[str, dict[str, list[Any]]] = got["results"]
     for line in got["skipped"].values():
         figure.skip(line)
     if "none" not in results:
         figure.note("the baseline (no logger) did not run; no overheads")
-    mean = {name: _common.median(r["step_s"]) for name, r in results.items()}
-    typical = {name: _common.median(r["intervals_s"]) for name, r in results.items()}
+    mean = {name: harness.median(r["step_s"]) for name, r in results.items()}
+    typical = {name: harness.median(r["intervals_s"]) for name, r in results.items()}
     expected = counts["steps"] + counts["warmup_steps"]
     for name, label in LOGGERS.items():
         if name not in results:
@@ -249,7 +255,7 @@ def measure(args: argparse.Namespace) -> _common.Figure:
         figure.add(
             f"{name}_end_ms",
             f"{label}: fit's time after training ends (the logger ends its run there)",
-            _common.median(results[name]["end_s"]) * 1e3,
+            harness.median(results[name]["end_s"]) * 1e3,
             "ms",
         )
         short = [n for n in results[name]["stored"] if n != expected]
@@ -259,10 +265,10 @@ def measure(args: argparse.Namespace) -> _common.Figure:
 
 
 def main() -> None:
-    args = _common.parse_args(__doc__)
+    args = harness.parse_args(__doc__)
     if args.child == "steps":
         spec = json.loads(args.child_arg)
-        _common.child_result(args, steps_child(spec["url"], spec["counts"]))
+        harness.child_result(args, steps_child(spec["url"], spec["counts"]))
     measure(args).finish(args)
 
 

@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import Callable
 
-import _common
+from . import harness
 
 COUNTS = {  # synchronous calls, async one-metric calls, async 10-key steps
     "smoke": {"sync_calls": 5, "async_calls": 10, "async_steps_10": 5},
@@ -38,9 +38,9 @@ def bounded(fn: Callable[[], object], timeout: float) -> bool:
     return not thread.is_alive()
 
 
-def measure(args: argparse.Namespace) -> _common.Figure:
-    figure = _common.Figure("3_mlflow_client", "Figure 3: MLflow's client, synchronous and synchronous=False")
-    _common.banner(figure, args)
+def measure(args: argparse.Namespace) -> harness.Figure:
+    figure = harness.Figure("3_mlflow_client", "Figure 3: MLflow's client, synchronous and synchronous=False")
+    harness.banner(figure, args)
     counts = COUNTS[args.scale]
     figure.params = dict(counts)
     if importlib.util.find_spec("mlflow") is None:
@@ -50,7 +50,7 @@ def measure(args: argparse.Namespace) -> _common.Figure:
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     import mlflow
 
-    with _common.mlflow_server(args) as url:
+    with harness.mlflow_server(args) as url:
         mlflow.set_tracking_uri(url)
         mlflow.set_experiment(f"bench-mlflow-client-{uuid.uuid4().hex[:8]}")
         client = mlflow.MlflowClient(url)
@@ -71,7 +71,7 @@ def measure(args: argparse.Namespace) -> _common.Figure:
         )
         figure.add("mlflow_sync_events_per_s", "MLflow synchronous end to end", 1 / per_call, "events/s")
 
-        for label, key, n, per_call_events, call in (
+        phases: tuple[tuple[str, str, int, int, Callable[[int], object]], ...] = (
             (
                 "log_metric",
                 "log_metric",
@@ -86,7 +86,8 @@ def measure(args: argparse.Namespace) -> _common.Figure:
                 10,
                 lambda i: mlflow.log_metrics(KEYS10, step=i, synchronous=False),
             ),
-        ):
+        )
+        for label, key, n, per_call_events, call in phases:
             with mlflow.start_run(run_name=f"async-{key}"):
                 call(0)
                 mlflow.flush_async_logging()
@@ -117,7 +118,7 @@ def measure(args: argparse.Namespace) -> _common.Figure:
 
 
 def main() -> None:
-    args = _common.parse_args(__doc__)
+    args = harness.parse_args(__doc__)
     measure(args).finish(args)
     # MLflow's exit hooks join its async queue without a timeout; everything is drained by now.
 

@@ -1,7 +1,7 @@
-"""What the benchmark scripts share: arguments, servers, timing, child processes and output.
+"""What the figure modules share: arguments, servers, timing, child processes and output.
 
-Every script runs by hand (``python benchmarks/bench_caller_cost.py``) and prints its numbers;
-``tracklane bench`` runs the same scripts with ``--api-host``, ``--scale`` and ``--json`` and
+Every figure runs by hand (``python -m tracklane._bench.caller_cost``) and prints its numbers;
+``tracklane bench`` runs the same modules with ``--api-host``, ``--scale`` and ``--json`` and
 collects what they write. Nothing here asserts on a number.
 """
 
@@ -20,13 +20,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from tracklane._cli.bench import MlflowServer, SinkServer, verdicts
-
-HERE = Path(__file__).resolve().parent
+from .._cli.mlflow_server import MlflowServer
+from .sink import SinkServer
+from .targets import fmt, verdicts
 
 
 def parse_args(doc: str | None) -> argparse.Namespace:
@@ -98,7 +98,7 @@ def spilled(tc: Any) -> int:
     return int(stats().get("spilled", 0)) if callable(stats) else 0
 
 
-def median(values: list[float]) -> float:
+def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 
 
@@ -134,7 +134,8 @@ def peer_env(tmp: str) -> dict[str, str]:
 def child(
     script: str, name: str, arg: Any = "", *, env: dict[str, str] | None = None, timeout: float = 240
 ) -> Any:
-    """Run one measurement (``--child name``) of ``script`` in a fresh interpreter; its JSON result.
+    """Run one measurement (``--child name``) of the figure module whose file is ``script`` in a fresh
+    interpreter (``python -m``, as ``tracklane bench`` runs it); its JSON result.
 
     A child process gives each measurement a clean baseline: no other client's threads, imports
     or garbage in it.
@@ -142,7 +143,8 @@ def child(
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = Path(f.name)
     try:
-        cmd = [sys.executable, str(HERE / script), "--child", name, "--child-arg", json.dumps(arg)]
+        module = f"{__package__}.{Path(script).stem}"
+        cmd = [sys.executable, "-m", module, "--child", name, "--child-arg", json.dumps(arg)]
         cmd += ["--json", str(out)]
         # A scratch working directory: whatever a client leaves in its cwd stays out of the tree.
         done = subprocess.run(
@@ -177,7 +179,7 @@ class Figure:
 
     def add(self, key: str, label: str, value: float, unit: str, **extra: Any) -> None:
         self.measurements[key] = {"label": label, "value": value, "unit": unit, **extra}
-        print(f"  {label}: {_fmt(value)} {unit}", flush=True)
+        print(f"  {label}: {fmt(value)} {unit}", flush=True)
 
     def skip(self, line: str) -> None:
         self.skipped.append(line)
@@ -204,11 +206,3 @@ class Figure:
 
 def banner(figure: Figure, args: argparse.Namespace) -> None:
     print(f"{figure.title} [{args.scale}]", flush=True)
-
-
-def _fmt(value: float) -> str:
-    if abs(value) >= 100:
-        return f"{value:,.0f}"
-    if abs(value) >= 10:
-        return f"{value:.1f}"
-    return f"{value:.2f}"

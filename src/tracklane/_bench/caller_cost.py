@@ -51,7 +51,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-import _common
+from . import harness
 
 #: Events per second that every loop produces: a busy training loop (10 metrics at 200 steps/s),
 #: and below what a local MLflow server ingests (~6,000 events/s), so the worker never idles long.
@@ -159,7 +159,7 @@ def _handled(tc: Any) -> tuple[int, int]:
 
 def tracklane_child(url: str, counts: dict[str, float]) -> dict[str, Any]:
     """In a fresh process: each call on the schedule, with the worker delivering to ``url``."""
-    tc = _common.client(url)  # default settings: the buffer, batching and policy a user gets
+    tc = harness.client(url)  # default settings: the buffer, batching and policy a user gets
     tc.set_experiment(f"bench-caller-cost-{uuid.uuid4().hex[:8]}")
     tc.start_run(run_name="caller-cost", log_system_metrics=False)
     log_metric, log_metrics, set_tag = tc.log_metric, tc.log_metrics, tc.set_tag
@@ -346,8 +346,8 @@ def peer_child(name: str, seconds: float) -> dict[str, float]:
 
         run = wandb.init(project="tracklane-bench", name="caller-cost")
         log = run.log
-        one = lambda i: log({"loss": 0.5}, step=i)  # noqa: E731
-        ten = lambda i: log(KEYS10, step=i + 10_000_000)  # noqa: E731
+        one: Callable[[int], object] = lambda i: log({"loss": 0.5}, step=i)  # noqa: E731
+        ten: Callable[[int], object] = lambda i: log(KEYS10, step=i + 10_000_000)  # noqa: E731
         finish = run.finish
     else:
         import trackio
@@ -368,31 +368,31 @@ def peer_child(name: str, seconds: float) -> dict[str, float]:
     single = paced(one_calls, GROUP, 1, seconds)
     multi = paced(ten_calls, GROUP // 10, 10, seconds)
     finish()
-    return {"one": _common.median(single), "ten": _common.median(multi)}
+    return {"one": harness.median(single), "ten": harness.median(multi)}
 
 
-def measure_floor(counts: dict[str, float], figure: _common.Figure) -> list[float]:
-    got = _common.child(__file__, "floor", counts["floor_s"])
+def measure_floor(counts: dict[str, float], figure: harness.Figure) -> list[float]:
+    got = harness.child(__file__, "floor", counts["floor_s"])
     if got["threads"] != 1:
         figure.note(f"the floor's process ran {got['threads']} threads, not 1")
     per_call: list[float] = got["per_call_us"]
     return per_call
 
 
-def measure(args: argparse.Namespace) -> _common.Figure:
-    figure = _common.Figure("1_caller_cost", "Figure 1: caller cost per logging call")
-    _common.banner(figure, args)
+def measure(args: argparse.Namespace) -> harness.Figure:
+    figure = harness.Figure("1_caller_cost", "Figure 1: caller cost per logging call")
+    harness.banner(figure, args)
     counts = COUNTS[args.scale]
     figure.params = {**counts, "events_per_s": RATE, "events_per_timed_group": GROUP}
-    spec = {"url": "", "counts": counts}
+    spec: dict[str, Any] = {"url": "", "counts": counts}
     faces: dict[str, dict[str, Any]] = {}
-    with _common.mlflow_server(args) as url:
+    with harness.mlflow_server(args) as url:
         spec["url"] = url
         floor = measure_floor(counts, figure)  # before tracklane, and after it below
-        got = _common.child(__file__, "tracklane", spec, timeout=120)
+        got = harness.child(__file__, "tracklane", spec, timeout=120)
         # One after the other, each in a fresh process that ends with its events delivered.
         for face in ("tracklane_mlflow", "tracklane_mlflow_client"):
-            faces[face] = _common.child(__file__, face, spec, timeout=120)
+            faces[face] = harness.child(__file__, face, spec, timeout=120)
         if importlib.util.find_spec("mlflow") is None:
             figure.skip(
                 "MLflow log_metric(synchronous=False): mlflow is not installed "
@@ -401,12 +401,12 @@ def measure(args: argparse.Namespace) -> _common.Figure:
         else:
             bound = 2 * float(counts["mlflow_drain_s"]) + 60  # two bounded flushes, import, run
             try:
-                faces["mlflow"] = _common.child(__file__, "mlflow", spec, env=mlflow_env(), timeout=bound)
+                faces["mlflow"] = harness.child(__file__, "mlflow", spec, env=mlflow_env(), timeout=bound)
             except RuntimeError as exc:  # MLflow's failure is noted; it does not cost tracklane's rows
                 figure.skip(f"MLflow log_metric(synchronous=False) failed: {str(exc).splitlines()[-1]}")
         for _ in range(int(counts["floor_runs"]) - 1):
             floor += measure_floor(counts, figure)
-    floor_us = _common.median(floor)
+    floor_us = harness.median(floor)
     figure.add(
         "deque_floor_us",
         "floor, nothing else running: deque.append of a time_ns-stamped 4-tuple (median)",
@@ -421,7 +421,7 @@ def measure(args: argparse.Namespace) -> _common.Figure:
     figure.add(
         "tracklane_log_metric_us",
         "tracklane log_metric, worker delivering to the server meanwhile (median)",
-        _common.median(metric["per_call_us"]),
+        harness.median(metric["per_call_us"]),
         "us/call",
     )
     figure.add(
@@ -441,7 +441,7 @@ def measure(args: argparse.Namespace) -> _common.Figure:
         figure.add(
             "tracklane_log_metric_with_worker_us",
             "tracklane log_metric plus its worker's CPU per event (a loop that holds the GIL throughout)",
-            _common.median(metric["per_call_us"]) + worker_us,
+            harness.median(metric["per_call_us"]) + worker_us,
             "us/call",
         )
     else:
@@ -455,13 +455,13 @@ def measure(args: argparse.Namespace) -> _common.Figure:
     figure.add(
         "tracklane_log_metrics_10_us",
         "tracklane log_metrics (10 keys), worker delivering meanwhile (median)",
-        _common.median(got["log_metrics_10"]["per_call_us"]),
+        harness.median(got["log_metrics_10"]["per_call_us"]),
         "us/call",
     )
     figure.add(
         "tracklane_set_tag_us",
         "tracklane set_tag, worker delivering meanwhile (median)",
-        _common.median(got["set_tag"]["per_call_us"]),
+        harness.median(got["set_tag"]["per_call_us"]),
         "us/call",
     )
     figure.params["tracklane_phases"] = {
@@ -471,14 +471,14 @@ def measure(args: argparse.Namespace) -> _common.Figure:
         figure.note(f"TrackingClient: its last events were still undelivered after {counts['settle_s']:.0f}s")
     add_faces(figure, faces, counts)
     for peer, label in (("wandb", "W&B offline"), ("trackio", "trackio local")):
-        missing = _common.peer_available(peer, args.scale)
+        missing = harness.peer_available(peer, args.scale)
         if missing:
             figure.skip(missing)
             continue
         with tempfile.TemporaryDirectory(prefix=f"bench-{peer}-") as tmp:
             try:
                 spec = {"peer": peer, "seconds": PEER_SECONDS[args.scale]}
-                peer_got = _common.child(__file__, "peer", spec, env=_common.peer_env(tmp))
+                peer_got = harness.child(__file__, "peer", spec, env=harness.peer_env(tmp))
             except RuntimeError as exc:  # an optional peer that breaks is skipped, not fatal
                 figure.skip(f"{peer} failed: {str(exc).splitlines()[-1]}")
                 continue
@@ -497,7 +497,7 @@ FACES = {  # child: (key prefix, label)
 }
 
 
-def add_faces(figure: _common.Figure, faces: dict[str, dict[str, Any]], counts: dict[str, float]) -> None:
+def add_faces(figure: harness.Figure, faces: dict[str, dict[str, Any]], counts: dict[str, float]) -> None:
     """The MLflow faces' rows, and MLflow's own beside them: median and p99 per call."""
     for face, phase in faces.items():
         key, label = FACES[face]
@@ -506,7 +506,7 @@ def add_faces(figure: _common.Figure, faces: dict[str, dict[str, Any]], counts: 
         figure.add(
             f"{key}_us",
             f"{label}, {worker} delivering meanwhile ({calls}, median)",
-            _common.median(phase["per_call_us"]),
+            harness.median(phase["per_call_us"]),
             "us/call",
         )
         figure.add(
@@ -527,12 +527,12 @@ def add_faces(figure: _common.Figure, faces: dict[str, dict[str, Any]], counts: 
 
 
 def main() -> None:
-    args = _common.parse_args(__doc__)
+    args = harness.parse_args(__doc__)
     if args.child == "floor":
-        _common.child_result(args, floor_child(float(json.loads(args.child_arg))))
+        harness.child_result(args, floor_child(float(json.loads(args.child_arg))))
     if args.child == "tracklane":
         spec = json.loads(args.child_arg)
-        _common.child_result(args, tracklane_child(spec["url"], spec["counts"]))
+        harness.child_result(args, tracklane_child(spec["url"], spec["counts"]))
     children = {
         "tracklane_mlflow": tracklane_mlflow_child,
         "tracklane_mlflow_client": tracklane_mlflow_client_child,
@@ -540,10 +540,10 @@ def main() -> None:
     }
     if args.child in children:
         spec = json.loads(args.child_arg)
-        _common.child_result(args, children[args.child](spec["url"], spec["counts"]))
+        harness.child_result(args, children[args.child](spec["url"], spec["counts"]))
     if args.child == "peer":
         spec = json.loads(args.child_arg)
-        _common.child_result(args, peer_child(spec["peer"], spec["seconds"]))
+        harness.child_result(args, peer_child(spec["peer"], spec["seconds"]))
     measure(args).finish(args)
 
 
