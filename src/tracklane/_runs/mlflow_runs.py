@@ -100,6 +100,10 @@ class MlflowRuns:
         self.owns_runs = False
         self._samplers = {}
 
+    def after_exit(self) -> None:
+        """After the exit flush, calls naming a run (``MlflowClient.log_metric(run_id, ...)``) are
+        kept in the journal (``_runtime.late``); the fluent API has no active run left to log to."""
+
     # -- experiments -----------------------------------------------------------------------------
 
     async def set_experiment(self, name: str | None, experiment_id: str | None) -> Experiment:

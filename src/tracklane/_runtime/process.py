@@ -34,6 +34,7 @@ from typing import Any, Protocol, TypeVar
 
 from .._delivery.engine import Engine
 from .._exceptions import ConfigurationError, TrackingError
+from .._runtime.late import LateKeeper
 from .._runtime.loop_thread import LoopThread
 from .._runtime.waiting import WaitProgress, wait_with_progress
 
@@ -55,6 +56,9 @@ class RunModel(Protocol):
 
     def after_fork(self) -> None:
         """In a forked child: the parent's runs are the parent's to end."""
+
+    def after_exit(self) -> None:
+        """After the exit flush: late events go to the runs it ended (see ``_runtime.late``)."""
 
 
 class SyncRuntime:
@@ -156,12 +160,20 @@ class SyncRuntime:
             left = self.engine.pending()
         finally:
             self.thread.stop()
+            if not earlier:
+                self._keep_late_events()
             deferred, self.deferred_signal = self.deferred_signal, None
             if deferred is not None:
                 deferred()  # the SIGTERM that came during the flush, now it is done
         if left:
             logger.error("tracklane: %d event(s) could be neither delivered nor kept in the journal.", left)
         return left
+
+    def _keep_late_events(self) -> None:
+        """The interpreter is exiting: what atexit handlers that run after ours log is journaled."""
+        for model in self.models:
+            model.after_exit()
+        LateKeeper(self.engine).install()
 
     async def _close(self, status: str, deadline: float | None, earlier: bool) -> int:
         for model in list(self.models):
