@@ -16,7 +16,7 @@ import pytest
 
 from faults import SlowFor
 
-from servers import MlflowServer, Reader, tracklane_cli
+from servers import FaultProxy, MlflowServer, Reader, tracklane_cli
 
 pytestmark = pytest.mark.server
 
@@ -69,6 +69,45 @@ run = tc.start_run(run_name="late", log_system_metrics=False)
 print(run.info.run_id, flush=True)
 for step in range(100):
     tc.log_metric("loss", float(step), step=step)
+"""
+
+LATE_FLUENT = """
+import atexit, sys
+import tracklane.mlflow as mlflow
+url, storage, experiment = sys.argv[1:4]
+
+def save_final_metrics():  # runs after tracklane's exit flush ended the active run
+    for i in range(1000):
+        mlflow.log_metric("late", float(i), step=i)
+    mlflow.set_tag("late", "yes")
+
+atexit.register(save_final_metrics)
+mlflow.set_tracking_uri(url)
+mlflow.set_experiment(experiment)
+run = mlflow.start_run(run_name="late")
+print(run.info.run_id, flush=True)
+for step in range(100):
+    mlflow.log_metric("loss", float(step), step=step)
+"""
+
+OS_EXIT = """
+import os, sys, time
+from tracklane import TrackingClient
+url, storage, experiment = sys.argv[1:4]
+tc = TrackingClient(api_host=url, path_to_storage=storage, retry_window=1.0)
+tc.set_experiment(experiment)
+run = tc.start_run(run_name="os-exit", log_system_metrics=False)
+print(run.info.run_id, flush=True)
+for step in range(3000):
+    tc.log_metric("loss", float(step), step=step)
+tc.flush()  # the server refuses every batch: after retry_window they are all in the journal
+deadline = time.monotonic() + 60
+while tc.stats()["spilled"] < 3000 and time.monotonic() < deadline:
+    time.sleep(0.1)
+print(int(tc.stats()["spilled"]), flush=True)
+for step in range(3000, 3500):
+    tc.log_metric("loss", float(step), step=step)  # in memory only
+os._exit(0)
 """
 
 
@@ -124,12 +163,14 @@ def test_sys_exit_inside_a_run_ends_it_failed_with_every_point_without_waiting_f
     assert reader.run(earlier_id)["info"]["status"] == "FINISHED"
 
 
+@pytest.mark.parametrize("face", ["TrackingClient", "tracklane.mlflow"])
 def test_logging_from_an_atexit_handler_after_the_exit_flush_is_kept_and_synced_into_the_run(
-    server_url: str, reader: Reader, experiment_name: str, tmp_path: Path
+    face: str, server_url: str, reader: Reader, experiment_name: str, tmp_path: Path
 ) -> None:
-    storage = str(tmp_path / "storage")
+    # The fluent face keeps its journal where MLflow's client would, under the working directory.
+    storage = str(tmp_path / "storage") if face == "TrackingClient" else str(tmp_path)
 
-    proc = _child(LATE, server_url, storage, experiment_name)
+    proc = _child(LATE if face == "TrackingClient" else LATE_FLUENT, server_url, storage, experiment_name)
 
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr and "NoActiveRunError" not in proc.stderr, proc.stderr
@@ -145,3 +186,23 @@ def test_logging_from_an_atexit_handler_after_the_exit_flush_is_kept_and_synced_
     assert [s for _, s, _ in reader.history(run_id, "late")] == list(range(1000))
     assert reader.tags(run_id)["late"] == "yes"
     assert reader.run(run_id)["info"]["status"] == "FINISHED"  # still: the late data joined it
+
+
+def test_os_exit_loses_what_was_in_memory_and_keeps_what_was_in_the_journal(
+    fault_proxy: FaultProxy, reader: Reader, experiment_name: str, tmp_path: Path
+) -> None:
+    storage = str(tmp_path / "storage")
+    fault_proxy.answer("runs/log-batch", 503, b"")
+
+    proc = _child(OS_EXIT, fault_proxy.url, storage, experiment_name)
+
+    assert proc.returncode == 0, proc.stderr
+    run_id, spilled = proc.stdout.split()[:2]
+    assert spilled == "3000"
+    fault_proxy.heal()
+    synced = tracklane_cli("sync", storage, "--to", fault_proxy.url)
+    assert synced.returncode == 0, synced.stderr
+    # No exit flush ran: the journal's 3,000 arrive, the 500 only in memory are gone, and nobody
+    # ended the run (README: what os._exit and kill -9 lose).
+    assert [s for _, s, _ in reader.history(run_id, "loss")] == list(range(3000))
+    assert reader.run(run_id)["info"]["status"] == "RUNNING"
