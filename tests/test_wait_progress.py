@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import logging
 import re
+import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
 
 from tracklane._runtime.waiting import RecentRate
 
-from servers import FaultProxy, Reader
+from servers import FaultProxy, Reader, tracklane_cli
 
 pytestmark = pytest.mark.server
 
@@ -68,6 +70,44 @@ def test_end_run_on_a_slow_server_shows_progress_with_rate_eta_and_the_way_out(
     run_id = proc.stdout.split()[0]
     assert [s for _, s, _ in reader.history(run_id, "loss")] == list(range(100_000))
     assert reader.run(run_id)["info"]["status"] == "FINISHED"
+
+
+@pytest.mark.slow
+def test_ctrl_c_after_a_progress_line_keeps_the_rest_and_the_runs_end_for_tracklane_sync(
+    fault_proxy: FaultProxy, reader: Reader, experiment_name: str, tmp_path: Path
+) -> None:
+    storage = str(tmp_path / "storage")
+    fault_proxy.delay("runs/log-batch", 0.15)
+    child = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(SLOW_END), fault_proxy.url, storage, experiment_name],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    guard = threading.Timer(300, child.kill)  # a hang guard, not a speed target
+    guard.start()
+    try:
+        assert child.stdout is not None and child.stderr is not None
+        run_id = child.stdout.readline().strip()
+        seen = []
+        for line in child.stderr:
+            seen.append(line)
+            if LINE.match(line.rstrip("\n")):
+                child.send_signal(signal.SIGINT)  # what the line offers
+                break
+        rest = child.stderr.read()
+        child.wait(60)
+    finally:
+        guard.cancel()
+
+    assert child.returncode != 0 and "KeyboardInterrupt" in rest, "".join(seen) + rest
+    assert "ended" not in (child.stdout.read() or "")  # end_run did not return normally
+    assert f"tracklane sync {storage} --to {fault_proxy.url}" in rest, rest
+    fault_proxy.heal()
+    synced = tracklane_cli("sync", storage, "--to", fault_proxy.url)
+    assert synced.returncode == 0, synced.stderr
+    assert [s for _, s, _ in reader.history(run_id, "loss")] == list(range(100_000))
+    assert reader.run(run_id)["info"]["status"] == "FINISHED"  # the end end_run was asked for
 
 
 def test_recent_rate_follows_the_last_window_not_the_average_since_the_start() -> None:
