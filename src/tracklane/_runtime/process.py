@@ -186,25 +186,27 @@ class SyncRuntime:
         return await self.engine.shutdown(deadline)
 
     async def _own_events_only(self, deadline: float | None) -> None:
-        """Deliver this process's events (by progress, never past ``deadline``), then stop waiting
-        for the server: the engine's shutdown keeps in the journal whatever is still in memory, and
-        what earlier processes left stays there, said in one line with the command that delivers it."""
+        """Deliver this process's events (by progress, never past ``deadline``); once they are on
+        the server, stop waiting for it: what earlier processes left stays in the journal, said in
+        one line with the command that delivers it. (Not delivered: the engine's shutdown goes on
+        as it would, and keeps the rest.)"""
         done = False
         with contextlib.suppress(TrackingError):  # the run models have reported these already
             done = await self.engine.flush(deadline)
         spool = self.engine.spool
-        if done and spool is not None:
-            left = await spool.pending(None)  # ours are delivered: these are earlier processes'
-            if left:
-                logger.warning(
-                    "tracklane: %d event(s) that earlier processes left in %s are not on %s yet; they "
-                    "stay there for the next client on this storage, or deliver them now with: %s",
-                    left,
-                    spool.path,
-                    spool.api_host,
-                    spool.sync_command(),
-                )
-        self.engine.give_up()
+        if not done or spool is None:
+            return
+        left = await spool.pending(None)  # ours are delivered: these are earlier processes'
+        if left:
+            logger.warning(
+                "tracklane: %d event(s) that earlier processes left in %s are not on %s yet; they "
+                "stay there for the next client on this storage, or deliver them now with: %s",
+                left,
+                spool.path,
+                spool.api_host,
+                spool.sync_command(),
+            )
+        self.engine.give_up()  # the shutdown's own flush has nothing of ours to wait for
 
     def _install_sigterm_handler(self, ref: weakref.ref[SyncRuntime]) -> None:
         if threading.current_thread() is not threading.main_thread():
