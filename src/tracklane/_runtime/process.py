@@ -141,7 +141,7 @@ class SyncRuntime:
         deadline = None if timeout is None else time.monotonic() + timeout
         loop = self.thread.loop
         future = asyncio.run_coroutine_threadsafe(self._close(status, deadline, earlier), loop)
-        progress = WaitProgress(self.engine, loop, "close" if earlier else "the exit flush")
+        progress = WaitProgress(self.engine, loop, "close" if earlier else "the exit flush", deadline)
         try:
             # Bounded by the engine's own rule (no progress for retry_window) when timeout is None.
             left = wait_with_progress(future, None if timeout is None else timeout + _KEEP_GRACE, progress)

@@ -125,10 +125,13 @@ async def _snapshot(engine: Engine) -> Snapshot:
 class WaitProgress:
     """The progress lines of one wait on ``engine`` (``what``: "end_run", "the exit flush", or "")."""
 
-    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop, what: str) -> None:
+    def __init__(
+        self, engine: Engine, loop: asyncio.AbstractEventLoop, what: str, deadline: float | None = None
+    ) -> None:
         self.engine = engine
         self.loop = loop
         self.what = what
+        self.deadline = deadline  # monotonic: when the wait stops and keeps the rest in the journal
         self.started = time.monotonic()
         self.rate = RecentRate()
         self.lines = 0
@@ -157,10 +160,13 @@ class WaitProgress:
         if rate is None:
             text += ", measuring the rate"
         elif rate > 0:
+            eta = snap.left / rate
             text += (
                 f", {rate:,.0f} events/s over the last {_seconds(self.rate.span())}, "
-                f"about {_seconds(snap.left / rate)} to go"
+                f"about {_seconds(eta)} to go"
             )
+            if self.deadline is not None and now + eta > self.deadline:
+                text += f" (it stops in {_seconds(self.deadline - now)} and keeps the rest in the journal)"
         else:
             text += (
                 f", none taken in the last {_seconds(self.rate.span())} (it gives up after "
