@@ -160,7 +160,7 @@ class SyncRuntime:
             left = self.engine.pending()
         finally:
             self.thread.stop()
-            if not earlier:
+            if not earlier and not self.thread.alive:  # a loop still running owns the buffer
                 self._keep_late_events()
             deferred, self.deferred_signal = self.deferred_signal, None
             if deferred is not None:
