@@ -325,4 +325,5 @@ class Spool:
     async def close(self) -> None:
         self.unlock()
         if self.journal is not None:
-            await self.journal.call(self.journal.close)
+            journal, self.journal = self.journal, None  # closed: ``keep_now`` after this reopens
+            await journal.call(journal.close)

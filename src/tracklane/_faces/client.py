@@ -95,8 +95,8 @@ class TrackingClient(ClientBase[ActiveRun]):
     def _wrap(self, run: Run) -> ActiveRun:
         return ActiveRun(run, self.end_run)
 
-    def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        return self._runtime.call(coro, timeout)
+    def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None, what: str = "") -> T:
+        return self._runtime.call(coro, timeout, what)
 
     # -- experiments -----------------------------------------------------------------------------
 
@@ -164,7 +164,7 @@ class TrackingClient(ClientBase[ActiveRun]):
         Raises DeliveryError if the server refused events of it, AuthenticationError if it refused
         the key.
         """
-        self._call(self._runs.end_run(check_status(status)))
+        self._call(self._runs.end_run(check_status(status)), what="end_run")
 
     def get_run(self, run_id: str) -> Run:
         """The run as the server stores it, including everything logged before this call."""
@@ -323,7 +323,7 @@ class TrackingClient(ClientBase[ActiveRun]):
         MLflow server): fix it, then run the ``tracklane sync`` command the error gives.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        return self._call(self._engine.flush(deadline))
+        return self._call(self._engine.flush(deadline), what="flush")
 
     def close(self, timeout: float | None = None) -> int:
         """Deliver what is left (as long as the server makes progress, or at most ``timeout`` s),

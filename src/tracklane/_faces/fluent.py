@@ -360,6 +360,8 @@ class Fluent:
             return check_run_id(run_id)
         runs = self._runs
         found = runs.run_id if runs is not None else None
+        if found is None and runs is not None and runs.late_run_id is not None:
+            return runs.late_run_id  # logged after the exit flush: kept in the journal for that run
         if found is None:
             self.start_run()
             runs = self._runs

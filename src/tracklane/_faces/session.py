@@ -66,9 +66,10 @@ class Session:
         self.holders = 1
         self.from_mlflow_face = False
 
-    def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        """Run ``coro`` on the engine's loop and wait for it (at most ``timeout`` s)."""
-        return self.runtime.call(coro, timeout)
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None, what: str = "") -> T:
+        """Run ``coro`` on the engine's loop and wait for it (at most ``timeout`` s); a long wait
+        logs progress lines naming ``what`` (see ``SyncRuntime.call``)."""
+        return self.runtime.call(coro, timeout, what)
 
     def hold(self, model: RunModel | None) -> None:
         with _lock:
@@ -89,7 +90,7 @@ class Session:
             return self.runtime.shutdown(timeout, status)
         if model is not None and not self.runtime.closed:
             deadline = None if timeout is None else _deadline(timeout)
-            self.runtime.call(model.end_active(status, deadline))
+            self.runtime.call(model.end_active(status, deadline), what="close")
             with _lock:
                 if model in self.models:
                     self.models.remove(model)

@@ -91,12 +91,19 @@ class OicmRuns:
         self.params: dict[str, str] = {}
         self.last_run: Run | None = None
         self.owns_run = False  # False in a forked child: the parent ends the run
+        self._ended_at_shutdown: str | None = None  # the run end_active ended, for after_exit
         self._sampler: asyncio.Task[None] | None = None  # system metrics of the active run
 
     def after_fork(self) -> None:
         """In a forked child: log into the parent's run, but leave ending it to the parent."""
         self.owns_run = False
         self._sampler = None
+
+    def after_exit(self) -> None:
+        """After the exit flush: what is logged now (an atexit handler that runs after tracklane's)
+        goes to the run the exit ended, through the journal (``_runtime.late``)."""
+        if self.run_id is None and self._ended_at_shutdown is not None:
+            self.run_id = self._ended_at_shutdown
 
     async def check_platform(self) -> None:
         """On OICM: the liveness and version checks, run once the engine has a loop."""
@@ -341,6 +348,7 @@ class OicmRuns:
         """At shutdown: end the active run with ``status`` (unless it is a forked child's parent's).
         Problems are logged, not raised: shutdown goes on."""
         if self.run is not None and self.owns_run:
+            self._ended_at_shutdown = self.run.run_id
             try:
                 await self.end_run(status, deadline, notice=False)
             except TrackingError as exc:

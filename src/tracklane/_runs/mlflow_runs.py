@@ -69,6 +69,9 @@ class MlflowRuns:
         #: Runs an integration created by id and ends itself; at exit, those still open end here
         #: (FAILED when the process dies of an exception: a framework's end hook never ran).
         self.owned: set[str] = set()
+        self._ending_at_exit = False
+        #: After the exit flush: the run fluent calls with no active run log to (``after_exit``).
+        self.late_run_id: str | None = None
 
     @property
     def thread_stacks(self) -> threading.local:
@@ -102,6 +105,13 @@ class MlflowRuns:
     def after_fork(self) -> None:
         self.owns_runs = False
         self._samplers = {}
+
+    def after_exit(self) -> None:
+        """After the exit flush, what is logged goes to the journal (``_runtime.late``): calls that
+        name a run to it, fluent calls with no active run to the run the exit ended last (MLflow
+        would start a new run; none can be created once the exit flush is done)."""
+        if self._ending_at_exit:
+            self.late_run_id = self.last_run_id
 
     # -- experiments -----------------------------------------------------------------------------
 
@@ -372,6 +382,7 @@ class MlflowRuns:
     async def end_active(self, status: str, deadline: float | None) -> None:
         """At exit: end every active run, innermost first (MLflow's atexit ``end_run``), and the
         runs an integration owns."""
+        self._ending_at_exit = any(self._stacks)
         for run_id in sorted(self.owned):
             self.owned.discard(run_id)
             try:
