@@ -13,7 +13,7 @@ import os
 import socket
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from ._exceptions import ConfigurationError
 
@@ -91,6 +91,18 @@ class ServerConfig:
     request_timeout: float = 30.0
     #: Keep the platform's address out of the log: no UI links after start_run.
     hide_host: bool = False
+    #: HTTP basic auth, from a URL's userinfo (``http://user:pass@host``, taken out of ``api_host``
+    #: by ``strip_credentials``) or MLflow's ``MLFLOW_TRACKING_USERNAME``/``PASSWORD``.
+    username: str | None = None
+    password: Secret | None = None
+    tls_verify: bool | str = True
+    client_cert: str | None = None
+    max_retries: int | None = None
+
+    def __repr__(self) -> str:
+        # The generated repr would show the user name; the password is a Secret either way.
+        user = ", username=***" if self.username is not None else ""
+        return f"ServerConfig(api_host={self.api_host!r}{user}, api_key={self.api_key!r})"
 
     @property
     def is_oicm(self) -> bool:
@@ -147,6 +159,22 @@ class EngineConfig:
             check_interval(self.system_metrics_interval, "system_metrics_interval")
 
 
+def strip_credentials(url: str) -> tuple[str, str | None, str | None]:
+    """``url`` without its userinfo, and the user name and password it held (percent-decoded).
+
+    ``http://user:SECRET@host:5000`` -> (``http://host:5000``, ``user``, ``SECRET``). The one place
+    credentials are taken out of a URL: done when settings are parsed, so the clean URL is the only
+    one a repr, a log line, an exception, ``stats()`` or the journal can ever show.
+    """
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url, None, None
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user, colon, password = userinfo.partition(":")
+    clean = urlunsplit(parts._replace(netloc=hostport))
+    return clean, unquote(user) or None, unquote(password) if colon else None
+
+
 def resolve_server(
     api_host: str | None,
     api_key: str | None,
@@ -161,7 +189,7 @@ def resolve_server(
     key = api_key if api_key is not None else env("OIP_WORKLOAD_ACCESS_KEY")
     if not host:
         return None
-    host = host.rstrip("/")
+    host, username, password = strip_credentials(host.rstrip("/"))
     parts = urlsplit(host)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ConfigurationError(
@@ -170,6 +198,8 @@ def resolve_server(
         )
     config = ServerConfig(
         api_host=host,
+        username=username,
+        password=Secret(password) if password is not None else None,
         api_key=Secret(key) if key else None,
         verify_ssl=verify_ssl,
         workload_id=env("OIP_WORKLOAD_ID"),
