@@ -199,10 +199,6 @@ def _nothing_listens(exc: BaseException) -> bool:
     return isinstance(exc, _aiohttp().ClientConnectorError) and not isinstance(exc, _aiohttp().ClientSSLError)
 
 
-#: Non-JSON replies with these statuses say the URL has no MLflow behind it at all (a file server
-#: has no such path, or no POST): a wrong URL, not refused credentials.
-_NOT_MLFLOW_STATUSES = frozenset({404, 405, 501})
-
 #: What ``RestBackend.request`` calls before a retry of a create: the resource, if the lost
 #: attempt made it (then the call returns that), else None (then the create is sent again).
 BeforeRetry = Callable[[], Awaitable[dict[str, Any] | None]]
@@ -339,11 +335,7 @@ class RestBackend:
                     assert reply.body is not None
                     return reply.body
                 if reply.verdict is not Verdict.RETRY:
-                    if (
-                        reply.verdict is Verdict.STOP
-                        and not delivering
-                        and reply.status in _NOT_MLFLOW_STATUSES
-                    ):
+                    if reply.not_mlflow and not delivering:
                         raise self._not_mlflow(reply, endpoint)
                     raise refusal(reply, endpoint, self.config.api_host)
                 problem = f"HTTP {status} {reply.error_code}".rstrip()
@@ -420,8 +412,8 @@ class RestBackend:
                 f"Nothing answers at {host} ({endpoint}: {problem}). Check that the tracking server "
                 "is running and that the URL (scheme, host, port) is right. To log without a server, "
                 "log offline: TrackingClient(offline_mode=True) (or OIP_OFFLINE_MODE=true), or a local "
-                "directory as the tracking URI for tracklane.mlflow / MlflowClient; upload later with "
-                "`tracklane sync DIR --to URL`."
+                "directory as the tracking URI for tracklane.mlflow / MlflowClient; browse it with "
+                "`tracklane ui DIR`, upload later with `tracklane sync DIR --to URL`."
             )
         return ServerUnavailableError(
             f"{host} did not answer {endpoint} within the retry window ({attempts} attempt(s), "
