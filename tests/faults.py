@@ -2,7 +2,8 @@
 MLflow server never makes on demand.
 
 ``HostileProxy`` forwards to the real server like ``FaultProxy`` (and keeps its script, answers and
-delays), and adds, per endpoint (``runs/get``, or ``artifacts`` for the artifact proxy):
+delays), and adds, per endpoint (``runs/get``; ``artifacts`` for the artifact proxy's downloads and
+uploads, ``artifacts-listing`` for its listings):
 
 - ``drop_reply(endpoint, times)``: forward the request (the server applies it), then close the
   connection without an answer: a reply lost on the way back;
@@ -151,7 +152,7 @@ class HostileProxy(FaultProxy):
 
     async def _artifacts(self, request: web.Request) -> web.StreamResponse:
         rest = request.match_info.get("rest", "")
-        faulted = await self._fault_of("artifacts", request)
+        faulted = await self._fault_of("artifacts" if rest else "artifacts-listing", request)
         if faulted is not None:
             return faulted
         if self._listing is not None:

@@ -309,6 +309,9 @@ class RestBackend:
         """
         base = self.config.artifacts_base if artifact else self.config.rest_base
         url = f"{base(self.workspace_id)}/{endpoint}" if endpoint else base(self.workspace_id)
+        if artifact:  # how errors name it: the path under the artifact proxy, or its listing
+            what = f"the artifact listing of {query.get('path', '') if query else ''}".rstrip()
+            endpoint = f"mlflow-artifacts/artifacts/{endpoint}" if endpoint else what
         if body is None and payload is not None:
             body = orjson.dumps(payload)
         if deadline is None:
