@@ -42,6 +42,7 @@ class HostileProxy(FaultProxy):
         self.sent: Counter[str] = Counter()  # body bytes written by ``huge`` and ``trickle``
         self.dropped: Counter[str] = Counter()  # replies lost after the server applied the request
         self._release: asyncio.Event | None = None
+        self.authorization: Counter[str | None] = Counter()  # Authorization headers received
 
     # -- scripting (from the test's thread) ---------------------------------------------------
 
@@ -88,6 +89,7 @@ class HostileProxy(FaultProxy):
 
     async def _hostile(self, request: web.Request) -> web.StreamResponse:
         endpoint = request.match_info["rest"]
+        self.authorization[request.headers.get("Authorization")] += 1
         faulted = await self._fault_of(endpoint, request)
         if faulted is not None:
             return faulted
