@@ -274,3 +274,31 @@ def test_an_honest_listing_still_downloads(tc: TrackingClient, tmp_path: Path) -
     local = tc.download_artifacts("", str(dst), run_id=run_id)
 
     assert (Path(local) / "notes" / "hello.txt").read_text() == "hello"
+
+
+def test_an_upload_to_a_server_that_never_answers_ends(
+    tc: TrackingClient, proxy: HostileProxy, tmp_path: Path
+) -> None:
+    import asyncio
+
+    from tracklane._settings import resolve_server
+    from tracklane._stores.rest import RestBackend
+
+    run_id = _finished_run(tc)
+    config = resolve_server(proxy.url, None, request_timeout=REQUEST_TIMEOUT)
+    assert config is not None
+    backend = RestBackend(config, retry_window=RETRY_WINDOW)
+    model = tmp_path / "model.bin"
+    model.write_bytes(b"m" * (1 << 20))
+    proxy.hang("artifacts")
+
+    async def upload() -> None:
+        try:
+            await backend.put_artifact(run_id, "model.bin", model)
+        finally:
+            await backend.aclose()
+
+    error = _ended(lambda: asyncio.run(upload()))
+
+    assert isinstance(error, ServerUnavailableError), repr(error)
+    assert "mlflow-artifacts/artifacts/" in str(error) and "model.bin" in str(error)
