@@ -302,3 +302,44 @@ def test_an_upload_to_a_server_that_never_answers_ends(
 
     assert isinstance(error, ServerUnavailableError), repr(error)
     assert "mlflow-artifacts/artifacts/" in str(error) and "model.bin" in str(error)
+
+
+def test_sync_reads_no_snapshot_outside_the_journals_artifact_area(
+    tmp_path: Path, mlflow_server: MlflowServer, experiment_name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import sqlite3
+
+    from tracklane._cli import main as cli
+
+    from servers import Reader
+
+    storage = tmp_path / "storage"
+    with TrackingClient(offline_mode=True, path_to_storage=str(storage)) as offline:
+        offline.set_experiment(experiment_name)
+        with offline.start_run(run_name="tampered", log_system_metrics=False):
+            offline.log_text("fine", "notes.txt")
+    secret = tmp_path / "not-yours.txt"
+    secret.write_text("private")
+    db = sqlite3.connect(storage / "ml_runs" / "tracklane.db")
+    with db:
+        db.execute("UPDATE artifacts SET file = ?", ("../../../not-yours.txt",))
+    db.close()
+
+    code = cli(["sync", str(storage), "--to", mlflow_server.url])
+    out = capsys.readouterr()
+
+    assert code == 2, out.out + out.err  # the row is refused and listed, the rest delivered
+    assert "Refusing" in out.err and "not-yours.txt" in out.err
+    reader = Reader(mlflow_server.url)
+    found = reader.experiment(experiment_name)
+    assert found is not None
+    [run] = reader.runs(found["experiment_id"])
+    assert run["info"]["status"] == "FINISHED"
+    import json
+    import urllib.parse
+    import urllib.request
+
+    where = urllib.parse.urlencode({"path": run["info"]["artifact_uri"].split("artifacts:/")[-1].strip("/")})
+    with urllib.request.urlopen(f"{mlflow_server.url}/api/2.0/mlflow-artifacts/artifacts?{where}") as reply:
+        listing = json.loads(reply.read() or b"{}")
+    assert not listing.get("files"), listing  # nothing uploaded from outside the journal
