@@ -339,7 +339,7 @@ class RestBackend:
                     return reply.body
                 if reply.verdict is not Verdict.RETRY:
                     if reply.not_mlflow and not delivering:
-                        raise self._not_mlflow(reply, endpoint)
+                        raise self._not_mlflow(reply, endpoint, artifact)
                     raise refusal(reply, endpoint, self.config.api_host)
                 problem = f"HTTP {status} {reply.error_code}".rstrip()
                 wait = retry_after_seconds(retry_after)
@@ -398,7 +398,13 @@ class RestBackend:
             if upload is not None:
                 await data.aclose()
 
-    def _not_mlflow(self, reply: Reply, endpoint: str) -> ConfigurationError:
+    def _not_mlflow(self, reply: Reply, endpoint: str, artifact: bool) -> ConfigurationError:
+        if artifact:
+            return ConfigurationError(
+                f"{self.config.api_host} does not serve MLflow's artifact proxy: {endpoint} answered "
+                f"HTTP {reply.status} with something that is not MLflow's JSON. Start the server with "
+                "`mlflow server --serve-artifacts` (the default unless --no-serve-artifacts is given)."
+            )
         return ConfigurationError(
             f"{self.config.api_host} is not an MLflow tracking server: it answered {endpoint} with "
             f"HTTP {reply.status} and something that is not MLflow's JSON ({reply.message[:80]!r}). "
