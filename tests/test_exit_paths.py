@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from faults import SlowFor
-
 from servers import FaultProxy, MlflowServer, Reader, tracklane_cli
 
 pytestmark = pytest.mark.server

@@ -14,7 +14,7 @@ import os
 import socket
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from ._exceptions import ConfigurationError
 
@@ -113,6 +113,11 @@ class ServerConfig:
     #: retry window alone decides.
     max_retries: int | None = None
 
+    def __repr__(self) -> str:
+        # The generated repr would show the user name; the password is a Secret either way.
+        user = ", username=***" if self.username is not None else ""
+        return f"ServerConfig(api_host={self.api_host!r}{user}, api_key={self.api_key!r})"
+
     @property
     def is_oicm(self) -> bool:
         return self.api_host.endswith(OICM_SUFFIX)
@@ -168,6 +173,22 @@ class EngineConfig:
             check_interval(self.system_metrics_interval, "system_metrics_interval")
 
 
+def strip_credentials(url: str) -> tuple[str, str | None, str | None]:
+    """``url`` without its userinfo, and the user name and password it held (percent-decoded).
+
+    ``http://user:SECRET@host:5000`` -> (``http://host:5000``, ``user``, ``SECRET``). The one place
+    credentials are taken out of a URL: done when settings are parsed, so the clean URL is the only
+    one a repr, a log line, an exception, ``stats()`` or the journal can ever show.
+    """
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url, None, None
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user, colon, password = userinfo.partition(":")
+    clean = urlunsplit(parts._replace(netloc=hostport))
+    return clean, unquote(user) or None, unquote(password) if colon else None
+
+
 def resolve_server(
     api_host: str | None,
     api_key: str | None,
@@ -183,20 +204,24 @@ def resolve_server(
     key = api_key if api_key is not None else env("OIP_WORKLOAD_ACCESS_KEY") or env("MLFLOW_TRACKING_TOKEN")
     if not host:
         return None
-    host = host.rstrip("/")
+    host, username, password = strip_credentials(host.rstrip("/"))
     parts = urlsplit(host)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ConfigurationError(
             f"api_host {host!r} is not an http(s) URL. Pass the tracking server's address, e.g. "
             "'http://127.0.0.1:5000' for MLflow or 'https://HOST/api/tracking' for OICM."
         )
+    connection = http_settings(request_timeout)
+    if username is not None:  # the URL's own user info wins over MLFLOW_TRACKING_USERNAME/_PASSWORD
+        connection["username"] = username
+        connection["password"] = Secret(password) if password is not None else None
     config = ServerConfig(
         api_host=host,
         api_key=Secret(key) if key else None,
         verify_ssl=verify_ssl,
         workload_id=env("OIP_WORKLOAD_ID"),
         hide_host=hide_host,
-        **http_settings(request_timeout),
+        **connection,
     )
     if config.is_oicm and config.api_key is None:
         raise ConfigurationError(

@@ -4,11 +4,16 @@ On a terminal: one bar redrawn in place at most ten times a second. Anywhere els
 a plain line once the upload has run for a second, then at most one every few seconds, so a
 log holds a handful of lines for an hour-long sync, not one per request. In both, the caller adds
 a line of its own per finished piece of work (``line``).
+
+The rate, and the time left computed from it, are those of the last ``RATE_WINDOW`` seconds, not the
+average since the start: an upload that starts fast (a burst that fits the first requests) and then
+settles, or one that speeds up once the server warms, is shown at the pace it goes now.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import TextIO
 
@@ -20,6 +25,8 @@ _TTY_INTERVAL = 0.1
 #: ``_PLAIN_INTERVAL`` seconds.
 _PLAIN_FIRST = 1.0
 _PLAIN_INTERVAL = 5.0
+#: The rate is measured over this many recent seconds.
+RATE_WINDOW = 10.0
 
 
 class Progress:
@@ -43,11 +50,17 @@ class Progress:
         self._start = clock()
         self._next = self._start + (_TTY_INTERVAL if tty else _PLAIN_FIRST)
         self._bar_shown = False
+        #: (time, events done) samples; the oldest is the start of the rate's window.
+        self._samples: deque[tuple[float, int]] = deque([(self._start, 0)])
 
     def add(self, n: int) -> None:
         """Count ``n`` more events done; show progress if it is time to."""
         self.done_n += n
         now = self._clock()
+        self._samples.append((now, self.done_n))
+        # Keep one sample at or before the window's start, so the window spans RATE_WINDOW seconds.
+        while len(self._samples) > 2 and self._samples[1][0] <= now - RATE_WINDOW:
+            self._samples.popleft()
         if now < self._next and not (self.tty and self.done_n >= self.total):
             return
         self._next = now + (_TTY_INTERVAL if self.tty else _PLAIN_INTERVAL)
@@ -73,11 +86,14 @@ class Progress:
         return text
 
     def rate(self, now: float | None = None) -> float | None:
-        """Events per second since the start; None until there is something to measure."""
-        elapsed = (self._clock() if now is None else now) - self._start
+        """Events per second over the last ``RATE_WINDOW`` seconds (since the start, before that);
+        None until there is something to measure."""
+        now = self._clock() if now is None else now
+        since, done_then = self._samples[0]
+        elapsed = now - since
         if elapsed <= 0 or self.done_n == 0:
             return None
-        return self.done_n / elapsed
+        return (self.done_n - done_then) / elapsed
 
     def line(self, text: str) -> None:
         """Print a line of the caller's own; a bar on a terminal is redrawn below it."""

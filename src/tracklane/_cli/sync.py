@@ -6,8 +6,8 @@ server run they came from, and without ``--to`` (or ``$OIP_TRACKING_SERVER``) ea
 its own server. Every param, tag and metric point goes through log-batch. The journal records
 each run's server id and how far delivery got, after every request, so an interrupted sync
 resumes and a repeated sync sends nothing twice. A server run also carries the tag
-``tracklane.offline_run_id``: if a sync dies between creating a run and recording it, the next
-sync finds that run instead of making a second one.
+``tracklane.offline_run_id``: if a sync dies between creating a run and recording it, or a reply to
+``runs/create`` is lost, the run is found instead of made twice (``_delivery.find_or_create``).
 
 One uploader at a time per journal and server: a sync holds the journal's ``UploadLock`` for its
 server from reading what is pending to the last request, so a second sync, or a client replaying
@@ -27,16 +27,17 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from .._delivery.batching import KIND_NAMES, Event
+from .._delivery.find_or_create import OFFLINE_RUN_TAG, find_or_create_run
 from .._delivery.upload import upload_run
-from .._exceptions import ConfigurationError, ServerError, ServerUnavailableError, TrackingError
+from .._exceptions import ConfigurationError, ServerUnavailableError, TrackingError
 from .._settings import ServerConfig, env, resolve_server
 from .._stores.journal import JOURNAL_DIR, Delivery, Journal, UploadLock, journal_file, server_key
 from .._stores.rest import RestBackend
 from .args import positive_float
 from .progress import Progress
 
-#: Tag put on a server run created from an offline run: the offline run's id.
-OFFLINE_RUN_TAG = "tracklane.offline_run_id"
+__all__ = ["OFFLINE_RUN_TAG", "main", "pending", "register", "sync"]
+
 #: How often a sync waiting for another uploader checks whether it is done.
 _LOCK_POLL = 0.2
 
@@ -306,7 +307,7 @@ async def sync(
 
     for d in owed.runs:
         if d.server_run_id is None:
-            d = await _server_run(journal, backend, target, d, experiments)
+            d = await find_or_create_run(journal, backend, target, d, experiments)
         before = report.sent
 
         def sent(n: int) -> None:
@@ -330,52 +331,6 @@ def pending(journal: Journal, target: str, spilled_only: bool = False) -> Pendin
             runs.append(d)
             events += metrics + texts
     return Pending(runs, events)
-
-
-async def _server_run(
-    journal: Journal, backend: RestBackend, target: str, d: Delivery, experiments: dict[int, str]
-) -> Delivery:
-    """Find or create the server run of offline run ``d``, record it, return ``d`` with its id."""
-    assert d.experiment is not None
-    experiment_id = experiments.get(d.experiment)
-    if experiment_id is None:
-        local = await journal.call(journal.get_experiment, str(d.experiment))
-        found = await backend.get_experiment_by_name(local.name)
-        if found is None:
-            try:
-                experiment_id = await backend.create_experiment(local.name, local.tags)
-            except ServerError as exc:
-                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                    raise
-                again = await backend.get_experiment_by_name(local.name)
-                assert again is not None
-                experiment_id = again.experiment_id
-        elif found.lifecycle_stage == "deleted":
-            raise TrackingError(
-                f"Experiment {local.name!r} is deleted on the server; restore it there, then sync again."
-            )
-        else:
-            experiment_id = found.experiment_id
-        experiments[d.experiment] = experiment_id
-    reply = await backend.request(
-        "POST",
-        "runs/search",
-        payload={
-            "experiment_ids": [experiment_id],
-            "filter": f"tags.`{OFFLINE_RUN_TAG}` = '{d.run_uuid}'",
-            "max_results": 1,
-        },
-    )
-    runs = reply.get("runs") or []
-    if runs:
-        server_run_id = str(runs[0]["info"]["run_id"])
-    else:
-        run = await backend.create_run(
-            experiment_id, d.run_name, d.start_time or 0, {OFFLINE_RUN_TAG: d.run_uuid}
-        )
-        server_run_id = run.info.run_id
-    await journal.call(journal.record_server_run, d.run, target, server_run_id)
-    return (await journal.call(journal.deliveries, target, [d.run_uuid]))[0]
 
 
 def dry_run(journal: Journal, target: str, server: ServerConfig, out: TextIO) -> None:

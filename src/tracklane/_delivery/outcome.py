@@ -70,6 +70,12 @@ class Reply:
         return self.status in (401, 403)
 
     @property
+    def not_mlflow(self) -> bool:
+        """A reply that is not MLflow's JSON to a path or method the server does not have (404,
+        405, 501): no MLflow behind the URL at all (a file or web server), not a login page."""
+        return self.verdict is Verdict.STOP and self.body is None and self.status in (404, 405, 501)
+
+    @property
     def server_error(self) -> bool:
         """A 500: counted towards telling a poison batch from an outage. (502, 503 and 504 say the
         server is unavailable or restarting behind a gateway: an outage, never the payload's fault.)"""

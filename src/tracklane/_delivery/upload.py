@@ -18,6 +18,7 @@ from collections import deque
 from pathlib import Path
 from typing import Protocol
 
+from .._artifacts.paths import UnsafePathError, inside
 from .._exceptions import AuthenticationError, ConfigurationError, ServerError
 from .._limits import MAX_METRICS_PER_BATCH
 from .._stores.journal import Delivery, Journal
@@ -120,10 +121,10 @@ async def upload_artifacts(
     deleted once uploaded; an offline run's stay with it (it may be synced elsewhere again)."""
     assert d.server_run_id is not None
     for artifact_id, path, file, size in await journal.call(journal.pending_artifacts, d):
-        snapshot = journal.artifact_dir / file
         try:
+            snapshot = inside(journal.artifact_dir, file, "artifact snapshot named by the journal")
             await target.put_artifact(d.server_run_id, path, snapshot)
-        except (ServerError, ConfigurationError, FileNotFoundError) as exc:
+        except (ServerError, ConfigurationError, FileNotFoundError, UnsafePathError) as exc:
             if isinstance(exc, AuthenticationError):
                 raise
             on_rejected([(ARTIFACT, d.server_run_id, path, size, 0, 0)], str(exc))
@@ -131,7 +132,7 @@ async def upload_artifacts(
             on_sent(1)
             if d.origin is not None:
                 with contextlib.suppress(OSError):
-                    snapshot.unlink()
+                    (journal.artifact_dir / file).unlink()
         await journal.call(journal.advance_artifacts, d.run, server, artifact_id)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .._artifacts import kinds
+from .._artifacts.paths import inside
 from .._delivery.artifacts import ArtifactLog, artifact_path
 from .._delivery.buffer import Buffer, now_ms
 from .._delivery.engine import Engine
@@ -118,9 +119,11 @@ async def download_artifacts(
     if not dst.is_dir():
         raise InvalidInputError(f"download_artifacts: dst_path {str(dst)!r} is not an existing directory.")
     path = path.strip("/")
+    if path:
+        inside(dst, path, "artifact path")
     entries = await server.list_artifacts(run_id, path or None)
     if not entries and path:  # a file (or nothing: then the download says 404)
-        local = dst / path
+        local = inside(dst, path, "artifact path")
         local.parent.mkdir(parents=True, exist_ok=True)
         await server.download_artifact(run_id, artifact_path(None, path), local)
         return str(local)
@@ -131,8 +134,9 @@ async def download_artifacts(
 async def _download_tree(
     server: RestBackend | MlflowSqlBackend, run_id: str, entries: list[FileInfo], dst: Path
 ) -> None:
-    for entry in entries:
-        local = dst / entry.path
+    """Every listed name is checked before anything is written: a hostile listing writes nothing."""
+    checked = [(entry, inside(dst, entry.path, f"artifact listed by {server.describe}")) for entry in entries]
+    for entry, local in checked:
         if entry.is_dir:
             local.mkdir(parents=True, exist_ok=True)
             await _download_tree(server, run_id, await server.list_artifacts(run_id, entry.path), dst)
@@ -148,6 +152,7 @@ async def restore_artifact(engine: Engine, store: Store, run_id: str, name: str)
     for entry in await server.list_artifacts(run_id, None):
         if not entry.is_dir and _stored_name(entry.path) == name:
             with tempfile.TemporaryDirectory(prefix="tracklane-restore-") as tmp:
+                inside(Path(tmp), entry.path, f"artifact listed by {server.describe}")
                 local = Path(tmp) / "object"
                 await server.download_artifact(run_id, entry.path, local)
                 return kinds.restore_object(entry.path, local.read_bytes())

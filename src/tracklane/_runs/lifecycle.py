@@ -250,6 +250,15 @@ class OicmRuns:
                         matches[0].info.run_id,
                     )
                 run = matches[0] if matches else None
+                if run is not None and not follower:
+                    # Said once per start_run: new data joins a run that already holds some.
+                    logger.warning(
+                        "tracklane: resuming run %s (%s) in experiment %r: new data is added to it. "
+                        "Pass another run_name for a new run.",
+                        run_name,
+                        run.info.run_id,
+                        experiment.name,
+                    )
                 if run is None and follower:
                     run = await self._await_leaders_run(experiment, run_name)
             elif follower:

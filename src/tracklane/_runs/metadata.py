@@ -12,7 +12,9 @@ import functools
 import getpass
 import sys
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
+
+from .._settings import strip_credentials
 
 USER = "mlflow.user"
 SOURCE_NAME = "mlflow.source.name"
@@ -115,7 +117,6 @@ def _first_remote_url(config: Path) -> str | None:
 
 def _without_credentials(url: str) -> str:
     """A token in an https remote (``https://user:TOKEN@host/...``) must not become a tag."""
-    parts = urlsplit(url)
-    if parts.scheme in ("http", "https") and "@" in parts.netloc:
-        return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+    if urlsplit(url).scheme in ("http", "https"):
+        return strip_credentials(url)[0]
     return url

@@ -44,11 +44,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 from .._delivery.batching import METRIC, PARAM, TAG, Event
 from .._entities import Experiment, Metric, Run, RunData, RunInfo
 from .._exceptions import ConfigurationError, NotFoundError, ServerError
+from .._settings import strip_credentials
 
 #: ``<path_to_storage>/ml_runs/<JOURNAL_FILE>``.
 JOURNAL_DIR = "ml_runs"
@@ -92,8 +92,7 @@ ARTIFACT_DIR = "artifacts"
 def server_key(api_host: str, workspace_id: str | None) -> str:
     """How the journal names a destination: the host (never with credentials in it), and the
     workspace on OICM."""
-    parts = urlsplit(api_host.rstrip("/"))
-    host = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    host = strip_credentials(api_host.rstrip("/"))[0]
     return f"{host}#workspace={workspace_id}" if workspace_id else host
 
 

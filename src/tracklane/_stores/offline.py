@@ -43,8 +43,10 @@ def offline_backend(
     if not offline_mode:
         logger.warning(
             "tracklane: no tracking server configured (api_host= or OIP_TRACKING_SERVER), so runs are "
-            "logged offline to %s. Upload them later with: tracklane sync %s --to URL",
+            "logged offline to %s. Look at them in MLflow's web UI with: tracklane ui %s ; upload "
+            "them to a server later with: tracklane sync %s --to URL",
             backend.journal.path.parent.resolve(),
+            storage,
             storage,
         )
     return backend

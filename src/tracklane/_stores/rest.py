@@ -13,10 +13,11 @@ import logging
 import os
 import ssl
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 from urllib.parse import quote, urlsplit
+from uuid import uuid4
 
 import orjson
 
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 from .._delivery.batching import Batch, Event
 from .._delivery.outcome import (
     POISON_AFTER,
+    Reply,
     ServerFault,
     Verdict,
     backoff,
@@ -60,14 +62,108 @@ async def _file_chunks(file: BinaryIO) -> AsyncIterator[bytes]:
         file.close()
 
 
-async def _stream_to(resp: Any, path: Path) -> None:
+#: Largest JSON reply read. MLflow's biggest pages, as tracklane asks for them (25,000 metric points
+#: of ``get-history``, 1,000 runs of ``runs/search`` with their params and tags) are a few MiB;
+#: 64 MiB is ten times that, and parsing it costs ~3x its size in memory (bytes, then objects), so a
+#: reply this big is not a page of MLflow's but a wrong URL or a hostile server. It is refused
+#: without being read whole (the Content-Length, then the bytes as they come).
+MAX_JSON_REPLY = 64 << 20
+#: Slowest a streamed body (a file's upload or download) may move, in bytes per second, measured
+#: over each ``request_timeout`` seconds: slower than a 64 kbit/s line is a server that trickles,
+#: not a slow link, and would hold the call forever without ever tripping the read-gap limit.
+MIN_STREAM_RATE = 8 << 10
+#: Longest a TCP connect may take (capped by ``request_timeout``).
+CONNECT_TIMEOUT = 10.0
+#: Until a server has answered once, nothing listening there (connection refused, unknown host) is
+#: retried for this long rather than the whole retry window: a wrong URL, or a server not started,
+#: is said within seconds, with how to log offline.
+FIRST_CONTACT_WINDOW = 5.0
+#: Run tag holding the id the client gave a ``runs/create`` (see ``RestBackend.create_run``).
+CREATE_ID_TAG = "tracklane.create_id"
+
+
+class ReplyTooLargeError(ServerError):
+    """A reply above ``MAX_JSON_REPLY``."""
+
+
+class _StalledBody(OSError):
+    """A streamed body moving slower than ``MIN_STREAM_RATE``: retried like a dropped connection."""
+
+
+class _RateGuard:
+    """Counts a stream's bytes and raises ``_StalledBody`` when a window of ``window`` seconds
+    moved fewer than ``MIN_STREAM_RATE`` bytes a second."""
+
+    def __init__(self, window: float, what: str) -> None:
+        self.window = window
+        self.what = what
+        self._since = time.monotonic()
+        self._bytes = 0
+
+    def count(self, n: int) -> None:
+        self._bytes += n
+        elapsed = time.monotonic() - self._since
+        if elapsed < self.window:
+            return
+        rate = self._bytes / elapsed
+        if rate < MIN_STREAM_RATE:
+            raise _StalledBody(
+                f"{self.what} moved at {rate:,.0f} B/s for {elapsed:.0f} s, under the minimum "
+                f"{MIN_STREAM_RATE:,} B/s"
+            )
+        self._since, self._bytes = time.monotonic(), 0
+
+
+async def _stream_to(resp: Any, path: Path, window: float) -> None:
     """Write a reply's body to ``path`` chunk by chunk (via a temporary name: a download that
-    breaks off leaves no half file under the real one)."""
+    breaks off leaves no half file under the real one), at no less than ``MIN_STREAM_RATE``."""
     part = path.with_name(path.name + ".part")
-    with open(part, "wb") as out:
-        async for chunk in resp.content.iter_chunked(1 << 20):
-            out.write(chunk)
-    os.replace(part, path)
+    guard = _RateGuard(window, "the download")
+    try:
+        with open(part, "wb") as out:
+            async for chunk in resp.content.iter_chunked(1 << 20):
+                out.write(chunk)
+                guard.count(len(chunk))
+            guard.count(0)
+        os.replace(part, path)
+    finally:
+        if part.exists():
+            part.unlink()
+
+
+async def _read_json_body(resp: Any, endpoint: str, api_host: str) -> bytes:
+    """The reply's body, refused (``ReplyTooLargeError``) past ``MAX_JSON_REPLY`` before it is
+    read whole: by its Content-Length, else by counting as it arrives."""
+    length = resp.content_length
+
+    def too_large(size: str) -> ReplyTooLargeError:
+        return ReplyTooLargeError(
+            f"{api_host} answered {endpoint} with {size}, more than the {MAX_JSON_REPLY >> 20} MiB "
+            "tracklane reads: no MLflow reply to this call is that big. Check that the URL is the "
+            "tracking server itself (not a file server or a proxy in front of it).",
+            status=resp.status,
+        )
+
+    if length is not None and length > MAX_JSON_REPLY:
+        raise too_large(f"a body of {length:,} bytes")
+    body = bytearray()
+    async for chunk in resp.content.iter_chunked(1 << 20):
+        body += chunk
+        if len(body) > MAX_JSON_REPLY:
+            raise too_large("a body that went on past that")
+    return bytes(body)
+
+
+def field(reply: Mapping[str, Any], key: str, endpoint: str, api_host: str) -> Any:
+    """``reply[key]``, or ConfigurationError naming the call when MLflow's reply would have it."""
+    value = reply.get(key) if isinstance(reply, Mapping) else None
+    if value is None:
+        raise ConfigurationError(
+            f"{api_host} answered {endpoint} without {key!r} ({orjson.dumps(reply)[:80]!r}): that is "
+            "not MLflow's JSON. Check that the URL is the tracking server itself, e.g. "
+            "'http://127.0.0.1:5000' for MLflow."
+        )
+    return value
 
 
 #: ``ViewType`` values as the REST API spells them.
@@ -141,7 +237,17 @@ def _aiohttp() -> Any:
 
 
 def _connection_errors() -> tuple[type[BaseException], ...]:
-    return (_aiohttp().ClientConnectionError, asyncio.TimeoutError, OSError)
+    return (_aiohttp().ClientConnectionError, _aiohttp().ClientPayloadError, asyncio.TimeoutError, OSError)
+
+
+def _nothing_listens(exc: BaseException) -> bool:
+    """A connection refused or a host that does not resolve: nothing is there to answer."""
+    return isinstance(exc, _aiohttp().ClientConnectorError) and not isinstance(exc, _aiohttp().ClientSSLError)
+
+
+#: What ``RestBackend.request`` calls before a retry of a create: the resource, if the lost
+#: attempt made it (then the call returns that), else None (then the create is sent again).
+BeforeRetry = Callable[[], Awaitable[dict[str, Any] | None]]
 
 
 class RestBackend:
@@ -156,6 +262,8 @@ class RestBackend:
         self.platform_version: str | None = None
         self._session: aiohttp.ClientSession | None = None
         self._parents_session: aiohttp.ClientSession | None = None
+        #: Whether the server has answered anything yet (see ``FIRST_CONTACT_WINDOW``).
+        self._answered = False
 
     def __repr__(self) -> str:
         return f"RestBackend({self.config.api_host!r}, workspace_id={self.workspace_id!r})"
@@ -166,9 +274,10 @@ class RestBackend:
 
     def _headers(self) -> dict[str, str]:
         headers = {"Content-Type": "application/json"}
-        if self.config.username is not None and self.config.password is not None:
-            pair = f"{self.config.username}:{self.config.password.reveal()}".encode()
-            headers["Authorization"] = f"Basic {base64.b64encode(pair).decode('ascii')}"
+        if self.config.username is not None:  # basic auth first, as MLflow's own client does
+            password = self.config.password.reveal() if self.config.password is not None else ""
+            pair = base64.b64encode(f"{self.config.username}:{password}".encode()).decode()
+            headers["Authorization"] = f"Basic {pair}"
         elif self.config.api_key is not None:
             headers["Authorization"] = f"Bearer {self.config.api_key.reveal()}"
         if self.config.workload_id:
@@ -179,16 +288,24 @@ class RestBackend:
         if self._session is None or self._session.closed:
             aiohttp = _aiohttp()
             self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self.config.request_timeout),
+                timeout=self._timeout(),
                 connector=aiohttp.TCPConnector(limit=8, ssl=tls_context(self.config)),
             )
         return self._session
 
-    def _streaming_timeout(self) -> Any:
-        """A file's upload or download: no total limit, but the server must keep the bytes moving."""
-        aiohttp = _aiohttp()
+    def _timeout(self, *, upload: int | None = None, download: bool = False) -> Any:
+        """Every request's limits: connect, the longest gap between reads, and a total. A JSON call's
+        total is ``request_timeout``. A file's upload may take ``request_timeout`` plus its size at
+        ``MIN_STREAM_RATE``; a download has no total but must keep ``MIN_STREAM_RATE`` (checked
+        while it streams, ``_RateGuard``). No request is ever sent without them."""
         timeout = self.config.request_timeout
-        return aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)
+        if upload is not None:
+            total: float | None = timeout + upload / MIN_STREAM_RATE
+        else:
+            total = None if download else timeout
+        return _aiohttp().ClientTimeout(
+            total=total, sock_connect=min(timeout, CONNECT_TIMEOUT), sock_read=timeout
+        )
 
     def after_fork(self) -> None:
         """In a forked child: the session belongs to the parent's loop. Keep it, unused and
@@ -217,54 +334,58 @@ class RestBackend:
         artifact: bool = False,
         upload: Path | None = None,
         download: Path | None = None,
+        before_retry: BeforeRetry | None = None,
+        delivering: bool = False,
     ) -> dict[str, Any]:
         """Call ``endpoint`` and return its JSON reply, retrying what the outcome rule says to retry
-        until ``deadline`` (monotonic; default: now + the retry window).
+        until ``deadline`` (monotonic; default: now + the retry window). Every attempt has the limits
+        of ``_timeout``, so this returns or raises within the deadline plus one attempt.
 
         ``artifact``: ``endpoint`` is under the artifact proxy; ``upload`` streams that file as the
         body (opened afresh for every attempt), ``download`` streams the reply's body into that file.
-        Neither is held whole in memory, and their requests have no total time limit (a big file on a
-        slow link), only one between reads.
+        Neither is held whole in memory. ``before_retry``: a create that must not be applied twice
+        (see ``BeforeRetry``); until it answers, nothing is sent again. ``delivering``: the engine's
+        delivery calls, for which a reply that is not MLflow's is an AuthenticationError (stop, keep
+        the events); elsewhere a URL with no MLflow behind it is a ConfigurationError.
 
-        Raises ServerError (NotFoundError for 404) for a refusal, AuthenticationError for refused
-        credentials or a reply that is not MLflow's, ServerUnavailableError when the deadline passes
-        first, and ServerFault after ``poison_after`` 5xx replies in a row (if given).
+        Raises ServerError (NotFoundError for 404; ReplyTooLargeError) for a refusal,
+        AuthenticationError for refused credentials or a login page, ConfigurationError for a server
+        that is not MLflow, ServerUnavailableError when the deadline passes first, and ServerFault
+        after ``poison_after`` 5xx replies in a row (if given).
         """
         base = self.config.artifacts_base if artifact else self.config.rest_base
         url = f"{base(self.workspace_id)}/{endpoint}" if endpoint else base(self.workspace_id)
+        if artifact:  # how errors name it: the path under the artifact proxy, or its listing
+            what = f"the artifact listing of {query.get('path', '') if query else ''}".rstrip()
+            endpoint = f"mlflow-artifacts/artifacts/{endpoint}" if endpoint else what
         if body is None and payload is not None:
             body = orjson.dumps(payload)
         if deadline is None:
             deadline = time.monotonic() + self.retry_window
-        streaming = upload is not None or download is not None
+        started = time.monotonic()
+        size = upload.stat().st_size if upload is not None else None
+        timeout = self._timeout(upload=size, download=download is not None)
         attempt = faults = 0
+        problem = ""
         while True:
             wait: float | None = None
+            refused_connection = False
             try:
-                data: Any = body if upload is None else _file_chunks(open(upload, "rb"))  # noqa: SIM115
-                try:
-                    async with self._session_now().request(
-                        method,
-                        url,
-                        data=data,
-                        params=query,
-                        headers=self._headers()
-                        if upload is None
-                        else {**self._headers(), "Content-Length": str(upload.stat().st_size)},
-                        timeout=self._streaming_timeout() if streaming else self._session_now().timeout,
-                    ) as resp:
-                        if download is not None and carries_file(resp.status):
-                            await _stream_to(resp, download)
-                            return {}
-                        reply = judge(resp.status, await resp.read())
-                        status, retry_after = resp.status, resp.headers.get("Retry-After")
-                finally:
-                    if upload is not None:
-                        await data.aclose()
+                if attempt and before_retry is not None:
+                    found = await before_retry()
+                    if found is not None:
+                        return found
+                reply, status, retry_after = await self._attempt(
+                    method, url, endpoint, body, query, timeout, upload, size, download
+                )
+                if reply is None:  # a download, done
+                    return {}
                 if reply.verdict is Verdict.DELIVERED:
                     assert reply.body is not None
                     return reply.body
                 if reply.verdict is not Verdict.RETRY:
+                    if reply.not_mlflow and not delivering:
+                        raise self._not_mlflow(reply, endpoint, artifact)
                     raise refusal(reply, endpoint, self.config.api_host)
                 problem = f"HTTP {status} {reply.error_code}".rstrip()
                 wait = retry_after_seconds(retry_after)
@@ -277,23 +398,86 @@ class RestBackend:
                     )
             except _aiohttp().ClientSSLError as exc:
                 raise certificate_error(exc, self.config.api_host) from None
+            except ServerUnavailableError as exc:  # before_retry could not look: do not resend yet
+                problem = f"looking for what the lost attempt made: {exc}"
+                faults = 0
             except _connection_errors() as exc:
                 problem = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                refused_connection = _nothing_listens(exc)
                 faults = 0
             if wait is None:
                 wait = backoff(attempt)
             attempt += 1
             remaining = deadline - time.monotonic()
+            if refused_connection and not self._answered:
+                remaining = min(remaining, started + FIRST_CONTACT_WINDOW - time.monotonic())
             retries_left = self.config.max_retries is None or attempt <= self.config.max_retries
             if wait > remaining or not retries_left:
-                raise ServerUnavailableError(
-                    f"{self.config.api_host} did not answer {endpoint} within the retry window "
-                    f"({attempt} attempt(s), last: {problem}). Check that the server is up and "
-                    "reachable from this machine."
-                )
+                raise self._unavailable(endpoint, attempt, problem, refused_connection)
             self.retries += 1
             logger.debug("retrying %s in %.2fs after %s", endpoint, wait, problem)
             await asyncio.sleep(wait)
+
+    async def _attempt(
+        self,
+        method: str,
+        url: str,
+        endpoint: str,
+        body: bytes | None,
+        query: Mapping[str, str] | None,
+        timeout: Any,
+        upload: Path | None,
+        size: int | None,
+        download: Path | None,
+    ) -> tuple[Reply | None, int, str | None]:
+        """One request: (the judged reply, status, Retry-After); (None, ...) for a finished download."""
+        data: Any = body if upload is None else _file_chunks(open(upload, "rb"))  # noqa: SIM115
+        headers = self._headers() if size is None else {**self._headers(), "Content-Length": str(size)}
+        try:
+            async with self._session_now().request(
+                method, url, data=data, params=query, headers=headers, timeout=timeout
+            ) as resp:
+                self._answered = True
+                if download is not None and carries_file(resp.status):
+                    await _stream_to(resp, download, self.config.request_timeout)
+                    return None, resp.status, None
+                raw = await _read_json_body(resp, endpoint, self.config.api_host)
+                return judge(resp.status, raw), resp.status, resp.headers.get("Retry-After")
+        finally:
+            if upload is not None:
+                await data.aclose()
+
+    def _not_mlflow(self, reply: Reply, endpoint: str, artifact: bool) -> ConfigurationError:
+        if artifact:
+            return ConfigurationError(
+                f"{self.config.api_host} does not serve MLflow's artifact proxy: {endpoint} answered "
+                f"HTTP {reply.status} with something that is not MLflow's JSON. Start the server with "
+                "`mlflow server --serve-artifacts` (the default unless --no-serve-artifacts is given)."
+            )
+        return ConfigurationError(
+            f"{self.config.api_host} is not an MLflow tracking server: it answered {endpoint} with "
+            f"HTTP {reply.status} and something that is not MLflow's JSON ({reply.message[:80]!r}). "
+            "Check the URL: it must be the address `mlflow server` listens on (e.g. "
+            "'http://127.0.0.1:5000'), not a web or file server."
+        )
+
+    def _unavailable(
+        self, endpoint: str, attempts: int, problem: str, nothing_listens: bool
+    ) -> ServerUnavailableError:
+        host = self.config.api_host
+        if nothing_listens and not self._answered:
+            return ServerUnavailableError(
+                f"Nothing answers at {host} ({endpoint}: {problem}). Check that the tracking server "
+                "is running and that the URL (scheme, host, port) is right. To log without a server, "
+                "log offline: TrackingClient(offline_mode=True) (or OIP_OFFLINE_MODE=true), or a local "
+                "directory as the tracking URI for tracklane.mlflow / MlflowClient; browse it with "
+                "`tracklane ui DIR`, upload later with `tracklane sync DIR --to URL`."
+            )
+        return ServerUnavailableError(
+            f"{host} did not answer {endpoint} within the retry window ({attempts} attempt(s), "
+            f"last: {problem}). Check that the server is up and reachable from this machine (and any "
+            "proxy or gateway in front of it); retry_window= and request_timeout= set how long to wait."
+        )
 
     # -- the OICM platform's own endpoints -------------------------------------------------------
 
@@ -325,7 +509,7 @@ class RestBackend:
         url = f"{host}/{endpoint}"
         try:
             async with self._session_now().get(url, headers=self._headers()) as resp:
-                status, raw = resp.status, await resp.read()
+                status, raw = resp.status, await _read_json_body(resp, endpoint, host)
         except _aiohttp().ClientSSLError as exc:
             raise ConfigurationError(
                 f"TLS to {host} failed ({exc}). If the platform uses a private certificate authority, "
@@ -372,16 +556,23 @@ class RestBackend:
 
     # -- experiments ---------------------------------------------------------------------------
 
-    async def get_experiment_by_name(self, name: str) -> Experiment | None:
+    async def get_experiment_by_name(self, name: str, *, once: bool = False) -> Experiment | None:
+        """``once``: a single attempt (ServerUnavailableError if the server does not answer it)."""
+        deadline = time.monotonic() if once else None
         try:
-            reply = await self.request("GET", "experiments/get-by-name", query={"experiment_name": name})
+            reply = await self.request(
+                "GET", "experiments/get-by-name", query={"experiment_name": name}, deadline=deadline
+            )
         except NotFoundError:
             return None
-        return Experiment.from_json(reply["experiment"])
+        return Experiment.from_json(self._field(reply, "experiment", "experiments/get-by-name"))
 
     async def get_experiment(self, experiment_id: str) -> Experiment:
         reply = await self.request("GET", "experiments/get", query={"experiment_id": experiment_id})
-        return Experiment.from_json(reply["experiment"])
+        return Experiment.from_json(self._field(reply, "experiment", "experiments/get"))
+
+    def _field(self, reply: Mapping[str, Any], key: str, endpoint: str) -> Any:
+        return field(reply, key, endpoint, self.config.api_host)
 
     async def create_experiment(
         self, name: str, tags: Mapping[str, str], artifact_location: str | None = None
@@ -389,8 +580,26 @@ class RestBackend:
         payload: dict[str, Any] = {"name": name, "tags": [{"key": k, "value": v} for k, v in tags.items()]}
         if artifact_location:
             payload["artifact_location"] = artifact_location
-        reply = await self.request("POST", "experiments/create", payload=payload)
-        return str(reply["experiment_id"])
+        retried = False
+
+        async def adopt() -> dict[str, Any] | None:
+            # The lost attempt may have made it: then that experiment is this call's.
+            nonlocal retried
+            retried = True
+            found = await self.get_experiment_by_name(name, once=True)
+            return {"experiment_id": found.experiment_id} if found is not None else None
+
+        try:
+            reply = await self.request("POST", "experiments/create", payload=payload, before_retry=adopt)
+        except ServerError as exc:
+            # RESOURCE_ALREADY_EXISTS after a retry of our own create: the first attempt made it.
+            if not (retried and exc.error_code == "RESOURCE_ALREADY_EXISTS"):
+                raise
+            found = await self.get_experiment_by_name(name)
+            if found is None:
+                raise
+            return found.experiment_id
+        return str(self._field(reply, "experiment_id", "experiments/create"))
 
     async def delete_experiment(self, experiment_id: str) -> None:
         await self.request("POST", "experiments/delete", payload={"experiment_id": experiment_id})
@@ -443,21 +652,49 @@ class RestBackend:
         start_time: int,
         tags: Mapping[str, str],
         user_id: str | None = None,
+        *,
+        identity: tuple[str, str] | None = None,
     ) -> Run:
+        """Create a run, once: it carries the tag ``identity`` (default ``CREATE_ID_TAG`` with a
+        fresh id), and before any retry the experiment is searched for it, so a reply lost after
+        the server made the run adopts that run instead of making a second one."""
+        tag, value = identity if identity is not None else (CREATE_ID_TAG, uuid4().hex)
         payload: dict[str, Any] = {
             "experiment_id": experiment_id,
             "run_name": run_name,
             "start_time": start_time,
-            "tags": [{"key": k, "value": v} for k, v in tags.items()],
+            "tags": [{"key": k, "value": v} for k, v in {**tags, tag: value}.items()],
         }
         if user_id:
             payload["user_id"] = user_id
-        reply = await self.request("POST", "runs/create", payload=payload)
-        return Run.from_json(reply["run"])
+
+        async def adopt() -> dict[str, Any] | None:
+            found = await self.find_run_by_tag(experiment_id, tag, value, once=True)
+            return {"run": found} if found is not None else None
+
+        reply = await self.request("POST", "runs/create", payload=payload, before_retry=adopt)
+        return Run.from_json(self._field(reply, "run", "runs/create"))
+
+    async def find_run_by_tag(
+        self, experiment_id: str, tag: str, value: str, *, once: bool = False
+    ) -> dict[str, Any] | None:
+        """The run of ``experiment_id`` whose tag ``tag`` is ``value`` (MLflow's JSON), or None.
+        ``once``: a single attempt (ServerUnavailableError if the server does not answer it)."""
+        quoted = value.replace("\\", "\\\\").replace("'", "\\'")
+        payload = {
+            "experiment_ids": [experiment_id],
+            "filter": f"tags.`{tag}` = '{quoted}'",
+            "run_view_type": "ALL",
+            "max_results": 1,
+        }
+        deadline = time.monotonic() if once else None
+        reply = await self.request("POST", "runs/search", payload=payload, deadline=deadline)
+        runs = reply.get("runs") or []
+        return dict(runs[0]) if runs else None
 
     async def get_run(self, run_id: str) -> Run:
         reply = await self.request("GET", "runs/get", query={"run_id": run_id})
-        return Run.from_json(reply["run"])
+        return Run.from_json(self._field(reply, "run", "runs/get"))
 
     async def search_runs_by_name(self, experiment_id: str, run_name: str) -> list[Run]:
         quoted = run_name.replace("\\", "\\\\").replace("'", "\\'")
@@ -479,7 +716,7 @@ class RestBackend:
             payload["end_time"] = end_time
         if run_name is not None:
             payload["run_name"] = run_name
-        await self.request("POST", "runs/update", payload=payload)
+        await self.request("POST", "runs/update", payload=payload, delivering=True)
 
     async def search_runs(
         self,
@@ -519,23 +756,30 @@ class RestBackend:
         ``once``: a single attempt.
         """
         if once:
-            await self.request("POST", "runs/log-batch", body=body, deadline=time.monotonic(), poison_after=1)
+            once_by = time.monotonic()
+            await self.request(
+                "POST", "runs/log-batch", body=body, deadline=once_by, poison_after=1, delivering=True
+            )
         else:
-            await self.request("POST", "runs/log-batch", body=body, poison_after=POISON_AFTER)
+            await self.request(
+                "POST", "runs/log-batch", body=body, poison_after=POISON_AFTER, delivering=True
+            )
 
     async def run_is_open(self, run_id: str) -> bool:
         """Whether the server has run ``run_id`` and it can take data (not deleted): the outcome
         rule's probe: one attempt, no retries. Raises ServerUnavailableError when the server does
         not answer it."""
         try:
-            reply = await self.request("GET", "runs/get", query={"run_id": run_id}, deadline=time.monotonic())
+            reply = await self.request(
+                "GET", "runs/get", query={"run_id": run_id}, deadline=time.monotonic(), delivering=True
+            )
         except NotFoundError:
             return False
         except ServerError as exc:
             if exc.error_code == "INVALID_PARAMETER_VALUE":  # MLflow's answer for a malformed id
                 return False
             raise
-        return bool(Run.from_json(reply["run"]).info.lifecycle_stage != "deleted")
+        return bool(Run.from_json(self._field(reply, "run", "runs/get")).info.lifecycle_stage != "deleted")
 
     # -- artifacts (MLflow's artifact proxy) -------------------------------------------------------
 
@@ -553,7 +797,7 @@ class RestBackend:
     async def put_artifact(self, run_id: str, path: str, file: Path) -> None:
         """Upload ``file`` as the run's artifact ``path``, streamed."""
         root = await self.artifact_root(run_id)
-        await self.request("PUT", f"{root}/{quote(path)}", artifact=True, upload=file)
+        await self.request("PUT", f"{root}/{quote(path)}", artifact=True, upload=file, delivering=True)
 
     async def list_artifacts(self, run_id: str, path: str | None) -> list[FileInfo]:
         root = await self.artifact_root(run_id)
