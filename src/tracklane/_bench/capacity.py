@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 from .._cli.args import positive_int
 from .._cli.mlflow_server import stop_process, tail
 from .._exceptions import ConfigurationError, TrackingError
-from .._settings import EngineConfig, ServerConfig, resolve_server
+from .._settings import EngineConfig, ServerConfig, resolve_server, strip_credentials
 from .report import machine_info, server_version, versions
 from .server import measured_server
 from .targets import fmt
@@ -624,6 +624,4 @@ def _command_line(args: argparse.Namespace) -> str:
 
 def _shown(url: str) -> str:
     """``url`` without any user:password part, fit to print."""
-    parts = urlsplit(url)
-    host = parts.netloc.rsplit("@", 1)[-1]
-    return parts._replace(netloc=host).geturl().rstrip("/")
+    return strip_credentials(url)[0].rstrip("/")
