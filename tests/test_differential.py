@@ -8,15 +8,20 @@ results (``python3 -m tests.differential.readme``); this test fails while the tw
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from differential import harness, known, readme
 from differential.extract import all_examples
+from differential.state import collect
 from differential.transform import experiment_names, isolate, to_tracklane
 
-from servers import MlflowServer
+from servers import MlflowServer, Reader
 
 
 def _problems(outcomes: list[harness.Outcome]) -> list[str]:
@@ -41,6 +46,7 @@ def _problems(outcomes: list[harness.Outcome]) -> list[str]:
 
 @pytest.mark.server
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # ~4 min on 2 quiet cores; far longer on a loaded machine
 def test_mlflow_examples_print_and_store_the_same_under_tracklane(
     mlflow_server: MlflowServer, tmp_path: Path
 ) -> None:
@@ -91,3 +97,68 @@ def test_isolation_prefixes_experiment_names_and_moves_default_experiment_runs()
         'client.rename_experiment(id, "p.Renamed")\nrun = client.create_run(experiment_id="42")\n'
         'experiment_id = "42"\nlocal_dir = "/w/tmp/downloads"\n'
     )
+
+
+#: Programs whose end is the interpreter's to handle: a run left active, and a run whose program dies.
+EXITS = {
+    "left_active": "import mlflow\nmlflow.start_run()\nmlflow.log_metric('m', 1.0)\nprint('logged')\n",
+    "dies": "import mlflow\nmlflow.start_run()\nmlflow.log_param('p', 1)\nraise ValueError('boom')\n",
+}
+
+
+@pytest.mark.server
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", harness.VARIANTS)
+def test_the_fork_runner_ends_a_program_as_the_interpreter_does(
+    variant: str, mlflow_server: MlflowServer, tmp_path: Path
+) -> None:
+    """The suite runs examples in forked children: their exit (atexit handlers, an uncaught
+    exception) must store what a real ``python3 example.py`` stores."""
+    reader = Reader(mlflow_server.url)
+    tag = uuid.uuid4().hex[:6]
+    items: list[dict[str, Any]] = []
+    real: dict[str, tuple[str, int]] = {}
+    for name, program in EXITS.items():
+        source = to_tracklane(program) if variant == "tracklane" else program
+        for how in ("real", "forked"):
+            workdir = tmp_path / f"{name}-{how}"
+            workdir.mkdir()
+            exp = reader.call("POST", "experiments/create", {"name": f"exit-{tag}-{variant}-{name}-{how}"})
+            if how == "forked":
+                items.append(
+                    {
+                        "id": name,
+                        "source": source,
+                        "cwd": str(workdir),
+                        "env": {"MLFLOW_EXPERIMENT_ID": exp["experiment_id"]},
+                        "timeout": 120,
+                    }
+                )
+                continue
+            (workdir / "example.py").write_text(source)
+            env = {**harness._base_env(mlflow_server.url), "MLFLOW_EXPERIMENT_ID": exp["experiment_id"]}
+            proc = subprocess.run(
+                [sys.executable, "example.py"],
+                cwd=workdir,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            (workdir / "stdout.txt").write_text(proc.stdout)
+            real[name] = (exp["experiment_id"], proc.returncode)
+    forked = harness.run_runners({variant: items}, tmp_path, mlflow_server.url)[variant]
+
+    for item in items:
+        name = item["id"]
+        real_exp, real_code = real[name]
+        real_state, _ = collect(reader, real_exp, f"none-{tag}")
+        forked_state, _ = collect(reader, item["env"]["MLFLOW_EXPERIMENT_ID"], f"none-{tag}")
+        assert forked[name]["returncode"] == real_code
+        assert forked_state == real_state, (name, forked_state, real_state)
+        # MLflow's atexit end_run does not know the program died; tracklane's ends its run FAILED.
+        died = "FAILED" if variant == "tracklane" else "FINISHED"
+        assert [r["status"] for r in real_state["experiments"][0]["runs"]] == (
+            ["FINISHED"] if name == "left_active" else [died]
+        )
+        assert "logged" in (tmp_path / f"{name}-forked" / "stdout.txt").read_text() or name == "dies"

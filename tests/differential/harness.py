@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,8 @@ PREIMPORT_COMMON = [
     "sklearn.model_selection",
     "sklearn.metrics",
     "sklearn.datasets",
+    # mlflow.autolog() imports torch (through scikit-learn's array API support): ~5 s per example.
+    "torch",
 ]
 PREIMPORT = {"mlflow": [*PREIMPORT_COMMON, "mlflow"], "tracklane": [*PREIMPORT_COMMON, "tracklane.mlflow"]}
 EXAMPLE_TIMEOUT = 180.0
@@ -69,8 +72,14 @@ class Outcome:
             "reason": self.reason,
             "aspects": sorted(self.diffs),
             # The start of each: enough to route it, short of what may vary (a list of experiments).
-            "errors": {v: e if len(e) <= 70 else e[:70] + "..." for v, e in self.errors.items()},
+            "errors": {v: _start_of(e) for v, e in self.errors.items()},
         }
+
+
+def _start_of(error: str) -> str:
+    """An error's first 70 characters, and none of the suite's own names (they vary by run)."""
+    error = error.split("<suite>")[0]
+    return error if len(error) <= 70 else error[:70] + "..."
 
 
 def missing_modules(source: str) -> list[str]:
@@ -121,6 +130,7 @@ def _base_env(server: str) -> dict[str, str]:
 def run_all(server: str, root: Path, examples: list[Example] | None = None) -> list[Outcome]:
     """Every example, both ways; the outcomes in the examples' order."""
     examples = all_examples() if examples is None else examples
+    started = time.monotonic()
     reader = Reader(server)
     token = uuid.uuid4().hex[:6]
     outcomes: dict[str, Outcome] = {}
@@ -141,16 +151,16 @@ def run_all(server: str, root: Path, examples: list[Example] | None = None) -> l
             (p.workdir[variant] / "tmp").mkdir(parents=True)
         prepared.append(p)
 
-    specs = []
+    items: dict[str, list[dict[str, Any]]] = {}
     for variant in VARIANTS:
-        items = []
+        items[variant] = []
         for p in prepared:
             source = known.repaired(p.example)
             source = isolate(source, p.prefix[variant], p.experiment_id[variant], str(p.workdir[variant]))
             if variant == "tracklane":
                 source = to_tracklane(source)
             (p.workdir[variant] / "example.py").write_text(source)
-            items.append(
+            items[variant].append(
                 {
                     "id": p.example.id,
                     "source": source,
@@ -159,26 +169,48 @@ def run_all(server: str, root: Path, examples: list[Example] | None = None) -> l
                     "timeout": EXAMPLE_TIMEOUT,
                 }
             )
-        spec = root / f"{variant}-spec.json"
-        spec.write_text(
-            json.dumps({"env": {}, "preimport": PREIMPORT[variant], "parallel": PARALLEL, "examples": items})
+    ran = run_runners(items, root, server)
+    ran_at = time.monotonic()
+    # Reading the server back is many small requests: a few at a time.
+    with ThreadPoolExecutor(4) as pool:
+        compared = pool.map(
+            lambda p: compare_one(p, reader, server, {v: ran[v][p.example.id] for v in VARIANTS}), prepared
         )
-        specs.append((variant, spec, root / f"{variant}-result.json"))
+        outcomes.update((o.example.id, o) for o in compared)
+    print(
+        f"differential: {len(prepared)} examples run both ways in {ran_at - started:.0f} s, "
+        f"compared in {time.monotonic() - ran_at:.0f} s",
+        file=sys.stderr,
+    )
+    return [outcomes[e.id] for e in examples]
 
+
+def run_runners(items: dict[str, list[dict[str, Any]]], root: Path, server: str) -> dict[str, dict[str, Any]]:
+    """One fork server per variant, all at once; each example's exit status, by variant and id."""
     env = _base_env(server)
-    procs = {
-        variant: subprocess.Popen(
-            [sys.executable, str(RUNNER), str(spec), str(result)],
-            cwd=root,
-            env=env,
-            stdout=(root / f"{variant}-runner.log").open("w"),
-            stderr=subprocess.STDOUT,
+    procs = {}
+    for variant, examples in items.items():
+        spec, result = root / f"{variant}-spec.json", root / f"{variant}-result.json"
+        spec.write_text(
+            json.dumps(
+                {"env": {}, "preimport": PREIMPORT[variant], "parallel": PARALLEL, "examples": examples}
+            )
         )
-        for variant, spec, result in specs
-    }
-    budget = EXAMPLE_TIMEOUT * 2 + 20 * len(prepared)
+        log = (root / f"{variant}-runner.log").open("w")
+        procs[variant] = (
+            subprocess.Popen(
+                [sys.executable, str(RUNNER), str(spec), str(result)],
+                cwd=root,
+                env=env,
+                stdout=log,
+                stderr=log,
+            ),
+            result,
+        )
+    budget = EXAMPLE_TIMEOUT * 2 + 20 * max(len(e) for e in items.values())
     deadline = time.monotonic() + budget
-    for variant, proc in procs.items():
+    ran = {}
+    for variant, (proc, result) in procs.items():
         try:
             proc.wait(timeout=max(1.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
@@ -186,13 +218,10 @@ def run_all(server: str, root: Path, examples: list[Example] | None = None) -> l
             proc.wait(timeout=30)
             raise AssertionError(f"the {variant} runner did not finish within {budget:.0f} s") from None
         if proc.returncode != 0:
-            log = (root / f"{variant}-runner.log").read_text()[-3000:]
-            raise AssertionError(f"the {variant} runner failed ({proc.returncode}):\n{log}")
-    ran = {variant: {r["id"]: r for r in json.loads(result.read_text())} for variant, _spec, result in specs}
-
-    for p in prepared:
-        outcomes[p.example.id] = compare_one(p, reader, server, {v: ran[v][p.example.id] for v in VARIANTS})
-    return [outcomes[e.id] for e in examples]
+            log_text = (root / f"{variant}-runner.log").read_text()[-3000:]
+            raise AssertionError(f"the {variant} runner failed ({proc.returncode}):\n{log_text}")
+        ran[variant] = {r["id"]: r for r in json.loads(result.read_text())}
+    return ran
 
 
 def compare_one(p: Prepared, reader: Reader, server: str, ran: dict[str, dict[str, Any]]) -> Outcome:

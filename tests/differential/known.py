@@ -193,7 +193,8 @@ NOTES: dict[str, tuple[str, str]] = {
         "run, where MLflow starts a new run per child",
     ),
     "delete_tag": ("same", "first delivers what was logged before it"),
-    **{name: ("same", _READS) for name in ("get_run", "get_metric_history", "set_terminated")},
+    **{name: ("same", _READS) for name in ("get_run", "get_metric_history")},
+    "set_terminated": ("same", "delivers what was logged to the run first, then ends it"),
     "search_runs": (
         "same",
         "fluent: a pandas DataFrame with MLflow's columns when pandas is installed, else a list; "

@@ -50,12 +50,19 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def _example_notes(example: dict[str, Any]) -> str:
-    if example["status"] == "not run":
-        return f"`{example['id']}` not run: {example['reason']}"
-    entry = known.KNOWN_DIFFERENCES.get(example["id"])
-    reason = entry.reason if entry else "unexplained difference (the test fails)"
-    return f"`{example['id']}`: {reason}"
+def _example_notes(examples: list[dict[str, Any]]) -> list[str]:
+    """The reason of each example that is not the same, examples with one reason together."""
+    by_reason: dict[str, list[str]] = {}
+    for example in examples:
+        if example["status"] == "same":
+            continue
+        if example["status"] == "not run":
+            reason = f"not run: {example['reason']}"
+        else:
+            entry = known.KNOWN_DIFFERENCES.get(example["id"])
+            reason = entry.reason if entry else "an unexplained difference (the test fails)"
+        by_reason.setdefault(reason, []).append(f"`{example['id']}`")
+    return [f"{', '.join(ids)}: {reason}" for reason, ids in by_reason.items()]
 
 
 def row(name: str, examples: list[dict[str, Any]], native: dict[str, bool]) -> str:
@@ -79,7 +86,7 @@ def row(name: str, examples: list[dict[str, Any]], native: dict[str, bool]) -> s
         notes.append(
             f"`{'tracklane.mlflow' if face == 'mlflow' else 'MlflowClient'}.{name}` is not tracklane's"
         )
-    notes += [_example_notes(e) for e in examples if e["status"] != "same"]
+    notes += _example_notes(examples)
     if not implemented:
         status = "missing"
     elif absent or note_status == "differs" or len(same) < len(ran):
@@ -111,7 +118,7 @@ def render(results: dict[str, Any]) -> str:
     seeds = [e for e in results["examples"] if e["id"].startswith("seed003.")]
     seed_ran = [e for e in seeds if e["status"] != "not run"]
     seed_same = [e for e in seed_ran if e["status"] == "same"]
-    notes = "; ".join(_example_notes(e) for e in seeds if e["status"] != "same")
+    notes = "; ".join(_example_notes(seeds))
     lines.append(
         f"| seed 003's usage examples | mlflow | {len(seed_same)} of {len(seed_ran)} same | "
         f"{'same' if len(seed_same) == len(seeds) else 'differs'} | {_cell(notes)} |"
