@@ -136,7 +136,7 @@ def test_the_fork_runner_ends_a_program_as_the_interpreter_does(
                 )
                 continue
             (workdir / "example.py").write_text(source)
-            env = {**harness._base_env(mlflow_server.url), "MLFLOW_EXPERIMENT_ID": exp["experiment_id"]}
+            env = {**harness.base_env(mlflow_server.url), "MLFLOW_EXPERIMENT_ID": exp["experiment_id"]}
             proc = subprocess.run(
                 [sys.executable, "example.py"],
                 cwd=workdir,

@@ -113,7 +113,8 @@ class Prepared:
     workdir: dict[str, Path]
 
 
-def _base_env(server: str) -> dict[str, str]:
+def base_env(server: str) -> dict[str, str]:
+    """The environment of a runner: this worktree's tracklane first, the server, no telemetry."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "OIP_", "TRACKLANE_"))}
     path = [str(SRC), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
     env.update(
@@ -187,7 +188,7 @@ def run_all(server: str, root: Path, examples: list[Example] | None = None) -> l
 
 def run_runners(items: dict[str, list[dict[str, Any]]], root: Path, server: str) -> dict[str, dict[str, Any]]:
     """One fork server per variant, all at once; each example's exit status, by variant and id."""
-    env = _base_env(server)
+    env = base_env(server)
     procs = {}
     for variant, examples in items.items():
         spec, result = root / f"{variant}-spec.json", root / f"{variant}-result.json"

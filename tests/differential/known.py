@@ -129,6 +129,18 @@ KNOWN_DIFFERENCES: dict[str, Known] = {
         CALL_SHAPES,
         "no attribute 'get_parent_run'",
     ),
+    "mlflow.restore_experiment#1": _known(
+        "error stdout server",
+        "`tracklane.mlflow` has no `restore_experiment` (tracklane's `MlflowClient` has it)",
+        CALL_SHAPES,
+        "no attribute 'restore_experiment'",
+    ),
+    "mlflow.restore_run#1": _known(
+        "error stdout server",
+        "`tracklane.mlflow` has no `restore_run` (tracklane's `MlflowClient` has it)",
+        CALL_SHAPES,
+        "no attribute 'restore_run'",
+    ),
     "mlflow.log_param#1": _known(
         "error server",
         "re-logging a param with another value and `synchronous=False` raises at the call and the run "
