@@ -2,8 +2,8 @@
 swapped to tracklane, and compares what each printed, what it died of, and what the server stored.
 
 Both variants run at once, each in a fork server of its own (``runner.py``) running ``PARALLEL``
-examples at a time. The examples cannot see each other's data:
-each has experiments of its own (``transform.isolate``), so the two variants' writes never meet.
+examples at a time. The examples cannot see each other's data: each has experiments of its own
+(``transform.isolate``), so the two variants' writes never meet.
 """
 
 from __future__ import annotations
@@ -197,17 +197,17 @@ def run_runners(items: dict[str, list[dict[str, Any]]], root: Path, server: str)
                 {"env": {}, "preimport": PREIMPORT[variant], "parallel": PARALLEL, "examples": examples}
             )
         )
-        log = (root / f"{variant}-runner.log").open("w")
-        procs[variant] = (
-            subprocess.Popen(
-                [sys.executable, str(RUNNER), str(spec), str(result)],
-                cwd=root,
-                env=env,
-                stdout=log,
-                stderr=log,
-            ),
-            result,
-        )
+        with (root / f"{variant}-runner.log").open("w") as log:  # the child keeps its own descriptor
+            procs[variant] = (
+                subprocess.Popen(
+                    [sys.executable, str(RUNNER), str(spec), str(result)],
+                    cwd=root,
+                    env=env,
+                    stdout=log,
+                    stderr=log,
+                ),
+                result,
+            )
     budget = EXAMPLE_TIMEOUT * 2 + 20 * max(len(e) for e in items.values())
     deadline = time.monotonic() + budget
     ran = {}

@@ -139,6 +139,13 @@ def _experiments(reader: Reader, prefix: str) -> list[dict[str, Any]]:
             return found
 
 
+def _creation_order(run: dict[str, Any]) -> tuple[int, int, str]:
+    """Runs in the order they were started; within one millisecond a parent before its children
+    (tracklane starts a run without waiting for the server, so two can share a start time)."""
+    tags = {t["key"] for t in (run.get("data") or {}).get("tags") or []}
+    return int(run["info"]["start_time"]), int("mlflow.parentRunId" in tags), run["info"].get("run_name", "")
+
+
 def collect(reader: Reader, own_experiment_id: str, prefix: str) -> tuple[dict[str, Any], Labels]:
     """The example's stored state, and the labels its ids were given (for masking its output)."""
     labels = Labels()
@@ -157,7 +164,7 @@ def collect(reader: Reader, own_experiment_id: str, prefix: str) -> tuple[dict[s
             ).get("runs")
             or []
         )
-        runs.sort(key=lambda r: (int(r["info"]["start_time"]), r["info"].get("run_name", "")))
+        runs.sort(key=_creation_order)
         for r in runs:
             labels.run(r["info"]["run_id"])
         experiments.append(
