@@ -46,6 +46,7 @@ create_experiment = _fluent.create_experiment
 get_experiment = _fluent.get_experiment
 get_experiment_by_name = _fluent.get_experiment_by_name
 delete_experiment = _fluent.delete_experiment
+restore_experiment = _fluent.restore_experiment
 search_experiments = _fluent.search_experiments
 set_experiment_tag = _fluent.set_experiment_tag
 set_experiment_tags = _fluent.set_experiment_tags
@@ -57,6 +58,7 @@ last_active_run = _fluent.last_active_run
 get_run = _fluent.get_run
 get_parent_run = _fluent.get_parent_run
 delete_run = _fluent.delete_run
+restore_run = _fluent.restore_run
 search_runs = _fluent.search_runs
 log_metric = _fluent.log_metric
 log_metrics = _fluent.log_metrics
@@ -130,6 +132,8 @@ __all__ = [
     "log_params",
     "log_table",
     "log_text",
+    "restore_experiment",
+    "restore_run",
     "search_experiments",
     "search_runs",
     "set_experiment",

@@ -174,6 +174,11 @@ class Fluent:
             runs.experiment_id = None
             self._changed()
 
+    def restore_experiment(self, experiment_id: str) -> None:
+        """Restore a deleted experiment (MLflow's fluent ``restore_experiment``)."""
+        runs = self._model()
+        self._call(runs.store.restore_experiment(str(experiment_id)))
+
     def search_experiments(
         self,
         view_type: int = ViewType.ACTIVE_ONLY,
@@ -294,6 +299,11 @@ class Fluent:
     def delete_run(self, run_id: str) -> None:
         runs = self._model()
         self._call(runs.store.delete_run(check_run_id(run_id)))
+
+    def restore_run(self, run_id: str) -> None:
+        """Restore a deleted run (MLflow's fluent ``restore_run``)."""
+        runs = self._model()
+        self._call(runs.store.restore_run(check_run_id(run_id)))
 
     def search_runs(
         self,

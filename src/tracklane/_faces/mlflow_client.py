@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from .._entities import Experiment, FileInfo, Metric, PagedList, Param, Run, RunTag, ViewType
 from .._exceptions import InvalidInputError, TrackingError
 from .._limits import MAX_PARAM_VALUE_LENGTH, MAX_TAG_VALUE_LENGTH
+from .._runs.metadata import PARENT_RUN_ID
 from .._runs.mlflow_runs import MlflowRuns
 from .._settings import PROCESS_URIS, env, job_ranks, tracking_destination, truncate_long_values
 from .._validation import check_status, mlflow_truncated
@@ -160,6 +161,11 @@ class MlflowClient:
     def get_run(self, run_id: str) -> Run:
         """The run as the server stores it, including everything logged before this call."""
         return self._call(self._runs.get_run(check_run_id(run_id)))
+
+    def get_parent_run(self, run_id: str) -> Run | None:
+        """The run whose child ``run_id`` is (its ``mlflow.parentRunId`` tag), else None."""
+        parent = self.get_run(run_id).data.tags.get(PARENT_RUN_ID)
+        return None if parent is None else self.get_run(parent)
 
     def search_runs(
         self,

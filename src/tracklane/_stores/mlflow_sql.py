@@ -5,8 +5,11 @@ tracklane does not write MLflow's schema itself: it drives MLflow's own
 ``mlflow.store.tracking.sqlalchemy_store.SqlAlchemyStore``, so what ``mlflow ui --backend-store-uri
 sqlite:///mlflow.db`` shows is exactly what MLflow would have stored. The store is made on the
 worker, not in the caller's constructor (it checks the schema, which takes a while), and every
-blocking call runs in a thread (``asyncio.to_thread``), one at a time (SQLite takes one writer),
-so the event loop never waits on the database and the caller still only enqueues.
+blocking call runs on one thread of the backend's own (``JournalThread``), one at a time (SQLite
+takes one writer), so the event loop never waits on the database and the caller still only
+enqueues. One thread, always the same: SQLAlchemy gives each thread its own connection to
+``sqlite:///:memory:``, and each such connection is a database of its own (MLflow's docstring
+examples use one, from the caller's one thread).
 
 Replies are translated once, here, into what the engine and the run models expect of a server:
 MLflow's entities go through their REST JSON (the same parsing as a server's reply), and MLflow's
@@ -31,7 +34,7 @@ from .._delivery.batching import METRIC, PARAM, Batch, Event
 from .._entities import Experiment, FileInfo, Metric, Run
 from .._exceptions import NotFoundError, ServerError, ServerUnavailableError
 from .._settings import ServerConfig
-from .journal import server_key
+from .journal import JournalThread, server_key
 
 if TYPE_CHECKING:
     from .._delivery.spool import RunEnd
@@ -82,7 +85,7 @@ class MlflowSqlBackend:
         self.retries = 0
         self._store: Any = None
         self._parents_store: Any = None
-        self._lock: asyncio.Lock | None = None
+        self._thread = JournalThread()
 
     def __repr__(self) -> str:
         return f"MlflowSqlBackend({display_uri(self.db_uri)!r})"
@@ -113,10 +116,7 @@ class MlflowSqlBackend:
             raise _translated(exc) from None
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        if self._lock is None:
-            self._lock = asyncio.Lock()
-        async with self._lock:
-            return await asyncio.to_thread(self._blocking, fn, *args)
+        return await self._thread.call(self._blocking, fn, *args)
 
     # -- experiments ---------------------------------------------------------------------------
 
@@ -302,7 +302,7 @@ class MlflowSqlBackend:
 
     def after_fork(self) -> None:
         """A forked child opens its own connections (a pool is not shared across processes)."""
-        self._parents_store, self._store, self._lock = self._store, None, None
+        self._parents_store, self._store = self._store, None  # the thread restarts in the child
 
     async def aclose(self) -> None:
         return None
