@@ -51,8 +51,13 @@ logger = logging.getLogger("tracklane")
 
 #: Longest pause between two attempts of the uploader on a server that does not answer.
 _UPLOAD_BACKOFF_CAP = 5.0
-#: How often a waiting flush looks at the clock, and polls the journal while another process uploads.
-_POLL = 0.25
+#: While another process holds the journal's upload lock, its progress is visible only in the
+#: journal file (no event crosses processes): look again after a backoff from ``_PEER_LOOK_FIRST`` to
+#: ``_PEER_LOOK_CAP`` seconds, cut short when a flush begins. The in-process case never waits on it.
+_PEER_LOOK_FIRST = 0.02
+_PEER_LOOK_CAP = 1.0
+#: The longest ``keep_run_end`` waits for the sender to move the hand into the journal.
+_HAND_TO_JOURNAL_WAIT = 5.0
 Marker = asyncio.Future[None]
 
 
@@ -108,6 +113,7 @@ class Engine:
         self._retry_now: asyncio.Event | None = None  # a flush is waiting: the uploader stops backing off
         self._journal_moved: asyncio.Event | None = None  # the uploader delivered something
         self._flush_began: asyncio.Event | None = None  # a batch kept in memory retries now
+        self._hand_moved: asyncio.Event | None = None  # the sender tried to move the hand to the journal
         self._last_progress = time.monotonic()
         self._rejected: list[RejectedEvent] = []
         self._warned: set[str] = set()
@@ -127,6 +133,7 @@ class Engine:
         self._retry_now = asyncio.Event()
         self._journal_moved = asyncio.Event()
         self._flush_began = asyncio.Event()
+        self._hand_moved = asyncio.Event()
 
         def notify() -> None:
             loop.call_soon_threadsafe(wake.set)
@@ -147,7 +154,7 @@ class Engine:
         (the parent sends its own events); the child starts afresh on a new loop."""
         self.buffer.reset_after_fork()
         self._loop = self._wake = self._hand_ready = self._giving_up = self._retry_now = None
-        self._journal_moved = self._flush_began = None
+        self._journal_moved = self._flush_began = self._hand_moved = None
         self._tasks, self._uploader, self._resumes = [], None, []
         self._hand, self._hand_events = deque(), 0
         self._inflight, self._orphans, self._waiters = {}, [], []
@@ -291,9 +298,10 @@ class Engine:
                     continue
                 # The journal cannot take the hand: it waits until the uploader has delivered the
                 # journal's rows (they are older), then goes from memory. Blocked: it just waits.
+                # ``_all_delivered`` (spooling over) and new work signal ``_hand_ready``.
                 self._hand_ready.clear()
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._hand_ready.wait(), _POLL)
+                self._hand_moved_signal()
+                await self._hand_ready.wait()
                 continue
             item = hand[0]
             if isinstance(item, asyncio.Future):
@@ -340,7 +348,12 @@ class Engine:
                 self._hand.popleft()
         ok = await self._hand_batches_to_journal(batches)
         self._wake_taker()
+        self._hand_moved_signal()
         return ok
+
+    def _hand_moved_signal(self) -> None:
+        if self._hand_moved is not None:
+            self._hand_moved.set()
 
     async def _hand_batches_to_journal(self, batches: list[Batch]) -> bool:
         """Journal ``batches`` just taken off the hand's front (those it does not take go back)."""
@@ -423,6 +436,8 @@ class Engine:
         if not events:
             return
         self._last_progress = time.monotonic()  # the server answered
+        if self._journal_moved is not None:
+            self._journal_moved.set()  # a refused artifact is settled too: its waiter looks again
         self.rejected_total += len(events)
         self._rejected.extend(RejectedEvent(e[1], KIND_NAMES[e[0]], e[2], e[3], reason) for e in events)
         self._warn_once(
@@ -475,21 +490,29 @@ class Engine:
         spool = self.spool
         if spool is None:
             return True  # offline: they stay in the journal with the run, for `tracklane sync`
-        assert self._giving_up is not None
+        assert self._journal_moved is not None
         started = time.monotonic()
+        idle_rounds = 0
         while await spool.pending_artifacts(run_id):
-            self._kick_uploader()
-            now = time.monotonic()
             if self._blocked is not None:
                 raise self._blocked
-            if self._giving_up.is_set() or (deadline is not None and now >= deadline):
-                return False
-            if now - self._progress_since(started) > self.config.retry_window:
-                return False
-            assert self._journal_moved is not None
+            if idle_rounds:
+                # The uploader finished a round without moving this run's artifacts (a row it
+                # sees only on its next round): go again after a growing pause, not in a spin.
+                await asyncio.sleep(min(_PEER_LOOK_CAP, _PEER_LOOK_FIRST * 2 ** (idle_rounds - 1)))
             self._journal_moved.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._journal_moved.wait(), _POLL)
+            self._kick_uploader()
+            uploader = self._uploader
+            moved: asyncio.Future[Any] = asyncio.ensure_future(self._journal_moved.wait())
+            try:
+                waiting: set[asyncio.Future[Any]] = {moved} if uploader is None else {moved, uploader}
+                if not await self._wait_by_progress(waiting, started, deadline):
+                    return False
+            finally:
+                moved.cancel()
+            idle_rounds = 0 if self._journal_moved.is_set() else idle_rounds + 1
+        if self._blocked is not None:
+            raise self._blocked
         self.raise_problems(run_id)
         return True
 
@@ -519,6 +542,7 @@ class Engine:
         assert spool is not None
         attempt = 0
         others_left: int | None = None  # rows of ours left while another process uploads
+        peer_looks = 0
         writes_seen = spool.writes
         while self._blocked is None:
             if self._spooling:
@@ -528,7 +552,8 @@ class Engine:
                 if not await spool.lock():
                     if others_left is None:
                         logger.info("tracklane: another process is uploading %s; waiting for it.", spool.path)
-                    await asyncio.sleep(_POLL * 2)
+                    await self._pause_for_peer(peer_looks)
+                    peer_looks += 1
                     # Its progress with this engine's rows is this engine's progress.
                     left = await spool.pending(spool.runs)
                     if others_left is not None and left < others_left:
@@ -540,7 +565,7 @@ class Engine:
                         return
                     writes_seen = spool.writes
                     continue
-                others_left = None
+                others_left, peer_looks = None, 0
                 writes = spool.writes
                 hi = await spool.high_water()
                 moved = await spool.upload(
@@ -576,6 +601,15 @@ class Engine:
         the pause short, so a server that is back is seen at once rather than after the backoff."""
         assert self._retry_now is not None
         delay = backoff(attempt, base=0.25, cap=min(_UPLOAD_BACKOFF_CAP, self.config.retry_window / 2))
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._retry_now.wait(), delay)
+        self._retry_now.clear()
+
+    async def _pause_for_peer(self, looks: int) -> None:
+        """Another process uploads this journal: look at its progress again after a backoff (its
+        progress is in the file, and no event crosses processes), cut short by a flush beginning."""
+        assert self._retry_now is not None
+        delay = min(_PEER_LOOK_CAP, _PEER_LOOK_FIRST * 2**looks)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._retry_now.wait(), delay)
         self._retry_now.clear()
@@ -640,7 +674,7 @@ class Engine:
         DeliveryError for refused events (only ``run_id``'s, if given: a run's end reports its own)
         and AuthenticationError once delivery has stopped.
         """
-        assert self._wake is not None and self._giving_up is not None
+        assert self._wake is not None
         marker: Marker = asyncio.get_running_loop().create_future()
         self.buffer.put_marker(marker)
         self._wake.set()
@@ -648,19 +682,34 @@ class Engine:
             self._retry_now.set()
         if self._flush_began is not None:
             self._flush_began.set()
-        started = time.monotonic()
+        if not await self._wait_by_progress({marker}, time.monotonic(), deadline):
+            return False
+        self.raise_problems(run_id)
+        return True
+
+    async def _wait_by_progress(
+        self, waiting: set[asyncio.Future[Any]], started: float, deadline: float | None
+    ) -> bool:
+        """Wait until one of ``waiting`` is done: True. False at the monotonic ``deadline``, when
+        told to give up, or once ``retry_window`` seconds pass with nothing taken by the server.
+
+        No clock polling: it sleeps until one of those, or until the window could end (the moment
+        is recomputed on waking, as progress moves it on)."""
+        assert self._giving_up is not None
         giving_up: asyncio.Future[Any] = asyncio.ensure_future(self._giving_up.wait())
         try:
-            while not marker.done():
-                await asyncio.wait({marker, giving_up}, timeout=_POLL)
-                now = time.monotonic()
-                if giving_up.done() or (deadline is not None and now >= deadline):
+            while not any(f.done() for f in waiting):
+                if giving_up.done():
                     return False
-                if now - self._progress_since(started) > self.config.retry_window:
+                ends = self._progress_since(started) + self.config.retry_window
+                if deadline is not None:
+                    ends = min(ends, deadline)
+                left = ends - time.monotonic()
+                if left <= 0:
                     return False
+                await asyncio.wait({*waiting, giving_up}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
         finally:
             giving_up.cancel()
-        self.raise_problems(run_id)
         return True
 
     def _progress_since(self, started: float) -> float:
@@ -695,10 +744,15 @@ class Engine:
         assert self.spool is not None
         self._spooling = True
         self._signal_hand()
-        for _ in range(200):  # the sender moves the hand at disk speed; bounded regardless
-            if not any(isinstance(i, Batch) for i in self._hand):
+        # The sender moves the hand at disk speed (it signals each try); bounded regardless.
+        ends = time.monotonic() + _HAND_TO_JOURNAL_WAIT
+        while any(isinstance(i, Batch) for i in self._hand) and not self.spool.broken:
+            left = ends - time.monotonic()
+            if left <= 0 or self._hand_moved is None:
                 break
-            await asyncio.sleep(0.025)
+            self._hand_moved.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._hand_moved.wait(), left)
         return await self.spool.record_end(end)
 
     async def journal_notice(self, when: str) -> None:
@@ -779,15 +833,8 @@ class Engine:
         return lost
 
     async def _wait_for_uploader(self, deadline: float | None) -> None:
-        assert self._uploader is not None and self._giving_up is not None
-        started = time.monotonic()
-        while not self._uploader.done():
-            await asyncio.wait({self._uploader}, timeout=_POLL)
-            now = time.monotonic()
-            if self._giving_up.is_set() or (deadline is not None and now >= deadline):
-                return
-            if now - max(self._last_progress, started) > self.config.retry_window:
-                return
+        assert self._uploader is not None
+        await self._wait_by_progress({self._uploader}, time.monotonic(), deadline)
 
     def leftovers(self) -> list[Event]:
         """Every event not delivered and not in the journal: buffer, hand, in flight, orphaned."""
