@@ -27,7 +27,7 @@ from .._exceptions import InvalidInputError, NoActiveRunError
 from .._limits import MAX_PARAM_VALUE_LENGTH, MAX_STEP, MAX_TAG_VALUE_LENGTH, MIN_STEP
 from .._settings import EngineConfig
 from .._validation import check_key, check_step, check_timestamp, metric_value, text_value
-from .batching import METRIC, PARAM, TAG, Event
+from .._wire.batching import METRIC, PARAM, TAG, Event
 
 logger = logging.getLogger("tracklane")
 

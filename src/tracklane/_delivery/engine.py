@@ -42,10 +42,11 @@ from .._exceptions import (
     TrackingError,
 )
 from .._settings import EngineConfig
-from .batching import KIND_NAMES, Batch, Event, pack
+from .._wire.batching import KIND_NAMES, Batch, Event, pack
+from .._wire.outcome import BatchTarget, backoff, deliver
+from .._wire.run_end import RunEnd
 from .buffer import Buffer, now_ms
-from .outcome import BatchTarget, backoff, deliver
-from .spool import RunEnd, Spool
+from .spool import Spool
 
 logger = logging.getLogger("tracklane")
 

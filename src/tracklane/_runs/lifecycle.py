@@ -17,7 +17,6 @@ from typing import Any, Protocol
 
 from .._delivery.buffer import now_ms
 from .._delivery.engine import Engine
-from .._delivery.spool import RunEnd
 from .._entities import Experiment, Metric, Run, RunData, RunInfo
 from .._exceptions import (
     AuthenticationError,
@@ -31,6 +30,7 @@ from .._exceptions import (
 from .._limits import MAX_EXPERIMENT_TAG_VALUE_LENGTH, MAX_TAG_VALUE_LENGTH
 from .._settings import EngineConfig, JobRanks, launcher_run_id, system_metrics_node_id
 from .._validation import check_key, text_value
+from .._wire.run_end import RunEnd
 from . import metadata
 from .sysmetrics import sampler_interval, start_sampler, stop_sampler
 

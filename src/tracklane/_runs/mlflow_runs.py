@@ -19,7 +19,6 @@ from typing import Any
 
 from .._delivery.buffer import now_ms
 from .._delivery.engine import Engine
-from .._delivery.spool import RunEnd
 from .._entities import Experiment, Metric, PagedList, Run, RunData, RunInfo, ViewType
 from .._exceptions import InvalidInputError, NotFoundError, ServerError, TrackingError
 from .._settings import (
@@ -33,6 +32,7 @@ from .._settings import (
 from .._stores.offline import JournalBackend
 from .._stores.rest import RestBackend
 from .._validation import check_status
+from .._wire.run_end import RunEnd
 from . import metadata
 from .lifecycle import finish_run, print_run_links, tag_dict
 from .sysmetrics import sampler_interval, start_sampler, stop_sampler

@@ -46,9 +46,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-from .._delivery.batching import METRIC, PARAM, TAG, Event
 from .._entities import Experiment, Metric, Run, RunData, RunInfo
 from .._exceptions import ConfigurationError, NotFoundError, ServerError
+from .._wire.batching import METRIC, PARAM, TAG, Event
 
 #: ``<path_to_storage>/ml_runs/<JOURNAL_FILE>``.
 JOURNAL_DIR = "ml_runs"
