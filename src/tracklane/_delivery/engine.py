@@ -173,8 +173,7 @@ class Engine:
         assert self._wake is not None
         try:
             while True:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.config.flush_interval)
+                await _wait_event(self._wake, self.config.flush_interval)
                 self._wake.clear()
                 try:
                     await self._take()
@@ -416,10 +415,7 @@ class Engine:
         self._warn_once("outage", "tracklane: %s Retrying; events stay in memory.", why)
         try:
             assert self._flush_began is not None
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(
-                    self._flush_began.wait(), min(_UPLOAD_BACKOFF_CAP, self.config.retry_window)
-                )
+            await _wait_event(self._flush_began, min(_UPLOAD_BACKOFF_CAP, self.config.retry_window))
             self._flush_began.clear()
         except asyncio.CancelledError:
             self._orphans.append(batch)
@@ -602,8 +598,7 @@ class Engine:
         the pause short, so a server that is back is seen at once rather than after the backoff."""
         assert self._retry_now is not None
         delay = backoff(attempt, base=0.25, cap=min(_UPLOAD_BACKOFF_CAP, self.config.retry_window / 2))
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._retry_now.wait(), delay)
+        await _wait_event(self._retry_now, delay)
         self._retry_now.clear()
 
     async def _pause_for_peer(self, looks: int) -> None:
@@ -611,8 +606,7 @@ class Engine:
         progress is in the file, and no event crosses processes), cut short by a flush beginning."""
         assert self._retry_now is not None
         delay = min(_PEER_LOOK_CAP, _PEER_LOOK_FIRST * 2**looks)
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._retry_now.wait(), delay)
+        await _wait_event(self._retry_now, delay)
         self._retry_now.clear()
 
     def _all_delivered(self, spool: Spool) -> None:
@@ -752,8 +746,7 @@ class Engine:
             if left <= 0 or self._hand_moved is None:
                 break
             self._hand_moved.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._hand_moved.wait(), left)
+            await _wait_event(self._hand_moved, left)
         return await self.spool.record_end(end)
 
     async def journal_notice(self, when: str) -> None:
@@ -886,6 +879,20 @@ class Engine:
         """Stop waiting for the server in a running flush or shutdown (Ctrl-C at exit). Loop thread only."""
         if self._giving_up is not None:
             self._giving_up.set()
+
+
+async def _wait_event(event: asyncio.Event, timeout: float | None) -> bool:
+    """Wait for ``event``, at most ``timeout`` seconds: whether it is set. Not ``asyncio.wait_for``:
+    on Python 3.10 and 3.11 that swallows a cancellation racing the event being set (gh-86296), and a
+    worker task that misses its cancellation keeps ``shutdown`` waiting for it."""
+    if event.is_set():
+        return True
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({waiter}, timeout=timeout)
+    finally:
+        waiter.cancel()
+    return event.is_set()
 
 
 def _remaining(deadline: float | None, cap: float) -> float:
