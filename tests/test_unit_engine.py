@@ -15,6 +15,7 @@ import pytest
 
 from tracklane._delivery.engine import Engine
 from tracklane._delivery.spool import Spool
+from tracklane._delivery.state import Mode
 from tracklane._exceptions import (
     AuthenticationError,
     DeliveryError,
@@ -258,7 +259,7 @@ def test_refused_credentials_stop_delivery_and_keep_every_event(tmp_path: Path) 
             await engine.flush(_deadline())
         lost = await engine.shutdown(_deadline())
         # Every worker task took its cancellation: none lingers to hold shutdown at its bound.
-        assert all(task.done() for task in engine._tasks)
+        assert all(task.done() for task in engine.state.tasks)
         return caught.value, requests, lost
 
     error, requests, lost = _run(scenario)
@@ -305,3 +306,38 @@ def test_flush_gives_up_when_told_to() -> None:
 
     done, waited = _run(scenario)
     assert not done and waited < 25  # woke on the give-up, not at the end of the window
+
+
+def test_after_fork_the_engine_starts_afresh(tmp_path: Path) -> None:
+    server = ScriptedServer()
+    server.faults.append(AuthenticationError("HTTP 401", status=401))
+
+    async def in_parent(engine_box: list[Engine]) -> None:
+        engine = await _engine(server, _config(), tmp_path)
+        engine_box.append(engine)
+        engine.buffer.log_metric("r", "m", 1.0)
+        with pytest.raises(AuthenticationError):
+            await engine.flush(_deadline())
+        engine.buffer.log_metric("r", "m", 2.0)  # the parent's: never the child's to send
+
+    box: list[Engine] = []
+    _run(lambda: in_parent(box))
+    engine = box[0]
+    engine.reset_after_fork()
+    assert server.forked and engine.blocked is None and engine.pending() == 0
+    assert {k: v for k, v in engine.stats().items() if v} == {}
+    assert engine.state.mode is Mode.SENDING and not engine.state.outage and not engine.state.warned
+
+    async def in_child() -> bool:
+        engine.attach(asyncio.get_running_loop())
+        engine.buffer.log_metric("r", "child", 3.0)
+        done = await engine.flush(_deadline())
+        await engine.shutdown(_deadline())
+        return done
+
+    assert _run(in_child)
+    assert server.steps("child") == [0]
+    # The parent's events in the journal are delivered once, by whoever uploads the journal next
+    # (here the child, which resumes leftovers); none of the parent's memory is sent twice.
+    parents = [e[3] for e in server.arrived if e[2] == "m"]
+    assert 1.0 in parents and len(parents) == len(set(parents))
