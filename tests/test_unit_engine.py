@@ -341,3 +341,29 @@ def test_after_fork_the_engine_starts_afresh(tmp_path: Path) -> None:
     # (here the child, which resumes leftovers); none of the parent's memory is sent twice.
     parents = [e[3] for e in server.arrived if e[2] == "m"]
     assert 1.0 in parents and len(parents) == len(set(parents))
+
+
+def test_a_blocked_producer_resumes_when_the_worker_makes_room() -> None:
+    server = ScriptedServer()
+
+    async def scenario() -> tuple[bool, dict[str, float]]:
+        server.gate = asyncio.Event()  # the server takes nothing at first: the buffer fills
+        config = _config(max_buffer=100, batch_size=50, overflow="block", block_timeout=30.0)
+        engine = await _engine(server, config, None)
+
+        def produce() -> None:  # a training loop on its own thread: it waits for room, not drops
+            for step in range(1_000):
+                engine.buffer.log_metric("r", "m", float(step), step=step)
+
+        producing = asyncio.ensure_future(asyncio.to_thread(produce))
+        await asyncio.sleep(0.2)
+        server.gate.set()
+        await asyncio.wait_for(producing, 30)
+        done = await engine.flush(_deadline(20))
+        stats = engine.stats()
+        await engine.shutdown(_deadline())
+        return done, stats
+
+    done, stats = _run(scenario)
+    assert done and stats["dropped"] == 0
+    assert server.steps("m") == list(range(1_000))

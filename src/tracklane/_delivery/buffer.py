@@ -249,7 +249,8 @@ class Buffer:
                         self._starved = True
                         self._count_drop(event)
                         return
-                    self._room.wait(0.05 if left is None else min(left, 0.05))
+                    # No poll: ``take`` and ``clear`` notify this condition whenever they make room.
+                    self._room.wait(left)
             finally:
                 self._waiting_for_room -= 1
         self._buf.append(event)
@@ -321,9 +322,7 @@ class Buffer:
         if out:
             self._starved = False
             self.taken += len(out)
-        if self._waiting_for_room:
-            with self._room:
-                self._room.notify_all()
+        self._notify_room()
         if self._room_async is not None:
             self._room_async.set()
         return out, marker
@@ -336,6 +335,13 @@ class Buffer:
         self.taken += len(self)
         self._buf.clear()
         self._markers = 0
+        self._notify_room()
+
+    def _notify_room(self) -> None:
+        """Wake callers waiting for room (they look at the buffer again)."""
+        if self._waiting_for_room:
+            with self._room:
+                self._room.notify_all()
 
     def __len__(self) -> int:
         """Events waiting (markers not counted)."""
