@@ -14,6 +14,7 @@ import logging
 import time
 
 from .._exceptions import AuthenticationError, ServerUnavailableError, TrackingError
+from .._wire.batching import ARTIFACT, Event
 from .._wire.outcome import backoff
 from .spool import Spool
 from .state import Backend, State, resolve, wait_event
@@ -107,7 +108,11 @@ class JournalUploader:
                 writes = spool.writes
                 hi = await spool.high_water()
                 moved = await spool.upload(
-                    self.backend, self._sent_from_journal, st.reject, hi, st.config.max_in_flight
+                    self.backend,
+                    self._sent_from_journal,
+                    self._refused_from_journal,
+                    hi,
+                    st.config.max_in_flight,
                 )
                 attempt = 0
                 await self._check_waiters(hi)
@@ -184,6 +189,15 @@ class JournalUploader:
             st.delivered += moved
             n -= moved
         st.resumed += n
+
+    def _refused_from_journal(self, events: list[Event], reason: str) -> None:
+        """Journal rows the server refused (a run it lost, a bad value): reported, and no longer
+        counted as spilled, so they never turn into ``delivered`` when the journal is empty."""
+        st = self.state
+        st.reject(events, reason)
+        assert st.spool is not None
+        ours = sum(1 for e in events if e[1] in st.spool.runs and e[0] != ARTIFACT)
+        st.spilled -= min(ours, st.spilled)
 
     async def _check_waiters(self, done_upto: tuple[int, int] | None) -> None:
         """Resolve flushes whose journal rows are delivered: all rows up to ``done_upto`` (a round

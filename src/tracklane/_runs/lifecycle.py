@@ -413,6 +413,12 @@ async def finish_run(
             problem, delivered = problem or exc, False
         except ServerUnavailableError:
             delivered = False
+        except NotFoundError:
+            # The server lost the run (an empty database, a deleted run): there is no end to keep.
+            # Its refused events are what the caller must hear about, with their count.
+            if isinstance(problem, DeliveryError):
+                raise problem from None
+            raise
     if not delivered:
         if await engine.keep_run_end(end):
             if notice and engine.blocked is None:
