@@ -120,7 +120,7 @@ class Spool:
         An event the journal cannot store (a value SQLite refuses) is isolated and reported through
         ``on_rejected``; the others are kept. A write that has started finishes, every batch of it,
         even if the caller is cancelled: the caller no longer holds these batches anywhere else, so
-        stopping half-way would lose the rest (the engine's ``_spool_batches`` relies on this).
+        stopping half-way would lose the rest (``spilling.Spiller.write`` relies on this).
         """
         journal = await self.open()
         if journal is None:
