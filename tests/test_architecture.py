@@ -94,6 +94,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         "ground",
         (
             "tracklane._entities",
+            "tracklane._end_status",  # the one rule for a run's end status
+            "tracklane._artifacts.paths",  # the one check that a path stays inside its destination
             "tracklane._exceptions",
             "tracklane._limits",
             "tracklane._settings",
