@@ -1,5 +1,6 @@
-"""The package's shape, checked: no import cycle between its modules, and one module that decides what
-a server's reply means."""
+"""The package's shape, checked: layers that point one way (faces, run models, engine, stores, wire,
+ground), no import cycle between its modules, and one module that decides what a server's reply
+means."""
 
 from __future__ import annotations
 
@@ -70,6 +71,76 @@ def test_no_import_cycle_between_package_modules() -> None:
     assert _cycle(graph) is None, " -> ".join(_cycle(graph) or [])
 
 
+#: The layers, top first: a module imports only from its own layer or those below it. Each entry is
+#: a module or package prefix; every module of the package must belong to exactly one layer.
+LAYERS: list[tuple[str, tuple[str, ...]]] = [
+    (
+        "faces",
+        (
+            "tracklane",  # the package itself: re-exports the faces
+            "tracklane.mlflow",
+            "tracklane.entities",
+            "tracklane.integrations",
+            "tracklane._faces",
+            "tracklane._artifacts",  # artifact kinds (tables, images, ...) the faces log
+            "tracklane._cli",
+        ),
+    ),
+    ("run models", ("tracklane._runs", "tracklane._runtime")),
+    ("engine", ("tracklane._delivery",)),
+    ("stores", ("tracklane._stores",)),
+    ("wire", ("tracklane._wire",)),
+    (
+        "ground",
+        (
+            "tracklane._entities",
+            "tracklane._end_status",  # the one rule for a run's end status
+            "tracklane._artifacts.paths",  # the one check that a path stays inside its destination
+            "tracklane._exceptions",
+            "tracklane._limits",
+            "tracklane._settings",
+            "tracklane._validation",
+        ),
+    ),
+]
+
+
+def _layer(module: str) -> int:
+    """The index of ``module``'s layer: the longest matching prefix decides."""
+    best, depth = -1, -1
+    for index, (_, prefixes) in enumerate(LAYERS):
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and prefix.count(".") > depth:
+                best, depth = index, prefix.count(".")
+    return best
+
+
+def test_every_module_belongs_to_a_layer() -> None:
+    unplaced = sorted(m for m in _imports() if _layer(m) < 0)
+    assert not unplaced, f"place these modules in LAYERS: {unplaced}"
+
+
+def test_layers_point_one_way() -> None:
+    graph = _imports()
+    upward = [
+        f"{module} ({LAYERS[_layer(module)][0]}) imports {target} ({LAYERS[_layer(target)][0]})"
+        for module, targets in sorted(graph.items())
+        for target in sorted(targets)
+        if _layer(target) < _layer(module)
+    ]
+    assert not upward, "\n".join(upward)
+
+
+def test_the_stores_never_import_the_engine() -> None:
+    graph = _imports()
+    offenders = {
+        module: sorted(t for t in targets if t.startswith("tracklane._delivery"))
+        for module, targets in graph.items()
+        if module.startswith("tracklane._stores")
+    }
+    assert not any(offenders.values()), offenders
+
+
 def test_the_engine_imports_no_run_model_or_face() -> None:
     graph = _imports()
     engine_side = [m for m in graph if m.startswith("tracklane._delivery")]
@@ -83,7 +154,7 @@ def test_the_engine_imports_no_run_model_or_face() -> None:
 
 
 def test_only_the_outcome_module_decides_by_http_status() -> None:
-    # Status codes as numbers in a comparison or a set: only in _delivery/outcome.py.
+    # Status codes as numbers in a comparison or a set: only in _wire/outcome.py.
     pattern = re.compile(r"(status\s*(==|>=|<=|<|>|in)\s*\(?\s*\d{3})|(\b(401|403|408|429|502|503|504)\b)")
     offenders = []
     for path in PACKAGE.rglob("*.py"):

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 
 from tracklane import TrackingClient
-from tracklane._delivery.batching import batch_of
 from tracklane._delivery.spool import Spool
 from tracklane._settings import ServerConfig
 from tracklane._stores.journal import Journal, JournalThread
 from tracklane._stores.rest import RestBackend
+from tracklane._wire.batching import batch_of
 
 from servers import MlflowServer, Reader, tracklane_cli
 

@@ -15,10 +15,10 @@ import pytest
 from tracklane import ServerUnavailableError, TrackingClient
 from tracklane._cli import main as cli
 from tracklane._cli.sync import sync
-from tracklane._delivery.batching import Batch
 from tracklane._settings import resolve_server
 from tracklane._stores.journal import Journal, journal_file, server_key
 from tracklane._stores.rest import RestBackend
+from tracklane._wire.batching import Batch
 
 from servers import OicmGateway, Reader
 

@@ -26,13 +26,13 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from .._delivery.batching import KIND_NAMES, Event
 from .._delivery.find_or_create import OFFLINE_RUN_TAG, find_or_create_run
 from .._delivery.upload import upload_run
 from .._exceptions import ConfigurationError, ServerUnavailableError, TrackingError
 from .._settings import ServerConfig, env, resolve_server
 from .._stores.journal import JOURNAL_DIR, Delivery, Journal, UploadLock, journal_file, server_key
 from .._stores.rest import RestBackend
+from .._wire.batching import KIND_NAMES, Event
 from .args import positive_float
 from .progress import Progress
 

@@ -27,7 +27,7 @@ from .._exceptions import InvalidInputError, NoActiveRunError
 from .._limits import MAX_PARAM_VALUE_LENGTH, MAX_STEP, MAX_TAG_VALUE_LENGTH, MIN_STEP
 from .._settings import EngineConfig
 from .._validation import check_key, check_step, check_timestamp, metric_value, text_value
-from .batching import METRIC, PARAM, TAG, Event
+from .._wire.batching import METRIC, PARAM, TAG, Event
 
 logger = logging.getLogger("tracklane")
 
@@ -266,7 +266,8 @@ class Buffer:
                         self._starved = True
                         self._count_drop(event)
                         return
-                    self._room.wait(0.05 if left is None else min(left, 0.05))
+                    # No poll: ``take`` and ``clear`` notify this condition whenever they make room.
+                    self._room.wait(left)
             finally:
                 self._waiting_for_room -= 1
         self._buf.append(event)
@@ -338,9 +339,7 @@ class Buffer:
         if out:
             self._starved = False
             self.taken += len(out)
-        if self._waiting_for_room:
-            with self._room:
-                self._room.notify_all()
+        self._notify_room()
         if self._room_async is not None:
             self._room_async.set()
         return out, marker
@@ -353,6 +352,13 @@ class Buffer:
         self.taken += len(self)
         self._buf.clear()
         self._markers = 0
+        self._notify_room()
+
+    def _notify_room(self) -> None:
+        """Wake callers waiting for room (they look at the buffer again)."""
+        if self._waiting_for_room:
+            with self._room:
+                self._room.notify_all()
 
     def __len__(self) -> int:
         """Events waiting (markers not counted)."""

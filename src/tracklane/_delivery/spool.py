@@ -17,15 +17,15 @@ import shlex
 import sqlite3
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from .._exceptions import TrackingError
 from .._settings import ServerConfig
 from .._stores.journal import JOURNAL_DIR, JOURNAL_FILE, Journal, JournalThread, UploadLock, server_key
-from .batching import Batch, Event
-from .outcome import OnRejected
+from .._wire.batching import Batch, Event
+from .._wire.outcome import OnRejected
+from .._wire.run_end import RunEnd
 from .upload import Uploader, upload_run
 
 logger = logging.getLogger("tracklane")
@@ -38,16 +38,6 @@ class Destination(Protocol):
     workspace_id: str | None
 
     def server_key(self) -> str: ...
-
-
-@dataclass(frozen=True)
-class RunEnd:
-    """A run's end the server has not been told yet: applied after the run's events."""
-
-    run_id: str
-    status: str
-    end_time: int
-    run_name: str = ""
 
 
 class Spool:
@@ -130,7 +120,7 @@ class Spool:
         An event the journal cannot store (a value SQLite refuses) is isolated and reported through
         ``on_rejected``; the others are kept. A write that has started finishes, every batch of it,
         even if the caller is cancelled: the caller no longer holds these batches anywhere else, so
-        stopping half-way would lose the rest (the engine's ``_spool_batches`` relies on this).
+        stopping half-way would lose the rest (``spilling.Spiller.write`` relies on this).
         """
         journal = await self.open()
         if journal is None:

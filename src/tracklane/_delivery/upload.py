@@ -22,8 +22,8 @@ from .._artifacts.paths import UnsafePathError, inside
 from .._exceptions import AuthenticationError, ConfigurationError, ServerError
 from .._limits import MAX_METRICS_PER_BATCH
 from .._stores.journal import Delivery, Journal
-from .batching import ARTIFACT, TAG, Batch, Event, pack
-from .outcome import BatchTarget, OnRejected, OnSent, deliver
+from .._wire.batching import ARTIFACT, TAG, Batch, Event, pack
+from .._wire.outcome import BatchTarget, OnRejected, OnSent, deliver
 
 
 class Uploader(BatchTarget, Protocol):

@@ -17,7 +17,6 @@ from typing import Any, Protocol
 
 from .._delivery.buffer import now_ms
 from .._delivery.engine import Engine
-from .._delivery.spool import RunEnd
 from .._entities import Experiment, Metric, Run, RunData, RunInfo
 from .._exceptions import (
     AuthenticationError,
@@ -30,6 +29,7 @@ from .._exceptions import (
 )
 from .._settings import EngineConfig, JobRanks, launcher_run_id, system_metrics_node_id
 from .._validation import USER_TAG_VALUE, tag_dict
+from .._wire.run_end import RunEnd
 from . import metadata
 from .sysmetrics import sampler_interval, start_sampler, stop_sampler
 
@@ -426,6 +426,12 @@ async def finish_run(
             problem, delivered = problem or exc, False
         except ServerUnavailableError:
             delivered = False
+        except NotFoundError:
+            # The server lost the run (an empty database, a deleted run): there is no end to keep.
+            # Its refused events are what the caller must hear about, with their count.
+            if isinstance(problem, DeliveryError):
+                raise problem from None
+            raise
     if not delivered:
         if await engine.keep_run_end(end):
             if notice and engine.blocked is None:

@@ -45,10 +45,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .._delivery.batching import METRIC, PARAM, TAG, Event
 from .._entities import Experiment, Metric, Run, RunData, RunInfo
 from .._exceptions import ConfigurationError, NotFoundError, ServerError
 from .._settings import strip_credentials
+from .._wire.batching import METRIC, PARAM, TAG, Event
 
 #: ``<path_to_storage>/ml_runs/<JOURNAL_FILE>``.
 JOURNAL_DIR = "ml_runs"

@@ -30,14 +30,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
-from .._delivery.batching import METRIC, PARAM, Batch, Event
 from .._entities import Experiment, FileInfo, Metric, Run
 from .._exceptions import NotFoundError, ServerError, ServerUnavailableError
 from .._settings import ServerConfig
+from .._wire.batching import METRIC, PARAM, Batch, Event
 from .journal import JournalThread, server_key
 
 if TYPE_CHECKING:
-    from .._delivery.spool import RunEnd
+    from .._wire.run_end import RunEnd
 
 logger = logging.getLogger("tracklane")
 T = TypeVar("T")

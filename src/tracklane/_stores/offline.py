@@ -15,14 +15,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .._delivery.batching import Batch, Event
 from .._entities import Experiment, Metric, Run
 from .._exceptions import ConfigurationError, NotFoundError, ServerError
 from .._settings import ServerConfig, offline_mode_setting
+from .._wire.batching import Batch, Event
 from .journal import Journal
 
 if TYPE_CHECKING:
-    from .._delivery.spool import RunEnd
+    from .._wire.run_end import RunEnd
 
 logger = logging.getLogger("tracklane")
 

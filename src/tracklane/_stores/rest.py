@@ -1,7 +1,7 @@
 """MLflow's REST API over aiohttp, for a plain MLflow server or the OICM platform.
 
 ``RestBackend`` is the only place that knows URLs and headers; what a reply means (status codes,
-retries) is ``_delivery.outcome``'s. It runs
+retries) is ``_wire.outcome``'s. It runs
 on the engine's event loop; one aiohttp session is opened lazily and reused.
 """
 
@@ -24,10 +24,19 @@ import orjson
 if TYPE_CHECKING:
     import aiohttp
 
-    from .._delivery.spool import RunEnd
+    from .._wire.run_end import RunEnd
 
-from .._delivery.batching import Batch, Event
-from .._delivery.outcome import (
+from .._entities import Experiment, FileInfo, Metric, Run
+from .._exceptions import (
+    CertificateError,
+    ConfigurationError,
+    NotFoundError,
+    ServerError,
+    ServerUnavailableError,
+)
+from .._settings import ServerConfig
+from .._wire.batching import Batch, Event
+from .._wire.outcome import (
     POISON_AFTER,
     Reply,
     ServerFault,
@@ -38,15 +47,6 @@ from .._delivery.outcome import (
     refusal,
     retry_after_seconds,
 )
-from .._entities import Experiment, FileInfo, Metric, Run
-from .._exceptions import (
-    CertificateError,
-    ConfigurationError,
-    NotFoundError,
-    ServerError,
-    ServerUnavailableError,
-)
-from .._settings import ServerConfig
 from .journal import server_key
 
 logger = logging.getLogger("tracklane")
@@ -752,7 +752,7 @@ class RestBackend:
     async def log_batch(self, batch: Batch, body: bytes, once: bool = False) -> None:
         """Send one log-batch request (``body``: ``batch`` encoded, already cut to the server's limits).
 
-        Raises ServerFault when the server keeps failing this payload (see ``_delivery.outcome``);
+        Raises ServerFault when the server keeps failing this payload (see ``_wire.outcome``);
         ``once``: a single attempt.
         """
         if once:

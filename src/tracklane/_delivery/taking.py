@@ -1,0 +1,99 @@
+"""The taker: moves events from the buffer into the hand (packed log-batch requests for the sender),
+or, while spooling or once the producer outruns the server, into the journal at disk speed, so
+callers never wait on the server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from .._wire.batching import Batch, pack
+from .buffer import Buffer
+from .spilling import Spiller
+from .state import State, wait_event
+
+logger = logging.getLogger("tracklane")
+
+
+class Taker:
+    """One task: buffer to hand, or to the journal."""
+
+    def __init__(self, state: State, buffer: Buffer, spiller: Spiller) -> None:
+        self.state = state
+        self.buffer = buffer
+        self.spiller = spiller
+
+    async def run(self) -> None:
+        st = self.state
+        assert st.signals is not None
+        wake = st.signals.wake
+        try:
+            while True:
+                await wait_event(wake, st.config.flush_interval)
+                wake.clear()
+                try:
+                    await self.take()
+                except Exception:  # never let the taker die: it is the only way events leave
+                    logger.exception("tracklane: unexpected error in the worker; continuing")
+        except asyncio.CancelledError:
+            if not st.closing:  # cancelled by the loop's shutdown, not by shutdown()
+                logger.warning(
+                    "tracklane: the event loop stopped with a tracking client still open; %d event(s) "
+                    "were not delivered and are kept for the next client at exit. Use `async with "
+                    "AsyncTrackingClient(...)` or `await tc.aclose()`.",
+                    len(self.buffer) + st.taken(),
+                )
+            raise
+
+    async def take(self) -> None:
+        st, buffer = self.state, self.buffer
+        while True:
+            to_journal = st.spooling and st.may_spool("failure")
+            if not to_journal and st.hand_events >= st.hand_limit:
+                # The sender has all it can use. Leave the rest in the buffer while it has room;
+                # once it is half full the producer outruns the server: spool.
+                if st.spooling or len(buffer) < st.spill_at or not st.may_spool("overflow"):
+                    buffer.wake_at = st.spill_at
+                    return
+                st.start_spooling()
+                to_journal = True
+            buffer.wake_at = buffer.batch_wake_at
+            events, marker = buffer.take(st.take_size)
+            if not events and marker is None:
+                return
+            batches = list(pack(events, time.time_ns()))
+            if to_journal:
+                placed = False  # from ``write`` on, every batch is in the journal or the hand
+                try:
+                    async with st.journal_order:
+                        # Older events still in the hand go first; if they cannot, neither can these.
+                        if await self.spiller.hand_to_journal_in_order():
+                            placed = True
+                            kept = await self.spiller.write(batches)
+                except asyncio.CancelledError:
+                    # Shutdown: what this chunk holds must be where ``leftovers`` looks.
+                    self._to_hand([] if placed else batches)
+                    if marker is not None:
+                        st.hand.append(marker)
+                    raise
+                if placed and kept == len(batches):
+                    if marker is not None:
+                        await self.spiller.marker_to_journal(marker)
+                    continue
+                # The journal just broke: the rest waits in memory (``write`` put what it did not
+                # take in the hand), and is sent only once the uploader has delivered what the
+                # journal holds (the mode stays SPOOLING till then).
+                batches = [] if placed else batches
+            self._to_hand(batches)
+            if marker is not None:
+                st.hand.append(marker)
+                st.signal_hand()
+
+    def _to_hand(self, batches: list[Batch]) -> None:
+        st = self.state
+        for batch in batches:
+            st.hand.append(batch)
+            st.hand_events += len(batch)
+        if batches:
+            st.signal_hand()
