@@ -186,16 +186,21 @@ class SyncRuntime:
         return await self.engine.shutdown(deadline)
 
     async def _own_events_only(self, deadline: float | None) -> None:
-        """Deliver this process's events (by progress, never past ``deadline``); once they are on
-        the server, stop waiting for it: what earlier processes left stays in the journal, said in
-        one line with the command that delivers it. (Not delivered: the engine's shutdown goes on
-        as it would, and keeps the rest.)"""
+        """Deliver this process's events and artifacts (by progress, never past ``deadline``); once
+        they are on the server, stop waiting for it: what earlier processes left stays in the
+        journal, said in one line with the command that delivers it. (Not delivered: the engine's
+        shutdown goes on as it would, and keeps the rest.)"""
         done = False
         with contextlib.suppress(TrackingError):  # the run models have reported these already
             done = await self.engine.flush(deadline)
         spool = self.engine.spool
         if not done or spool is None:
             return
+        # This process's artifacts are its own too: their uploads were queued behind the events.
+        for run_id in sorted(spool.runs):
+            with contextlib.suppress(TrackingError):  # refused ones were said when they were refused
+                if not await self.engine.deliver_artifacts(run_id, deadline):
+                    return
         left = await spool.pending(None)  # ours are delivered: these are earlier processes'
         if left:
             logger.warning(
