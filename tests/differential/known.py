@@ -95,76 +95,41 @@ def _known(aspects: str, reason: str, lane: str, expect: str = "", sometimes: bo
 
 # The lanes of issue 18 that remove a difference (for routing).
 SUPERSET = "superset/flavors (issue 18 item 1)"
-CONFIG = "configuration (issue 18 item 4)"
-CALL_SHAPES = "call shapes (issue 18 item 5)"
 KEPT = "kept: tracklane's promise"
 LENIENT = "kept: tracklane is more lenient"
 
-_AUTOLOG = "`tracklane.mlflow` has no `autolog` yet (MLflow's own, through the superset, is being added)"
-_IMAGE = "`tracklane.mlflow` has no `Image` yet (MLflow's own, through the superset, is being added)"
 _ASYNC_AT_EXIT = (
     "the example logs with `synchronous=False` just before the process exits: tracklane delivers the "
     "point; MLflow delivers it only if its async queue wins a race with interpreter shutdown, else "
     "logs 'cannot schedule new futures after interpreter shutdown' and loses it"
 )
+_CREATE_ID = (
+    "tracklane's runs carry a `tracklane.create_id` tag (a create retried after a lost reply finds the "
+    "run it made by it, instead of making a second run)"
+)
 
 KNOWN_DIFFERENCES: dict[str, Known] = {
-    "mlflow.autolog#1": _known("error", _AUTOLOG, SUPERSET, "no attribute 'autolog'"),
-    "mlflow.autolog#2": _known("error", _AUTOLOG, SUPERSET, "no attribute 'autolog'"),
-    "mlflow.autolog#3": _known("error stdout server", _AUTOLOG, SUPERSET, "no attribute 'autolog'"),
-    "mlflow.last_active_run#1": _known("error stdout server", _AUTOLOG, SUPERSET, "no attribute 'autolog'"),
-    "seed003.basic_experiment_tracking": _known(
-        "error stdout server",
-        "`tracklane.mlflow` has no `sklearn` yet: the run ends FAILED without its model (MLflow's flavors, "
-        "through the superset, are being added)",
+    "mlflow.autolog#3": _known(
+        "stdout",
+        'the model autolog logged is stored the same, but `MlflowClient().list_artifacts(run_id, "model")` '
+        "lists only the run's own artifacts: MLflow 3's also lists the files of the run's LoggedModel "
+        "named `model` (tracklane's client does not look up logged models yet); and the example prints "
+        "the run's tags: " + _CREATE_ID,
         SUPERSET,
-        "no attribute 'sklearn'",
-    ),
-    "mlflow.log_image#3": _known("error stdout server", _IMAGE, SUPERSET, "no attribute 'Image'"),
-    "MlflowClient.log_image#3": _known("error stdout server", _IMAGE, SUPERSET, "no attribute 'Image'"),
-    "MlflowClient.log_table#3": _known("error stdout server", _IMAGE, SUPERSET, "no attribute 'Image'"),
-    "MlflowClient.get_parent_run#1": _known(
-        "error stdout",
-        "tracklane's `MlflowClient` has no `get_parent_run` (the fluent `get_parent_run` is there)",
-        CALL_SHAPES,
-        "no attribute 'get_parent_run'",
-    ),
-    "mlflow.restore_experiment#1": _known(
-        "error stdout server",
-        "`tracklane.mlflow` has no `restore_experiment` (tracklane's `MlflowClient` has it)",
-        CALL_SHAPES,
-        "no attribute 'restore_experiment'",
-    ),
-    "mlflow.restore_run#1": _known(
-        "error stdout server",
-        "`tracklane.mlflow` has no `restore_run` (tracklane's `MlflowClient` has it)",
-        CALL_SHAPES,
-        "no attribute 'restore_run'",
-    ),
-    "mlflow.log_param#1": _known(
-        "error server",
-        "re-logging a param with another value and `synchronous=False` raises at the call and the run "
-        "ends FAILED; MLflow only logs the server's refusal as an ERROR and goes on",
-        CALL_SHAPES,
-        "params cannot change",
-    ),
-    "mlflow.search_experiments#1": _known(
-        "error",
-        "the example searches an in-memory SQLite store (`sqlite:///:memory:`), which tracklane refuses "
-        "(`ConfigurationError`: 'sqlite' is not supported)",
-        CONFIG,
-        "'sqlite' is not supported",
-    ),
-    "MlflowClient.search_experiments#1": _known(
-        "error",
-        "the example sets `sqlite:///:memory:` and builds `MlflowClient()`: tracklane's client ignores the "
-        "fluent tracking URI (it uses `MLFLOW_TRACKING_URI`, the shared server, and finds its experiments), "
-        "and would refuse SQLite",
-        CONFIG,
-        "AssertionError",
+        "artifacts: []",
     ),
     "MlflowClient.log_metric#1": _known("server", _ASYNC_AT_EXIT, KEPT, sometimes=True),
-    "MlflowClient.log_batch#1": _known("server", _ASYNC_AT_EXIT, KEPT, sometimes=True),
+    "MlflowClient.log_batch#1": _known(
+        "stdout server",
+        _ASYNC_AT_EXIT + "; and it prints the run's tags: " + _CREATE_ID,
+        KEPT,
+        "tracklane.create_id",
+        sometimes=True,
+    ),
+    **{
+        example: _known("stdout", "it prints the run's tags: " + _CREATE_ID, KEPT, "tracklane.create_id")
+        for example in ("MlflowClient.create_run#1", "MlflowClient.set_tag#1", "MlflowClient.search_runs#1")
+    },
     "MlflowClient.delete_tag#1": _known(
         "error stdout server",
         "the example passes int tag values to `create_run`: MLflow's client fails (`TypeError: bad "
@@ -195,8 +160,9 @@ NOTES: dict[str, tuple[str, str]] = {
     "log_batch": ("differs", _QUEUED),
     "log_param": (
         "differs",
-        _QUEUED + ". A changed value: refused at the call for runs this process logged to; otherwise the "
-        "server's refusal comes with the next `flush`/`set_terminated` as `DeliveryError`",
+        _QUEUED + ". A changed value: refused at the call for runs this process logged to (with "
+        "`synchronous=False`, logged as an ERROR as MLflow's queue logs it, and raised by `wait()`); "
+        "otherwise the server's refusal comes with the next `flush`/`set_terminated` as `DeliveryError`",
     ),
     "start_run": (
         "same",
@@ -229,7 +195,7 @@ NOTES: dict[str, tuple[str, str]] = {
     **{name: ("same", _PROXY) for name in ("list_artifacts", "download_artifacts", "get_artifact_uri")},
     "autolog": (
         "differs",
-        "MLflow's own `mlflow.autolog()` runs on tracklane's engine with "
-        '`mlflow.set_tracking_uri("tracklane+http://...")`',
+        "MLflow's own, reached through `tracklane.mlflow` (or `mlflow.autolog()` with "
+        '`mlflow.set_tracking_uri("tracklane+http://...")`): what it logs goes through tracklane\'s engine',
     ),
 }

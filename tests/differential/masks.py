@@ -36,7 +36,7 @@ _EXPERIMENT_ID = re.compile(
     r"(?i)(experiment[ _]?id\W{1,4}|mlflow-artifacts:/|#/experiments/|experiments/)(\d+)"
 )
 _TIMESTAMP = re.compile(r"\b1[5-9]\d{11}\b")
-_RANDOM_NAME = re.compile(r"\b[a-z]+-[a-z]+-\d{1,3}\b")
+_RANDOM_NAME = re.compile(r"\b[a-z]+-[a-z]+-\d{1,4}\b")  # MLflow draws 0..1000 inclusive
 _TMP = re.compile(r"/tmp/(tmp[\w-]+|pytest-of-\w+/[\w/.-]+)")
 _UUID = re.compile(r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b")
 _TMP_NAME = re.compile(r"\btmp[a-z0-9_]{8}\b")

@@ -37,6 +37,14 @@ REMOVED = {
 }
 
 
+#: What the comparison of stored runs leaves out on tracklane's side (``state.BOOKKEEPING_RUN_TAGS``).
+BOOKKEEPING = (
+    "Left out of the stored-state comparison: each run tracklane creates carries a `tracklane.create_id` "
+    "tag (a random id, so that a create retried after a lost reply finds the run it made instead of "
+    "making a second); an example that prints a run's tags shows it and is counted as differing."
+)
+
+
 def faces_of(name: str) -> list[str]:
     faces = []
     if name in SEED_003 or name in SEED_002_MODULE:
@@ -107,7 +115,8 @@ def render(results: dict[str, Any]) -> str:
         f"Every function of MLflow's `MlflowClient` reference (seed 002) and fluent API (seed 003), with "
         f"MLflow {results['mlflow_version']}'s own docstring examples for it run under `import mlflow` and "
         f"with the imports swapped to tracklane, against one server (`tests/test_differential.py`): "
-        f"{len(results['examples'])} examples, {len(ran)} run here, {len(same)} print and store the same.",
+        f"{len(results['examples'])} examples, {len(ran)} run here, {len(same)} print and store the same. "
+        + BOOKKEEPING,
         "",
         "| MLflow function | in | MLflow's examples | tracklane | how |",
         "|---|---|---|---|---|",
