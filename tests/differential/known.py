@@ -182,7 +182,9 @@ NOTES: dict[str, tuple[str, str]] = {
     **{
         name: (
             "differs",
-            "http(s) servers and local paths (offline journal); no `databricks` or other schemes",
+            "http(s) servers, MLflow's database URIs (`sqlite:///`, `postgresql://`, `mysql://`, "
+            "`mssql://`: MLflow's own SQL store) and local paths (offline journal); no `databricks` "
+            "or other schemes",
         )
         for name in ("get_tracking_uri", "set_tracking_uri")
     },
@@ -195,7 +197,7 @@ NOTES: dict[str, tuple[str, str]] = {
     **{name: ("same", _PROXY) for name in ("list_artifacts", "download_artifacts", "get_artifact_uri")},
     "autolog": (
         "differs",
-        "MLflow's own, reached through `tracklane.mlflow` (or `mlflow.autolog()` with "
+        "reached through `tracklane.mlflow` (or `mlflow.autolog()` with "
         '`mlflow.set_tracking_uri("tracklane+http://...")`): what it logs goes through tracklane\'s engine',
     ),
 }

@@ -9,7 +9,9 @@ changed (its text's digest, its status, the exception each side died of).
 
 A row per seed 002/003 function: ``same`` when every example of it that runs here prints and
 stores the same both ways (and ``NOTES`` has no behaviour difference for it), ``differs`` with the
-reason of each known difference, ``missing`` when tracklane has no implementation of its own.
+reason of each known difference, ``MLflow's own`` when tracklane has no implementation of its own
+and ``tracklane.mlflow`` hands out MLflow's (the superset: it acts on tracklane's runs), ``missing``
+when MLflow itself no longer has the function.
 """
 
 from __future__ import annotations
@@ -91,12 +93,10 @@ def row(name: str, examples: list[dict[str, Any]], native: dict[str, bool]) -> s
     implemented = [face for face in native if native[face]]
     absent = [face for face in native if not native[face]]
     for face in absent:
-        notes.append(
-            f"`{'tracklane.mlflow' if face == 'mlflow' else 'MlflowClient'}.{name}` is not tracklane's"
-        )
+        notes.append(f"`{'tracklane.mlflow' if face == 'mlflow' else 'MlflowClient'}.{name}` is MLflow's own")
     notes += _example_notes(examples)
     if not implemented:
-        status = "missing"
+        status = "MLflow's own"
     elif absent or note_status == "differs" or len(same) < len(ran):
         status = "differs"
     else:
