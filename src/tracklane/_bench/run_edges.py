@@ -41,7 +41,7 @@ from . import harness
 
 COUNTS = {
     "smoke": {"rounds": 1, "end_runs": 2, "sweep_runs": 5, "sweeps": 1, "terminations": 3},
-    "quick": {"rounds": 1, "end_runs": 5, "sweep_runs": 60, "sweeps": 1, "terminations": 7},
+    "quick": {"rounds": 1, "end_runs": 8, "sweep_runs": 60, "sweeps": 1, "terminations": 7},
     "full": {"rounds": 3, "end_runs": 10, "sweep_runs": 60, "sweeps": 1, "terminations": 20},
 }
 #: The longest one client's process may take (imports, warm-up, every repetition), seconds.
