@@ -28,13 +28,14 @@ FIGURES = (
     "8_offline",
     "9_artifacts",
     "10_lightning_logger",
+    "11_run_edges",
 )
 
 
 def test_bench_smoke_writes_every_figure_and_a_table(mlflow_server: MlflowServer, tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "-m", "tracklane._cli", "bench", "--smoke", "--api-host", mlflow_server.url]
-    # Ten figures one after another, each bounded by the bench itself: generous for a loaded machine.
+    # Eleven figures one after another, each bounded by the bench itself: generous for a loaded machine.
     done = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, timeout=400)
 
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -77,3 +77,28 @@ def test_the_table_puts_each_verdict_beside_its_figure_and_lists_what_was_skippe
     assert "- 1: wandb: absent" in table
     assert "- 7_import FAILED: import_time exited with 1:" in table
     assert "tracklane log_metric (worker delivering meanwhile) / floor (nothing else running): 2.00x" in table
+
+
+def test_the_edges_of_a_run_are_judged_against_mlflow_and_the_raw_round_trip_of_the_same_run() -> None:
+    figures = {
+        "10_lightning_logger": figure(tracklane_logger_end_ms=50.0, mlflow_logger_end_ms=30.0),
+        "11_run_edges": figure(
+            tracklane_mlflow_end_run_ms=40.0,
+            tracklane_client_end_run_ms=60.0,
+            mlflow_end_run_ms=30.0,
+            tracklane_mlflow_sweep_s=6.0,
+            mlflow_sweep_s=10.0,
+            tracklane_set_terminated_ms=20.0,
+            raw_runs_update_ms=12.0,
+        ),
+    }
+
+    found = by_target(verdicts(figures))
+
+    assert found["Lightning end of fit (TracklaneLogger)"]["limit"] == pytest.approx(60.0)
+    assert found["Lightning end of fit (TracklaneLogger)"]["met"] is True
+    assert found["tracklane.mlflow.end_run of a tiny run"]["met"] is True  # 40 <= 1.5 x 30
+    assert found["TrackingClient.end_run of a tiny run"]["note"].startswith("MISSED by 33%")  # 60 vs 45
+    assert found["a sweep of small runs through tracklane.mlflow"]["note"].startswith("MISSED by 20%")
+    assert found["MlflowClient.set_terminated, nothing pending"]["limit"] == pytest.approx(24.0)
+    assert ratios(figures)["tracklane.mlflow sweep / MLflow synchronous sweep"] == pytest.approx(0.6)

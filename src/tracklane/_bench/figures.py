@@ -36,6 +36,7 @@ FIGURES: dict[str, str] = {
     "8_offline": "offline",
     "9_artifacts": "artifacts",
     "10_lightning_logger": "lightning_logger",
+    "11_run_edges": "run_edges",
 }
 SCALES = ("smoke", "quick", "full")
 #: The longest one figure may run before it is stopped, by scale (seconds).

@@ -13,8 +13,8 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Target:
-    """One target of the issues (5; 11 for the MLflow faces, 12 for artifacts): ``value`` must be at
-    most (or at least) ``limit``."""
+    """One target of the issues (5; 11 for the MLflow faces, 12 for artifacts, 19 for the edges of
+    a run): ``value`` must be at most (or at least) ``limit``."""
 
     name: str
     figure: str
@@ -173,6 +173,47 @@ TARGETS = (
         True,
         _scaled("10_lightning_logger", "mlflow_logger_overhead_us", 0.05),
     ),
+    # Issue 19: the edges of a run, against MLflow's client on the same server in the same run.
+    Target(
+        "Lightning end of fit (TracklaneLogger)",
+        "10_lightning_logger",
+        "tracklane_logger_end_ms",
+        "<= 2x MLFlowLogger's (http) end of fit",
+        True,
+        _scaled("10_lightning_logger", "mlflow_logger_end_ms", 2.0),
+    ),
+    Target(
+        "tracklane.mlflow.end_run of a tiny run",
+        "11_run_edges",
+        "tracklane_mlflow_end_run_ms",
+        "<= 1.5x MLflow's end_run",
+        True,
+        _scaled("11_run_edges", "mlflow_end_run_ms", 1.5),
+    ),
+    Target(
+        "TrackingClient.end_run of a tiny run",
+        "11_run_edges",
+        "tracklane_client_end_run_ms",
+        "<= 1.5x MLflow's end_run",
+        True,
+        _scaled("11_run_edges", "mlflow_end_run_ms", 1.5),
+    ),
+    Target(
+        "a sweep of small runs through tracklane.mlflow",
+        "11_run_edges",
+        "tracklane_mlflow_sweep_s",
+        "<= 0.5x MLflow's synchronous sweep",
+        True,
+        _scaled("11_run_edges", "mlflow_sweep_s", 0.5),
+    ),
+    Target(
+        "MlflowClient.set_terminated, nothing pending",
+        "11_run_edges",
+        "tracklane_set_terminated_ms",
+        "<= 2x a raw runs/update round trip",
+        True,
+        _scaled("11_run_edges", "raw_runs_update_ms", 2.0),
+    ),
 )
 
 
@@ -284,6 +325,56 @@ RATIOS = (
         "MLFlowLogger (http) / MLFlowLogger (tracklane+http), wall time per step",
         ("10_lightning_logger", "mlflow_logger_step_ms"),
         ("10_lightning_logger", "mlflow_logger_tracklane_store_step_ms"),
+    ),
+    (
+        "TracklaneLogger / MLFlowLogger (http), fit's time after training ends",
+        ("10_lightning_logger", "tracklane_logger_end_ms"),
+        ("10_lightning_logger", "mlflow_logger_end_ms"),
+    ),
+    (
+        "MLFlowLogger (tracklane+http) / MLFlowLogger (http), fit's time after training ends",
+        ("10_lightning_logger", "mlflow_logger_tracklane_store_end_ms"),
+        ("10_lightning_logger", "mlflow_logger_end_ms"),
+    ),
+    (
+        "tracklane.mlflow.end_run / MLflow end_run, tiny run",
+        ("11_run_edges", "tracklane_mlflow_end_run_ms"),
+        ("11_run_edges", "mlflow_end_run_ms"),
+    ),
+    (
+        "TrackingClient.end_run / MLflow end_run, tiny run",
+        ("11_run_edges", "tracklane_client_end_run_ms"),
+        ("11_run_edges", "mlflow_end_run_ms"),
+    ),
+    (
+        "tracklane.mlflow.end_run / raw log-batch + runs/update, tiny run",
+        ("11_run_edges", "tracklane_mlflow_end_run_ms"),
+        ("11_run_edges", "raw_end_run_ms"),
+    ),
+    (
+        "tracklane.mlflow / MLflow fluent, the whole tiny run (start_run to end_run)",
+        ("11_run_edges", "tracklane_mlflow_tiny_run_ms"),
+        ("11_run_edges", "mlflow_tiny_run_ms"),
+    ),
+    (
+        "tracklane.mlflow sweep / MLflow synchronous sweep",
+        ("11_run_edges", "tracklane_mlflow_sweep_s"),
+        ("11_run_edges", "mlflow_sweep_s"),
+    ),
+    (
+        "tracklane.mlflow sweep / raw 3-request sweep (create, log-batch, update)",
+        ("11_run_edges", "tracklane_mlflow_sweep_s"),
+        ("11_run_edges", "raw_sweep_s"),
+    ),
+    (
+        "tracklane MlflowClient.set_terminated / raw runs/update",
+        ("11_run_edges", "tracklane_set_terminated_ms"),
+        ("11_run_edges", "raw_runs_update_ms"),
+    ),
+    (
+        "MLflow MlflowClient.set_terminated / raw runs/update",
+        ("11_run_edges", "mlflow_set_terminated_ms"),
+        ("11_run_edges", "raw_runs_update_ms"),
     ),
 )
 

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import secrets
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 from .._delivery.buffer import now_ms
@@ -69,7 +69,7 @@ class RunStore(Protocol):
     async def search_runs_by_name(self, experiment_id: str, run_name: str) -> list[Run]: ...
     async def update_run(
         self, run_id: str, status: str | None, end_time: int | None, run_name: str | None = None
-    ) -> None: ...
+    ) -> RunInfo | None: ...
     async def get_metric_history(self, run_id: str, key: str) -> list[Metric]: ...
 
 
@@ -391,10 +391,16 @@ class OicmRuns:
 
 
 async def finish_run(
-    engine: Engine, store: RunStore, end: RunEnd, deadline: float | None = None, notice: bool = True
+    engine: Engine,
+    store: RunStore,
+    end: RunEnd,
+    deadline: float | None = None,
+    notice: bool = True,
+    on_ended: Callable[[RunInfo], object] | None = None,
 ) -> bool:
     """Deliver what was logged (the run's events among it) and the run's artifacts, then end the run
-    as ``end`` says: True if the server has it ended.
+    as ``end`` says: True if the server has it ended. ``on_ended`` gets the run's info when the
+    server's reply to the end carries it (no read of the run needed for its View-run lines).
 
     Waits while the server makes progress (see ``Engine.flush``). When it gives up, or the server
     is down or refuses the key, the end is kept in the journal with the events (a warning names it
@@ -421,7 +427,9 @@ async def finish_run(
             problem, delivered = problem or exc, False
     if delivered:
         try:
-            await store.update_run(end.run_id, end.status, end.end_time)
+            info = await store.update_run(end.run_id, end.status, end.end_time)
+            if info is not None and on_ended is not None:
+                on_ended(info)
         except AuthenticationError as exc:
             problem, delivered = problem or exc, False
         except ServerUnavailableError:

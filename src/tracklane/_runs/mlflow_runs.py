@@ -239,21 +239,16 @@ class MlflowRuns:
         status = check_status(status or "FINISHED")
         # No read first: with the server down, the end must still be kept (finish_run journals it).
         end = RunEnd(str(run_id), status, end_time if end_time is not None else now_ms())
-        # The links need the run's experiment and name: read them while the run ends, not after
-        # (one round trip less; MLflow reads the run before ending it too).
-        info = asyncio.ensure_future(self.store.get_run(str(run_id))) if links else None
-        ended = False
-        try:
-            ended = await finish_run(self.engine, self.store, end)
-        finally:
-            if info is not None and not ended:  # no link for a run the server has not ended
-                info.cancel()
-                await asyncio.wait({info})
-                if not info.cancelled():
-                    info.exception()  # retrieved: the run's end is what the caller hears about
-        if info is not None and ended:
+        # The links need the run's experiment and name: MLflow's reply to runs/update carries them,
+        # so the end costs that one round trip (MLflow reads the run first); a store whose reply
+        # does not (the database, the journal: no round trip) is read after the end.
+        replied: list[RunInfo] = []
+        ended = await finish_run(self.engine, self.store, end, on_ended=replied.append)
+        if links and ended:
             with contextlib.suppress(TrackingError):  # the link is a courtesy
-                print_run_links(self.store, (await info).info)
+                print_run_links(
+                    self.store, replied[0] if replied else (await self.store.get_run(run_id)).info
+                )
 
     async def delete_tag(self, run_id: str, key: str) -> None:
         await self.engine.flush(run_id=str(run_id))  # a set_tag logged before must not land after

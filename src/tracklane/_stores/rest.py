@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
     from .._wire.run_end import RunEnd
 
-from .._entities import Experiment, FileInfo, Metric, Run
+from .._entities import Experiment, FileInfo, Metric, Run, RunInfo
 from .._exceptions import (
     CertificateError,
     ConfigurationError,
@@ -708,7 +708,8 @@ class RestBackend:
 
     async def update_run(
         self, run_id: str, status: str | None, end_time: int | None, run_name: str | None = None
-    ) -> None:
+    ) -> RunInfo | None:
+        """Change the run; the run's info as the server holds it now (MLflow's reply carries it)."""
         payload: dict[str, Any] = {"run_id": run_id}
         if status is not None:
             payload["status"] = status
@@ -716,7 +717,9 @@ class RestBackend:
             payload["end_time"] = end_time
         if run_name is not None:
             payload["run_name"] = run_name
-        await self.request("POST", "runs/update", payload=payload, delivering=True)
+        reply = await self.request("POST", "runs/update", payload=payload, delivering=True)
+        info = reply.get("run_info")
+        return RunInfo.from_json(info) if isinstance(info, dict) and info.get("experiment_id") else None
 
     async def search_runs(
         self,
