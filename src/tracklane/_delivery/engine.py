@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 
 from .._exceptions import AuthenticationError, TrackingError
@@ -42,6 +43,8 @@ from .uploading import JournalUploader
 from .waiting import Waiter
 
 __all__ = ["Backend", "Engine"]
+
+logger = logging.getLogger("tracklane")
 
 
 class Engine:
@@ -142,6 +145,38 @@ class Engine:
         the journal cannot be written."""
         return await self._waiter.keep_run_end(end)
 
+    def undelivered(self, run_id: str) -> int:
+        """Events of run ``run_id`` neither on the server nor in the journal (held in memory)."""
+        return sum(1 for e in self.leftovers() if e[1] == run_id)
+
+    def hold_run_end(self, end: RunEnd) -> None:
+        """The journal cannot keep ``end`` and the run's events are in memory: end the run only once
+        they are delivered (``shutdown`` does, after its flush), never while they are missing."""
+        self.state.held_ends = [e for e in self.state.held_ends if e.run_id != end.run_id] + [end]
+
+    async def _apply_held_ends(self) -> None:
+        """Shutdown, after the flush: end the held runs whose events are all delivered."""
+        st = self.state
+        held, st.held_ends = st.held_ends, []
+        for end in held:
+            left = self.undelivered(end.run_id)
+            if left == 0:
+                try:
+                    await self.backend.update_run(end.run_id, end.status, end.end_time)
+                    continue
+                except TrackingError as exc:
+                    why = str(exc)
+            else:
+                why = f"{left} of its event(s) did not reach the server"
+            logger.error(
+                "tracklane: run %s is left unended (not %s) on %s: %s, and the local journal cannot "
+                "be written to keep its end.",
+                end.run_id,
+                end.status,
+                self.backend.describe,
+                why,
+            )
+
     def give_up(self) -> None:
         """Stop waiting for the server in a running flush or shutdown (Ctrl-C at exit). Loop thread only."""
         self._waiter.give_up()
@@ -185,7 +220,7 @@ class Engine:
             "enqueued": self.buffer.taken + buffered,
             "delivered": st.delivered,
             "spilled": st.spilled,
-            "dropped": self.buffer.dropped,
+            "dropped": self.buffer.dropped + st.lost,
             "rejected": st.rejected_total,
             "resumed": st.resumed,
             "retries": self.backend.retries,
@@ -209,6 +244,8 @@ class Engine:
                 await asyncio.wait(st.resumes, timeout=_remaining(deadline, 10.0))
             if done:
                 await self._waiter.uploader_done(deadline)  # leftovers of earlier processes too
+        if st.held_ends:
+            await self._apply_held_ends()
         tasks = [*st.tasks, *st.inflight]
         if st.uploader is not None:
             tasks.append(st.uploader)
@@ -249,6 +286,7 @@ class Engine:
             lost = self.backend.keep_now(events, [])
             kept = lost == 0
         if not kept:
+            self.state.lost += len(events)  # the caller logs them at ERROR
             return len(events)
         self._clear_leftovers()
         return 0
@@ -271,6 +309,7 @@ class Engine:
         if lost == 0:
             self.state.spilled += len(events)
             self._clear_leftovers()
+        self.state.lost += lost
         return lost
 
 
