@@ -114,3 +114,48 @@ def test_a_full_journal_never_hides_undelivered_events(
     assert reader.run(run_id)["info"]["status"] == "FINISHED"
     assert "neither delivered nor kept" not in caplog.text
     assert stats["delivered"] == stats["enqueued"]  # the counts are true: no resend counted twice
+
+
+def test_a_run_whose_events_are_only_in_memory_is_ended_once_they_are_delivered(
+    fault_proxy: FaultProxy,
+    reader: Reader,
+    experiment_name: str,
+    full_disk: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``end_run`` while the server still refuses log-batch (it answers ``runs/update``) and the
+    journal is full: the run must not be marked FINISHED; it is ended by the first flush that
+    delivers its events."""
+    caplog.set_level(logging.INFO, logger="tracklane")
+    tc = TrackingClient(
+        api_host=fault_proxy.url, path_to_storage=str(full_disk), retry_window=2.0, exit_timeout=120
+    )
+    try:
+        tc.set_experiment(experiment_name)
+        run_id = tc.start_run(run_name="ended-in-memory", log_system_metrics=False).info.run_id
+        fault_proxy.answer("runs/log-batch", 503, UNAVAILABLE)
+        for step in range(POINTS):
+            tc.log_metric("loss", step * 0.5, step=step)
+        spool = tc._engine.spool
+        assert spool is not None
+        deadline = time.monotonic() + 90
+        while not spool.broken and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert spool.broken, f"the journal never filled the {DISK_SIZE} disk: {tc.stats()}"
+
+        tc.end_run()  # gives up after retry_window: the server takes no event
+        assert reader.run(run_id)["info"]["status"] == "RUNNING"
+        assert any(
+            r.levelno == logging.ERROR and "is not ended yet" in r.getMessage() and run_id in r.getMessage()
+            for r in caplog.records
+        )
+
+        fault_proxy.heal()
+        assert tc.flush(timeout=120)
+        assert reader.run(run_id)["info"]["status"] == "FINISHED"
+        steps = [s for _, s, _ in reader.history(run_id, "loss")]
+        assert steps == list(range(POINTS))  # every point, once
+    finally:
+        tc.close()
+    assert tc.stats()["dropped"] == 0
+    assert "neither delivered nor kept" not in caplog.text
