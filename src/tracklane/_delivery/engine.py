@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 
 from .._exceptions import AuthenticationError, TrackingError
@@ -42,6 +43,8 @@ from .uploading import JournalUploader
 from .waiting import Waiter
 
 __all__ = ["Backend", "Engine"]
+
+logger = logging.getLogger("tracklane")
 
 
 class Engine:
@@ -122,7 +125,10 @@ class Engine:
         DeliveryError for refused events (only ``run_id``'s, if given: a run's end reports its own)
         and AuthenticationError once delivery has stopped.
         """
-        return await self._waiter.flush(deadline, run_id)
+        flushed = await self._waiter.flush(deadline, run_id)
+        if flushed and self.state.held_ends:  # runs ended while their events were only in memory
+            await self._apply_held_ends(flushed=True, final=False)
+        return flushed
 
     async def deliver_artifacts(self, run_id: str, deadline: float | None = None) -> bool:
         """Wait until the run's artifacts are uploaded (or refused): True; see ``Waiter.artifacts``."""
@@ -141,6 +147,43 @@ class Engine:
         """After giving up on the server: the run's events and its end go to the journal. False if
         the journal cannot be written."""
         return await self._waiter.keep_run_end(end)
+
+    def undelivered(self, run_id: str) -> int:
+        """Events of run ``run_id`` neither on the server nor in the journal (held in memory)."""
+        return sum(1 for e in self.leftovers() if e[1] == run_id)
+
+    def hold_run_end(self, end: RunEnd) -> None:
+        """The journal cannot keep ``end`` and the run's events are in memory: end the run only once
+        they are delivered (``shutdown`` does, after its flush), never while they are missing."""
+        self.state.held_ends = [e for e in self.state.held_ends if e.run_id != end.run_id] + [end]
+
+    async def _apply_held_ends(self, flushed: bool, final: bool) -> None:
+        """End the held runs whose events are all delivered (``flushed``: a flush just saw every
+        event logged before it reach the server). At shutdown (``final``), the others are said at
+        ERROR and left unended; before it, they stay held."""
+        st = self.state
+        held, st.held_ends = st.held_ends, []
+        for end in held:
+            left = self.undelivered(end.run_id)
+            if flushed and not left:
+                try:
+                    await self.backend.update_run(end.run_id, end.status, end.end_time)
+                    continue
+                except TrackingError as exc:
+                    why = str(exc)
+            else:
+                why = f"the server has not got all of its events ({left} still in memory)"
+            if not final:
+                st.held_ends.append(end)
+                continue
+            logger.error(
+                "tracklane: run %s is left unended (not %s) on %s: %s, and the local journal cannot "
+                "be written to keep its end.",
+                end.run_id,
+                end.status,
+                self.backend.describe,
+                why,
+            )
 
     def give_up(self) -> None:
         """Stop waiting for the server in a running flush or shutdown (Ctrl-C at exit). Loop thread only."""
@@ -172,7 +215,8 @@ class Engine:
         superseded in the journal by a later one counts as delivered), ``spilled`` (in the journal,
         delivered from there later), ``rejected`` (refused by the server, reported), or is still in
         the buffer (``buffer_depth``) or with the worker (``in_flight_events``): so ``enqueued`` equals
-        the sum of those at any quiet moment. ``dropped`` events were never accepted.
+        the sum of those at any quiet moment. ``dropped`` events were never accepted, or were lost
+        at shutdown: neither delivered nor kept in the journal (each loss is logged at ERROR).
         """
         st = self.state
         buffered, taken = len(self.buffer), st.taken()
@@ -185,7 +229,7 @@ class Engine:
             "enqueued": self.buffer.taken + buffered,
             "delivered": st.delivered,
             "spilled": st.spilled,
-            "dropped": self.buffer.dropped,
+            "dropped": self.buffer.dropped + st.lost,
             "rejected": st.rejected_total,
             "resumed": st.resumed,
             "retries": self.backend.retries,
@@ -203,12 +247,15 @@ class Engine:
         nor kept (0 normally)."""
         st = self.state
         st.closing = True
+        done = False
         with contextlib.suppress(TrackingError):  # the run model has reported these already
             done = await self.flush(deadline)
             if done and st.resumes:  # a look for earlier leftovers may still be starting the uploader
                 await asyncio.wait(st.resumes, timeout=_remaining(deadline, 10.0))
             if done:
                 await self._waiter.uploader_done(deadline)  # leftovers of earlier processes too
+        if st.held_ends:
+            await self._apply_held_ends(flushed=done, final=True)
         tasks = [*st.tasks, *st.inflight]
         if st.uploader is not None:
             tasks.append(st.uploader)
@@ -249,6 +296,10 @@ class Engine:
             lost = self.backend.keep_now(events, [])
             kept = lost == 0
         if not kept:
+            # Lost: counted in ``dropped`` (the caller logs them at ERROR), and let go, so a later
+            # keep (events logged after the exit flush) neither retries nor counts them again.
+            self.state.lost += len(events)
+            self._clear_leftovers()
             return len(events)
         self._clear_leftovers()
         return 0

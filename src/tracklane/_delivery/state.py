@@ -121,6 +121,10 @@ class State:
     rejected_total: int = 0
     spilled: int = 0  # this engine's events now in the journal
     resumed: int = 0  # events of earlier processes this engine delivered from the journal
+    lost: int = 0  # events neither delivered nor kept at shutdown (counted in ``dropped``)
+    #: Ends of runs whose events are still in memory only (the journal cannot be written): applied
+    #: once those events are delivered, never before (a run is not FINISHED while events are missing).
+    held_ends: list[RunEnd] = field(default_factory=list)
 
     # -- the mode ----------------------------------------------------------------------------------
 

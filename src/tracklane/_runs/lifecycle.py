@@ -444,10 +444,24 @@ async def finish_run(
         if await engine.keep_run_end(end):
             if notice and engine.blocked is None:
                 await engine.journal_notice("in the retry window")
-        elif engine.blocked is None and await _end_now(store, end):
-            # No journal to keep the end in, but the server answers: end it now; its events still
-            # in memory keep being retried (MLflow takes them into an ended run).
+        elif engine.blocked is None and engine.undelivered(end.run_id) == 0 and await _end_now(store, end):
+            # No journal to keep the end in, but the server answers and has every event of the run
+            # (what is left in memory is other runs'): end it now.
             delivered = True
+        elif engine.blocked is None and (left := engine.undelivered(end.run_id)):
+            # Its events are in memory only: ending it now would show it complete while they are
+            # missing. The engine ends it once they are delivered (at exit at the latest).
+            engine.hold_run_end(end)
+            logger.error(
+                "tracklane: run %s is not ended yet: %d of its event(s) are neither on %s nor in the "
+                "local journal (it cannot be written: a full or read-only disk). They are retried "
+                "from memory, and the run is ended as %s once they are delivered, at exit at the "
+                "latest; free space where path_to_storage= points to keep them safe meanwhile.",
+                end.run_id,
+                left,
+                store.describe,
+                end.status,
+            )
         else:
             logger.error(
                 "tracklane: run %s could not be ended as %s on %s, and the local journal cannot "

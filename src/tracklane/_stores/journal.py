@@ -33,6 +33,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import queue
 import sqlite3
@@ -41,7 +42,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -59,6 +60,7 @@ SCHEMA_VERSION = 3
 _BUSY_TIMEOUT_MS = 30_000
 _NAN = float("nan")
 T = TypeVar("T")
+logger = logging.getLogger("tracklane")
 
 #: Tables every journal version has (version 3 added ``artifacts``).
 _TABLES = ("meta", "experiments", "runs", "keys", "metrics", "texts", "deliveries")
@@ -170,6 +172,16 @@ def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | Non
         future.set_result(result)
 
 
+@dataclass
+class _Held:
+    """Delivery marks of one run the journal file could not record (see ``Journal._progress``)."""
+
+    metric_mark: int = 0
+    text_mark: int = 0
+    artifact_mark: int = 0
+    state: str | None = field(default=None)
+
+
 @dataclass(frozen=True)
 class Delivery:
     """How far one journal run has been delivered to one server."""
@@ -221,6 +233,8 @@ class Journal:
         self._run_ids: dict[str, int] = {}
         self._key_ids: dict[str, int] = {}
         self._key_names_by_id: dict[int, str] = {}
+        #: Delivery progress the file could not record (a full disk): (run, server) -> marks.
+        self._held: dict[tuple[int, str], _Held] = {}
 
     def _connect(self) -> None:
         self._pid = os.getpid()
@@ -283,6 +297,13 @@ class Journal:
 
     def close(self) -> None:
         """Close the file; the journal thread ends after the calls already queued."""
+        if self._held and not self._save_held():
+            logger.warning(
+                "tracklane: %s could not record which of its rows the server already has (%s); a "
+                "later upload from it sends them again (the server keeps one copy of each).",
+                self.path,
+                "the disk is full or read-only",
+            )
         with self._lock:
             self._db.close()
         self.thread.stop()
@@ -299,7 +320,13 @@ class Journal:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
+            try:
+                self._db.execute("COMMIT")
+            except sqlite3.Error:  # a full disk: the next write must not find this one still open
+                if self._db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
+                raise
 
     def _read(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
         self._check_fork()
@@ -559,7 +586,55 @@ class Journal:
             (server, server),
         )
         wanted = None if runs is None else set(runs)
-        return [Delivery(*row) for row in rows if wanted is None or row[1] in wanted]
+        found = [Delivery(*row) for row in rows if wanted is None or row[1] in wanted]
+        return [self._with_held(d, server) for d in found] if self._held else found
+
+    def _with_held(self, d: Delivery, server: str) -> Delivery:
+        held = self._held.get((d.run, server))
+        if held is None:
+            return d
+        return replace(
+            d,
+            metric_mark=max(d.metric_mark, held.metric_mark),
+            text_mark=max(d.text_mark, held.text_mark),
+            artifact_mark=max(d.artifact_mark, held.artifact_mark),
+            state=held.state if held.state is not None else d.state,
+        )
+
+    @property
+    def unrecorded(self) -> bool:
+        """Some delivery progress is held in memory only: the file could not record it."""
+        return bool(self._held)
+
+    def _progress(self, run: int, server: str, **marks: int | str) -> None:
+        """Record delivery progress of ``run`` to ``server``. When the file cannot take it (a full
+        disk: SQLite says 'database or disk is full'), it is held in memory, where ``deliveries`` (and
+        every reader built on it) sees it, so this process delivers each row once and goes on; it is
+        written with the next progress that the file takes. What a process never writes, a later
+        upload resends (the server stores a repeated point once; params and tags are the same)."""
+        held = self._held.setdefault((run, server), _Held())
+        for name, value in marks.items():
+            if name == "state":
+                held.state = str(value)
+            else:
+                setattr(held, name, max(int(getattr(held, name)), int(value)))
+        self._save_held()
+
+    def _save_held(self) -> bool:
+        """Write the held progress to the file: whether it took it (then nothing is held)."""
+        try:
+            with self._write() as db:
+                for (r, s), h in self._held.items():
+                    db.execute(
+                        "UPDATE deliveries SET metric_mark = max(metric_mark, ?), text_mark = "
+                        "max(text_mark, ?), artifact_mark = max(artifact_mark, ?), state = "
+                        "coalesce(?, state) WHERE run = ? AND server = ?",
+                        (h.metric_mark, h.text_mark, h.artifact_mark, h.state, r, s),
+                    )
+        except (sqlite3.OperationalError, OSError):
+            return False  # held; the caller goes on (``unrecorded`` says so)
+        self._held.clear()
+        return True
 
     def origins(self) -> list[str]:
         """Servers that have spilled runs in this journal."""
@@ -625,11 +700,7 @@ class Journal:
         return sum(self.pending_artifact_count(d) for d in self.deliveries(server, [run_uuid]))
 
     def advance_artifacts(self, run: int, server: str, mark: int) -> None:
-        with self._write() as db:
-            db.execute(
-                "UPDATE deliveries SET artifact_mark = max(artifact_mark, ?) WHERE run = ? AND server = ?",
-                (mark, run, server),
-            )
+        self._progress(run, server, artifact_mark=mark)
 
     def run_artifacts(self, run_uuid: str) -> list[tuple[str, str, int]]:
         """(artifact path, snapshot file, size) of every artifact of a run, for offline reads."""
@@ -704,16 +775,10 @@ class Journal:
 
     def advance(self, run: int, server: str, metric_mark: int, text_mark: int) -> None:
         """Record that run ``run``'s rows up to these marks have reached ``server``."""
-        with self._write() as db:
-            db.execute(
-                "UPDATE deliveries SET metric_mark = max(metric_mark, ?), text_mark = max(text_mark, ?) "
-                "WHERE run = ? AND server = ?",
-                (metric_mark, text_mark, run, server),
-            )
+        self._progress(run, server, metric_mark=metric_mark, text_mark=text_mark)
 
     def record_state(self, run: int, server: str, state: str) -> None:
-        with self._write() as db:
-            db.execute("UPDATE deliveries SET state = ? WHERE run = ? AND server = ?", (state, run, server))
+        self._progress(run, server, state=state)
 
     def set_spilled_status(self, run_uuid: str, status: str, end_time: int) -> None:
         """A spilled run's end, which the server did not get: ``tracklane sync`` sets it."""
