@@ -157,7 +157,7 @@ def test_key_the_server_refuses_is_renamed_and_training_goes_on(
     assert "fit-val loss ___" in keys and "fit-train_loss" in keys
     assert len(reader.history(logger.run_id, "fit-val loss ___")) == STEPS
     assert len(reader.history(logger.run_id, "fit-train_loss")) == STEPS
-    renamed = [r for r in caplog.records if "renamed" in r.getMessage()]
+    renamed = [r for r in caplog.records if "renamed to" in r.getMessage()]
     assert len(renamed) == 1, "the renaming is said once, not per step"
 
 
