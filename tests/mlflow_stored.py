@@ -36,6 +36,10 @@ VOLATILE_TAGS = {
     "mlflow.autologging",
 }
 
+#: What tracklane's creates add and MLflow's do not: the client-made id a retried ``runs/create``
+#: looks for, so a lost reply never makes a second run (README, reliability). Left out of both sides.
+BOOKKEEPING_TAGS = {"tracklane.create_id"}
+
 
 def artifact_paths(base: str, root: str) -> list[str]:
     """Every file under ``root`` of the server's artifact proxy (``<experiment>/<run>/artifacts``)."""
@@ -82,7 +86,7 @@ def stored(base: str, experiment_name: str, metric_values: bool = True) -> dict[
     for r in runs:
         info, data = r["info"], r["data"]
         run_id = info["run_id"]
-        tags = {t["key"]: t["value"] for t in data.get("tags") or ()}
+        tags = {t["key"]: t["value"] for t in data.get("tags") or () if t["key"] not in BOOKKEEPING_TAGS}
         metrics: dict[str, Any] = {}
         for m in data.get("metrics") or ():
             history = reader.history(run_id, m["key"])
