@@ -12,6 +12,7 @@ import asyncio
 import logging
 import secrets
 import sys
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
@@ -93,6 +94,9 @@ class OicmRuns:
         self.owns_run = False  # False in a forked child: the parent ends the run
         self._ended_at_shutdown: str | None = None  # the run end_active ended, for after_exit
         self._sampler: asyncio.Task[None] | None = None  # system metrics of the active run
+        #: Run ends still under way: ``end_run`` detaches the run first, so a caller that stopped
+        #: waiting (a cancelled, shielded ``end_run``) must not see ``close`` shut the engine under it.
+        self._ending: set[asyncio.Task[Any]] = set()
 
     def after_fork(self) -> None:
         """In a forked child: log into the parent's run, but leave ending it to the parent."""
@@ -348,10 +352,16 @@ class OicmRuns:
             await self.engine.flush(deadline)
             return
         self.last_run = Run(RunInfo(**{**run.__dict__, "status": status, "end_time": end}), data)
-        if await finish_run(
-            self.engine, self.store, RunEnd(run.run_id, status, end, run.run_name), deadline, notice
-        ):
-            print_run_links(self.store, run)
+        task = asyncio.current_task()
+        if task is not None:
+            self._ending.add(task)
+        try:
+            if await finish_run(
+                self.engine, self.store, RunEnd(run.run_id, status, end, run.run_name), deadline, notice
+            ):
+                print_run_links(self.store, run)
+        finally:
+            self._ending.discard(task)
 
     async def end_active(self, status: str, deadline: float | None) -> None:
         """At shutdown: end the active run with ``status`` (unless it is a forked child's parent's).
@@ -368,6 +378,10 @@ class OicmRuns:
         Returns how many events could not be kept."""
         if status is not None:
             await self.end_active(status, deadline)
+        ending = self._ending - {asyncio.current_task()}
+        if ending:  # each is bounded by the engine's own rule (no progress for retry_window)
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            await asyncio.wait(ending, timeout=left)
         return await self.engine.shutdown(deadline)
 
     def keep_now(self, status: str) -> int:
