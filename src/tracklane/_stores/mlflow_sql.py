@@ -35,6 +35,7 @@ from .._exceptions import NotFoundError, ServerError, ServerUnavailableError
 from .._settings import ServerConfig
 from .._wire.batching import METRIC, PARAM, Batch, Event
 from .journal import JournalThread, server_key
+from .leftovers import keep_leftovers
 
 if TYPE_CHECKING:
     from .._wire.run_end import RunEnd
@@ -261,27 +262,19 @@ class MlflowSqlBackend:
 
     def keep_now(self, events: list[Event], ends: list[RunEnd]) -> int:
         """Blocking, at interpreter exit with no loop left: write what is left straight away."""
-        lost = 0
-        per_run: dict[str, list[Event]] = {}
-        for e in events:
-            per_run.setdefault(e[1], []).append(e)
-        for run_id, run_events in per_run.items():
-            try:
-                self._blocking(_write_batch, run_id, run_events)
-            except Exception as exc:
-                logger.error(
-                    "tracklane: could not write %d event(s) of run %s: %s", len(run_events), run_id, exc
-                )
-                lost += len(run_events)
-        for end in ends:
-            try:
-                from mlflow.entities import RunStatus
 
-                code = RunStatus.from_string(end.status)
-                self._blocking(lambda s, e=end, c=code: s.update_run_info(e.run_id, c, e.end_time, None))
-            except Exception as exc:
-                logger.error("tracklane: could not record the end of run %s: %s", end.run_id, exc)
-        return lost
+        def write_end(end: RunEnd) -> None:
+            from mlflow.entities import RunStatus
+
+            code = RunStatus.from_string(end.status)
+            self._blocking(lambda s: s.update_run_info(end.run_id, code, end.end_time, None))
+
+        return keep_leftovers(
+            events,
+            ends,
+            lambda run_id, run_events: self._blocking(_write_batch, run_id, run_events),
+            write_end,
+        )
 
     # -- artifacts: MLflow's artifact repository for the run's artifact URI ---------------------------
 

@@ -20,6 +20,7 @@ from .._exceptions import ConfigurationError, NotFoundError, ServerError
 from .._settings import ServerConfig, offline_mode_setting
 from .._wire.batching import Batch, Event
 from .journal import Journal
+from .leftovers import keep_leftovers
 
 if TYPE_CHECKING:
     from .._wire.run_end import RunEnd
@@ -167,24 +168,12 @@ class JournalBackend:
 
     def keep_now(self, events: list[Event], ends: list[RunEnd]) -> int:
         """Blocking: store leftovers when no event loop is left (interpreter exit)."""
-        lost = 0
-        per_run: dict[str, list[Event]] = {}
-        for e in events:
-            per_run.setdefault(e[1], []).append(e)
-        for run_id, run_events in per_run.items():
-            try:
-                self.journal.write_events(run_id, run_events)
-            except Exception as exc:
-                logger.error(
-                    "tracklane: could not keep %d event(s) of run %s: %s", len(run_events), run_id, exc
-                )
-                lost += len(run_events)
-        for end in ends:
-            try:
-                self.journal.update_run(end.run_id, end.status, end.end_time)
-            except Exception as exc:
-                logger.error("tracklane: could not record the end of run %s: %s", end.run_id, exc)
-        return lost
+        return keep_leftovers(
+            events,
+            ends,
+            self.journal.write_events,
+            lambda end: self.journal.update_run(end.run_id, end.status, end.end_time),
+        )
 
     def after_fork(self) -> None:
         """Nothing to forget: the journal reconnects by itself in a forked child."""
