@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 from aiohttp import web
-from yarl import URL
 
-from servers import BackgroundApp
+from servers import BackgroundApp, stream_through
 
 
 class Seen(NamedTuple):
@@ -66,24 +65,8 @@ class AuthProxy(BackgroundApp):
         target = self.upstream + request.rel_url.raw_path
         if request.rel_url.raw_query_string:
             target += f"?{request.rel_url.raw_query_string}"
-        headers = {k: request.headers[k] for k in ("Content-Type", "Content-Length") if k in request.headers}
-        body = request.content.iter_chunked(1 << 20) if request.body_exists else None
         assert self._session is not None
-        async with self._session.request(
-            request.method, URL(target, encoded=True), data=body, headers=headers
-        ) as upstream:
-            reply = web.StreamResponse(status=upstream.status)
-            copied = ("Content-Type", "Content-Disposition")
-            if "Content-Encoding" not in upstream.headers:
-                copied += ("Content-Length",)
-            for name in copied:
-                if name in upstream.headers:
-                    reply.headers[name] = upstream.headers[name]
-            await reply.prepare(request)
-            async for chunk in upstream.content.iter_chunked(1 << 20):
-                await reply.write(chunk)
-            await reply.write_eof()
-            return reply
+        return await stream_through(self._session, request, target)
 
     def routes(self, app: web.Application) -> None:
         app.router.add_route("*", "/{rest:.*}", self._forward)

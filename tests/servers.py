@@ -206,25 +206,8 @@ class OicmGateway(BackgroundApp):
         target = f"{self.upstream}/api/2.0{raw[raw.index('/mlflow-artifacts/artifacts') :]}"
         if request.rel_url.raw_query_string:
             target += f"?{request.rel_url.raw_query_string}"
-        headers = {k: request.headers[k] for k in ("Content-Type", "Content-Length") if k in request.headers}
-        body = request.content.iter_chunked(1 << 20) if request.body_exists else None
         assert self._session is not None
-        async with self._session.request(
-            request.method, URL(target, encoded=True), data=body, headers=headers
-        ) as upstream:
-            reply = web.StreamResponse(status=upstream.status)
-            # The client session decodes a compressed body: its length would then be wrong.
-            copied = ("Content-Type", "Content-Disposition")
-            if "Content-Encoding" not in upstream.headers:
-                copied += ("Content-Length",)
-            for name in copied:
-                if name in upstream.headers:
-                    reply.headers[name] = upstream.headers[name]
-            await reply.prepare(request)
-            async for chunk in upstream.content.iter_chunked(1 << 20):
-                await reply.write(chunk)
-            await reply.write_eof()
-            return reply
+        return await stream_through(self._session, request, target)
 
     async def _liveness(self, request: web.Request) -> web.Response:
         if not self.alive:
@@ -354,3 +337,25 @@ class FaultProxy(BackgroundApp):
 
     def routes(self, app: web.Application) -> None:
         app.router.add_route("*", "/api/2.0/mlflow/{rest:.*}", self._handle)
+
+
+async def stream_through(session: ClientSession, request: web.Request, target: str) -> web.StreamResponse:
+    """Send ``request`` on to ``target`` (the path as the client encoded it) and stream the reply back."""
+    headers = {k: request.headers[k] for k in ("Content-Type", "Content-Length") if k in request.headers}
+    body = request.content.iter_chunked(1 << 20) if request.body_exists else None
+    async with session.request(
+        request.method, URL(target, encoded=True), data=body, headers=headers
+    ) as upstream:
+        reply = web.StreamResponse(status=upstream.status)
+        # The client session decodes a compressed body: its length would then be wrong.
+        copied = ("Content-Type", "Content-Disposition")
+        if "Content-Encoding" not in upstream.headers:
+            copied += ("Content-Length",)
+        for name in copied:
+            if name in upstream.headers:
+                reply.headers[name] = upstream.headers[name]
+        await reply.prepare(request)
+        async for chunk in upstream.content.iter_chunked(1 << 20):
+            await reply.write(chunk)
+        await reply.write_eof()
+        return reply
