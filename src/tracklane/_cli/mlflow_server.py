@@ -130,7 +130,23 @@ class MlflowServer:
         except BaseException:
             self.stop()
             raise
+        self._warm_up()
         return self
+
+    def _warm_up(self) -> None:
+        """One ``runs/search`` per worker before anyone else asks. MLflow 3.17's handler imports
+        ``mlflow.server.auth`` lazily on the first search; two first searches at once can see it
+        half-imported and one gets an HTTP 500 (``AttributeError: ... 'auth_config'``)."""
+        body = b'{"experiment_ids": ["0"], "max_results": 1}'
+        for _ in range(2 * self.workers):
+            req = urllib.request.Request(
+                f"{self.url}/api/2.0/mlflow/runs/search",
+                data=body,
+                method="POST",
+                headers={"Content-Type": "application/json"},
+            )
+            with contextlib.suppress(OSError), urllib.request.urlopen(req, timeout=30):
+                pass
 
     def stop(self) -> None:
         stop_process(self.proc)

@@ -35,8 +35,24 @@ class LoopThread:
         self.loop.call_soon(ready.set)
         try:
             self.loop.run_forever()
+            self._cancel_leftovers()
         finally:
             self.loop.close()
+
+    def _cancel_leftovers(self, timeout: float = 1.0) -> None:
+        """Cancel the tasks still on the loop when it stops and let them unwind, bounded, as
+        ``asyncio.run`` does: a task left pending would otherwise be closed by the garbage collector
+        on a closed loop, and its cleanup would fail there ("Event loop is closed")."""
+        tasks = asyncio.all_tasks(self.loop)
+        if not tasks:
+            return
+        for task in tasks:
+            task.cancel()
+        gathered = asyncio.gather(*tasks, return_exceptions=True)
+        try:
+            self.loop.run_until_complete(asyncio.wait_for(gathered, timeout))
+        except (asyncio.TimeoutError, asyncio.CancelledError, RuntimeError):
+            pass  # a task that will not unwind in time is left; the process is on its way out
 
     @property
     def alive(self) -> bool:
