@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import os
 import threading
 from collections.abc import Coroutine
@@ -49,10 +50,9 @@ class LoopThread:
         for task in tasks:
             task.cancel()
         gathered = asyncio.gather(*tasks, return_exceptions=True)
-        try:
+        # A task that will not unwind in time is left: the process is on its way out.
+        with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError, RuntimeError):
             self.loop.run_until_complete(asyncio.wait_for(gathered, timeout))
-        except (asyncio.TimeoutError, asyncio.CancelledError, RuntimeError):
-            pass  # a task that will not unwind in time is left; the process is on its way out
 
     @property
     def alive(self) -> bool:
