@@ -1,6 +1,7 @@
-"""``tracklane bench`` runs from a wheel installed in a fresh virtualenv, outside any checkout.
+"""``tracklane bench`` runs every figure end to end from a wheel installed in a fresh virtualenv,
+outside any checkout, and writes them all to its JSON file and a table.
 
-Behaviour, not speed: the wheel built from this tree, installed alone (``--no-deps``) in a venv that
+Behaviour, not speed (no number is asserted): the wheel built from this tree, installed alone (``--no-deps``) in a venv that
 sees this machine's packages (mlflow, aiohttp: installing them afresh takes minutes), run from a
 directory with no ``benchmarks/`` and no source on the path. Every figure must come back, measured
 or skipped with a reason. Tiny counts (``--smoke``) against the session's server; ``--quick``
@@ -24,6 +25,21 @@ from servers import MlflowServer
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
+
+#: Every figure the README describes; the package's own registry must hold each of them.
+DOCUMENTED_FIGURES = (
+    "1_caller_cost",
+    "2_end_to_end",
+    "3_mlflow_client",
+    "4_drain",
+    "5_training_loop",
+    "6_memory",
+    "7_import",
+    "8_offline",
+    "9_artifacts",
+    "10_lightning_logger",
+    "11_run_edges",
+)
 
 
 def run(*cmd: str | Path, cwd: Path, timeout: float, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -91,8 +107,12 @@ def test_bench_from_an_installed_wheel_outside_the_checkout_writes_every_figure(
     )
 
     report = json.loads(out.read_text())
+    assert set(DOCUMENTED_FIGURES) <= set(FIGURES)
     assert set(report["figures"]) == set(FIGURES), (sorted(report["figures"]), report["failures"])
     for name, figure in report["figures"].items():
         assert figure["measurements"] or figure["skipped"], name
+    assert report["machine"]["cpu_count"] and report["machine"]["python"]
+    assert report["versions"]["tracklane"] and report["versions"]["mlflow"]
+    assert {t["target"] for t in report["targets"]} >= {"log_metric caller cost", "import time"}
     assert "| # | measurement | value | target |" in done.stdout
     assert not (outside / "benchmarks").exists()
