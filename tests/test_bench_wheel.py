@@ -1,11 +1,11 @@
 """``tracklane bench`` runs every figure end to end from a wheel installed in a fresh virtualenv,
 outside any checkout, and writes them all to its JSON file and a table.
 
-Behaviour, not speed (no number is asserted): the wheel built from this tree, installed alone (``--no-deps``) in a venv that
-sees this machine's packages (mlflow, aiohttp: installing them afresh takes minutes), run from a
-directory with no ``benchmarks/`` and no source on the path. Every figure must come back, measured
-or skipped with a reason. Tiny counts (``--smoke``) against the session's server; ``--quick``
-is the same code with larger counts.
+Behaviour, not speed (no number is asserted): the wheel built from this tree, installed alone
+(``--no-deps``) in a venv that sees this machine's packages (mlflow, aiohttp: installing them
+afresh takes minutes), run from a directory with no ``benchmarks/`` and no source on the path.
+Every figure must come back, measured or skipped with a reason. Tiny counts (``--smoke``) against
+the session's server; ``--quick`` is the same code with larger counts.
 """
 
 from __future__ import annotations
