@@ -49,10 +49,11 @@ class LoopThread:
             return
         for task in tasks:
             task.cancel()
-        gathered = asyncio.gather(*tasks, return_exceptions=True)
-        # A task that will not unwind in time is left: the process is on its way out.
-        with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError, RuntimeError):
-            self.loop.run_until_complete(asyncio.wait_for(gathered, timeout))
+        # asyncio.wait, not wait_for: on 3.11 wait_for awaits the cancelled task again, so a task
+        # that will not unwind would hold the stop forever. One that will not is left: the process
+        # is on its way out.
+        with contextlib.suppress(RuntimeError):
+            self.loop.run_until_complete(asyncio.wait(tasks, timeout=timeout))
 
     @property
     def alive(self) -> bool:
