@@ -62,6 +62,8 @@ class Engine:
     def _build(self, spool: Spool | None) -> None:
         """The state and the parts over it: at construction, and again after a fork."""
         self.state: State = fresh_state(self.config, spool)
+        if spool is not None and self.buffer.log is not None:
+            spool.own_logs = self.buffer.log.lineage
         self._uploader = JournalUploader(self.state, self.backend)
         spiller = Spiller(self.state, self._uploader.kick)
         self._taker = Taker(self.state, self.buffer, spiller)

@@ -57,6 +57,8 @@ class Spool:
         self._opening = asyncio.Lock()
         self._open_guard = threading.Lock()
         self._lock: UploadLock | None = None
+        #: Tokens of this process's own event logs (``EventLog.lineage``): not recovered here.
+        self.own_logs: frozenset[str] = frozenset()
 
     @property
     def server(self) -> str:
@@ -217,7 +219,7 @@ class Spool:
         """Move the event logs of dead processes in this journal's directory into the journal (off
         the loop: it reads files); how many events. A failure is logged, never raised."""
         try:
-            moved = await asyncio.to_thread(recover, self.path.parent, self.open_now)
+            moved = await asyncio.to_thread(recover, self.path.parent, self.open_now, self.own_logs)
         except Exception as exc:  # an unwritable or foreign journal: the logs stay for later
             logger.warning("tracklane: could not recover event logs in %s: %s", self.path.parent, exc)
             return 0

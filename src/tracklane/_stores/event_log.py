@@ -126,6 +126,9 @@ class EventLog:
         self.segment_bytes = segment_bytes
         self.lock = threading.Lock()
         self.token = f"{os.getpid()}-{secrets.token_hex(4)}"
+        #: This log's token and those of the logs it was forked from: never recovered by this
+        #: process while it has their pid (after an in-process reset the lock alone cannot tell).
+        self.lineage = frozenset({self.token})
         self._segments: list[_Segment] = []
         self._made_dirs: list[Path] = []
         self._n = 0
@@ -332,7 +335,9 @@ class EventLog:
                 s.mm.close()
             with contextlib.suppress(OSError):
                 os.close(s.fd)
-        return EventLog(self.directory, self.server.decode(), self.max_bytes, self.segment_bytes)
+        child = EventLog(self.directory, self.server.decode(), self.max_bytes, self.segment_bytes)
+        child.lineage = self.lineage | child.lineage
+        return child
 
     def bytes_on_disk(self) -> int:
         return sum(s.mm.size() for s in self._segments)
@@ -430,8 +435,9 @@ def _writer_alive(path: Path) -> bool:
     return False
 
 
-def dead_segments(directory: Path) -> dict[str, list[Path]]:
-    """Segment files in ``directory`` whose writer is gone, per log token, oldest first."""
+def dead_segments(directory: Path, own: frozenset[str] = frozenset()) -> dict[str, list[Path]]:
+    """Segment files in ``directory`` whose writer is gone, per log token, oldest first (``own``:
+    tokens of this process's lineage, skipped while they carry this pid)."""
     try:
         names = os.listdir(directory)
     except OSError:
@@ -443,6 +449,8 @@ def dead_segments(directory: Path) -> dict[str, list[Path]]:
             continue
         path = directory / name
         token = match["token"]
+        if token in own and token.split("-")[0] == str(os.getpid()):
+            continue
         # The lock is the authority: a live writer holds it from creating the file to deleting
         # it, and the kernel drops it when the writer dies. Our own logs look alive to us too
         # (a second open file description conflicts even within one process). The pid in the
@@ -463,7 +471,9 @@ class RecoveryJournal(Protocol):
     ) -> None: ...
 
 
-def recover(directory: Path, open_journal: Callable[[], RecoveryJournal]) -> int:
+def recover(
+    directory: Path, open_journal: Callable[[], RecoveryJournal], own: frozenset[str] = frozenset()
+) -> int:
     """Move every dead log in ``directory`` into the journal; the number of events moved.
 
     Each dead log's records at or above its acknowledged watermark become ordinary spilled rows of
@@ -479,7 +489,7 @@ def recover(directory: Path, open_journal: Callable[[], RecoveryJournal]) -> int
     the watermark is in the surviving segments), so its last value still wins. The killed run is
     left RUNNING on the server, as MLflow leaves a run whose process died; its points are complete.
     """
-    logs = dead_segments(directory)
+    logs = dead_segments(directory, own)
     if not logs:
         return 0
     journal = open_journal()
