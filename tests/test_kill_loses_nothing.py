@@ -114,4 +114,4 @@ def test_kill_9_at_random_moments_loses_and_duplicates_nothing_that_was_logged(
         assert run["info"]["status"] == "RUNNING"  # nobody ended it: as MLflow leaves a killed run
     lost = [r for r in results if r[3]]
     doubled = [r for r in results if r[4]]
-    assert not lost and not doubled, f"(trial, key, last step, missing, twice): lost {lost}, doubled {doubled}"
+    assert not lost and not doubled, f"(trial, key, last step, missing, twice): {lost} {doubled}"

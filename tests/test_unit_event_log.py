@@ -63,7 +63,8 @@ def test_metrics_params_and_tags_round_trip_with_keys_written_once(tmp_path: Pat
 
     events = _all_events(log)
     assert [o for o, _ in events] == list(range(503))
-    assert [e for _, e in events[:500]] == [(METRIC, "run-1", "loss", s * 0.5, 1_000 + s, s) for s in range(500)]
+    expected = [(METRIC, "run-1", "loss", s * 0.5, 1_000 + s, s) for s in range(500)]
+    assert [e for _, e in events[:500]] == expected
     assert events[500][1] == (PARAM, "run-1", "lr", "0.001", 0, 0)
     assert events[501][1] == (TAG, "run-1", "note", "héllo \U0001f600", 0, 0)
     kind, _, key, value, ts, step = events[502][1]
@@ -130,7 +131,7 @@ def test_segments_roll_over_and_go_once_every_event_in_them_is_acknowledged_in_a
     log.done(500, 1000)  # a later chunk settles first: nothing can go yet
     assert _segments(log) == segments
     log.done(0, 200)
-    assert _segments(log) == [p for p, f in zip(segments, firsts[1:] + [10**9], strict=True) if f > 200]
+    assert _segments(log) == [p for p, f in zip(segments, [*firsts[1:], 10**9], strict=True) if f > 200]
     log.done(200, 500)
     assert len(_segments(log)) == 1  # the one still written to stays, whatever is acknowledged
     assert log.acked == 1000
@@ -224,7 +225,9 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
             subprocess.run(["umount", "-l", str(where)], capture_output=True, timeout=30)
 
 
-def test_a_full_disk_turns_the_log_off_without_a_crash(small_disk: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_full_disk_turns_the_log_off_without_a_crash(
+    small_disk: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     log = EventLog(small_disk / "ml_runs", SERVER, 1 << 30, segment_bytes=64 << 10)
     with caplog.at_level(logging.WARNING, logger="tracklane"):
         _metrics(log, 20_000)  # ~800 kB of records on a 256 kB disk: no SIGBUS, no exception
