@@ -146,8 +146,19 @@ class EventLog:
 
     # -- writing (callers hold ``lock``) ---------------------------------------------------------
 
-    def metric(self, run_id: str, key: str, value: float, timestamp: int, step: int) -> None:
-        """The hot path: one record for a plain metric. Caller holds ``lock``."""
+    def metric(
+        self,
+        run_id: str,
+        key: str,
+        value: float,
+        timestamp: int,
+        step: int,
+        _pack: Callable[..., bytes] = _METRIC_BODY.pack,
+        _pack_into: Callable[..., None] = _METRIC_FULL.pack_into,
+        _crc: Callable[[bytes, int], int] = _crc32,
+    ) -> None:
+        """The hot path: one record for a plain metric. Caller holds ``lock``. (The defaults bind
+        the packers as fast locals: this runs once per logged point.)"""
         off = self._off
         ids = self._ids
         rid = ids.get(run_id)
@@ -155,8 +166,8 @@ class EventLog:
         if off + _METRIC_SIZE > self._end or rid is None or kid is None:
             self.write((METRIC, run_id, key, value, timestamp, step))
             return
-        crc = _crc32(_METRIC_BODY.pack(rid, kid, value, timestamp, step), _METRIC_SEED)
-        _METRIC_FULL.pack_into(self._mm, off, crc, _METRIC_WORD, rid, kid, value, timestamp, step)
+        crc = _crc(_pack(rid, kid, value, timestamp, step), _METRIC_SEED)
+        _pack_into(self._mm, off, crc, _METRIC_WORD, rid, kid, value, timestamp, step)
         self._off = off + _METRIC_SIZE
         self.ordinal += 1
 
