@@ -1,9 +1,9 @@
 """kill -9 at a random moment of a full-speed logging loop loses nothing whose call returned.
 
 The child logs to a real MLflow server as fast as it can and reports, every 1000 steps, the last
-step whose ``log_metric`` calls have returned; the parent SIGKILLs it at a random moment, then runs
-``tracklane sync`` on the same storage, and reads every key's history back through the REST API:
-every step up to the last reported one is stored, none twice. The killed run stays RUNNING on the
+step whose ``log_metric`` calls have returned; the parent SIGKILLs it at a random moment, then
+runs ``tracklane sync`` (or a new client) on the same storage, and reads every key's history back
+through the REST API: every step up to the last reported one is stored, none twice. The killed run stays RUNNING on the
 server (as MLflow leaves a run whose process died).
 
 Without the event log (``TRACKLANE_EVENT_LOG_MAX_BYTES=0``, or main before it) the events still in
@@ -46,6 +46,14 @@ for step in range(10_000_000):
     tc.log_metric("acc", step * 0.25, step=step)
     if step % 1000 == 999:
         print("returned", step, flush=True)
+"""
+
+
+NEXT_CLIENT = """
+import sys
+from tracklane import TrackingClient
+
+TrackingClient(api_host=sys.argv[1], path_to_storage=sys.argv[2], exit_timeout=600).close(timeout=600)
 """
 
 
@@ -96,13 +104,16 @@ def test_kill_9_at_random_moments_loses_and_duplicates_nothing_that_was_logged(
     for trial in range(TRIALS):
         storage = tmp_path / f"trial-{trial}"
         run_id, last = _kill_at_random(server_url, storage, experiment_name, rng)
-        sync = subprocess.run(
-            [sys.executable, "-m", "tracklane._cli", "sync", str(storage)],
-            capture_output=True,
-            text=True,
-            timeout=600,
+        # Recovery is the normal path: half the trials run `tracklane sync`, half open a new
+        # client on the same storage (its start moves the dead log into the journal, its close
+        # waits for the journal to be delivered).
+        recovery = (
+            ["-m", "tracklane._cli", "sync", str(storage)]
+            if trial % 2 == 0
+            else ["-c", NEXT_CLIENT, server_url, str(storage)]
         )
-        assert sync.returncode == 0, sync.stderr
+        done = subprocess.run([sys.executable, *recovery], capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
         for key in KEYS:
             steps = [s for _, s, _ in reader.history(run_id, key)]
             missing = (last + 1) - len({s for s in steps if s <= last})

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tracklane._stores.event_log import EventLog, dead_segments, read_segment, recover
+from tracklane._stores.event_log import EventLog, _dead_segments, dead_segments, read_segment, recover
 from tracklane._stores.journal import Journal
 from tracklane._wire.batching import METRIC, PARAM, TAG
 
@@ -241,3 +241,18 @@ def test_a_full_disk_turns_the_log_off_without_a_crash(
         _metrics(big, 10)
     assert not _segments(big) and big.ordinal == 10
     big.close()
+
+
+def test_a_log_another_reader_is_recovering_is_left_to_it(tmp_path: Path) -> None:
+    log = _log(tmp_path)
+    _metrics(log, 10)
+    _dead(log)
+    held = _dead_segments(tmp_path / "ml_runs", frozenset())  # the first reader, mid-recovery
+    journal = Journal.at(tmp_path)
+    try:
+        assert len(held) == 1 and recover(tmp_path / "ml_runs", lambda: journal) == 0
+    finally:
+        for fd in held.values():
+            os.close(fd)
+    assert recover(tmp_path / "ml_runs", lambda: journal) == 10
+    journal.close()

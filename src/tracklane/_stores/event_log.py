@@ -176,6 +176,8 @@ class EventLog:
         segment). Caller holds ``lock``."""
         ordinal = self.ordinal
         self.ordinal = ordinal + 1
+        if self._mm is None and (self.closed or ordinal < self._retry_at):
+            return  # off for now: the event is in the buffer only
         try:
             body, kind = self._body(event)
         except Exception:  # a value that cannot be packed (e.g. an int too large): it stays in memory
@@ -245,19 +247,25 @@ class EventLog:
             self._made_dirs = missing + self._made_dirs  # deepest first, to remove at close
         self._n += 1
         path = self.directory / segment_name(self.token, self._n)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        # Made under a name no reader looks at, and renamed once locked and allocated: a file
+        # with a segment's name is locked from its first moment, so no reader takes it for dead.
+        making = path.with_name(f".{path.name}.new")
+        fd = os.open(making, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             # Allocate before mapping: a store into an unallocated page on a full disk is SIGBUS.
             os.posix_fallocate(fd, 0, size)
             mm = mmap.mmap(fd, size)
+            _HEADER.pack_into(
+                mm, 0, MAGIC, 1, HEADER_BYTES, ordinal, self.acked, os.getpid(), len(self.server)
+            )
+            mm[_HEADER.size : _HEADER.size + len(self.server)] = self.server
+            os.rename(making, path)
         except BaseException:
             os.close(fd)
             with contextlib.suppress(OSError):
-                path.unlink()
+                making.unlink()
             raise
-        _HEADER.pack_into(mm, 0, MAGIC, 1, HEADER_BYTES, ordinal, self.acked, os.getpid(), len(self.server))
-        mm[_HEADER.size : _HEADER.size + len(self.server)] = self.server
         return _Segment(path, fd, mm, self._n, ordinal)
 
     def _off_for_now(self, ordinal: int, why: str) -> bool:
@@ -431,32 +439,53 @@ def _event(kind: int, body: bytes, strings: dict[int, str]) -> Event | None:
     return None
 
 
-def _writer_alive(path: Path) -> bool:
-    """Whether a process holds ``path``'s lock (its writer, or a forked copy of it)."""
+def _take_if_dead(path: Path) -> int | None:
+    """``path``'s lock, taken (a descriptor holding it) if no process held it: its writer is dead
+    and this reader now owns the file; None while a writer (or another reader) holds it."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
-        return True  # vanished meanwhile: its writer deleted it, nothing to recover
+        return None  # vanished meanwhile: its writer deleted it, nothing to recover
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # also releases the lock just taken
-    return False
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _remove_if_dead(path: Path) -> None:
+    fd = _take_if_dead(path)
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        os.close(fd)
 
 
 def dead_segments(directory: Path, own: frozenset[str] = frozenset()) -> dict[str, list[Path]]:
     """Segment files in ``directory`` whose writer is gone, per log token, oldest first (``own``:
-    tokens of this process's lineage, skipped while they carry this pid)."""
+    tokens of this process's lineage, skipped while they carry this pid). Their locks are
+    released again on return; ``recover`` holds them while it works."""
+    held = _dead_segments(directory, own)
+    for fd in held.values():
+        os.close(fd)
+    found: dict[str, list[Path]] = {}
+    for path in held:
+        found.setdefault(_NAME.match(path.name)["token"], []).append(path)  # type: ignore[index]
+    return found
+
+
+def _dead_segments(directory: Path, own: frozenset[str]) -> dict[Path, int]:
     try:
         names = os.listdir(directory)
     except OSError:
         return {}
-    logs: dict[str, list[Path]] = {}
+    logs: dict[Path, int] = {}
     for name in sorted(names):
         match = _NAME.match(name)
         if match is None:
+            if name.startswith(".events-") and name.endswith(f"{SUFFIX}.new"):
+                _remove_if_dead(directory / name)  # a writer died while allocating it
             continue
         path = directory / name
         token = match["token"]
@@ -466,9 +495,9 @@ def dead_segments(directory: Path, own: frozenset[str] = frozenset()) -> dict[st
         # it, and the kernel drops it when the writer dies. Our own logs look alive to us too
         # (a second open file description conflicts even within one process). The pid in the
         # header is for people reading the file; a pid can be reused, a released lock cannot lie.
-        if _writer_alive(path):
-            continue
-        logs.setdefault(token, []).append(path)
+        fd = _take_if_dead(path)
+        if fd is not None:
+            logs[path] = fd
     return logs
 
 
@@ -500,9 +529,20 @@ def recover(
     the watermark is in the surviving segments), so its last value still wins. The killed run is
     left RUNNING on the server, as MLflow leaves a run whose process died; its points are complete.
     """
-    logs = dead_segments(directory, own)
-    if not logs:
+    held = _dead_segments(directory, own)  # locked by us meanwhile: a second reader skips them
+    try:
+        return _recover(held, open_journal)
+    finally:
+        for fd in held.values():
+            os.close(fd)
+
+
+def _recover(held: dict[Path, int], open_journal: Callable[[], RecoveryJournal]) -> int:
+    if not held:
         return 0
+    logs: dict[str, list[Path]] = {}
+    for path in held:
+        logs.setdefault(_NAME.match(path.name)["token"], []).append(path)  # type: ignore[index]
     journal = open_journal()
     moved = 0
     for token, paths in logs.items():
