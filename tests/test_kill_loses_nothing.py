@@ -3,8 +3,8 @@
 The child logs to a real MLflow server as fast as it can and reports, every 1000 steps, the last
 step whose ``log_metric`` calls have returned; the parent SIGKILLs it at a random moment, then
 runs ``tracklane sync`` (or a new client) on the same storage, and reads every key's history back
-through the REST API: every step up to the last reported one is stored, none twice. The killed run stays RUNNING on the
-server (as MLflow leaves a run whose process died).
+through the REST API: every step up to the last reported one is stored, none twice. The killed
+run stays RUNNING on the server (as MLflow leaves a run whose process died).
 
 Without the event log (``TRACKLANE_EVENT_LOG_MAX_BYTES=0``, or main before it) the events still in
 the buffer and in flight at the kill are gone, and this test fails.
