@@ -151,19 +151,20 @@ class Buffer:
         ):
             buf = self._buf
             if len(buf) < self._max:
-                event = (METRIC, run_id, key, value, _time_ns() // 1_000_000, step or 0)
+                ts, st = _time_ns() // 1_000_000, step or 0
                 log = self.log
                 if log is None:
-                    buf.append(event)
+                    buf.append((METRIC, run_id, key, value, ts, st))
                 else:
                     # One record, one store into the mapping: no syscall. acquire/release, not
                     # ``with``: half the cost, and nothing between them can raise.
-                    log.lock.acquire()
+                    lock = log.lock
+                    lock.acquire()
                     try:
-                        log.metric(run_id, key, value, event[4], event[5])
-                        buf.append(event)
+                        log.metric(run_id, key, value, ts, st)
+                        buf.append((METRIC, run_id, key, value, ts, st))
                     finally:
-                        log.lock.release()
+                        lock.release()
                 if len(buf) >= self.wake_at and not self._wake_pending:
                     self._wake_pending = True
                     self.notify()

@@ -117,6 +117,30 @@ class EventLog:
     with one WARNING, and the events go on through the buffer as before (unprotected against a
     kill meanwhile)."""
 
+    # Slots: the hot path reads and writes five of these per record.
+    __slots__ = (
+        "_done",
+        "_end",
+        "_ids",
+        "_made_dirs",
+        "_mm",
+        "_n",
+        "_off",
+        "_retry_at",
+        "_segments",
+        "acked",
+        "closed",
+        "directory",
+        "lineage",
+        "lock",
+        "max_bytes",
+        "ordinal",
+        "segment_bytes",
+        "server",
+        "token",
+        "warned",
+    )
+
     def __init__(
         self, directory: Path, server: str, max_bytes: int, segment_bytes: int = SEGMENT_BYTES
     ) -> None:
