@@ -256,3 +256,24 @@ def test_a_log_another_reader_is_recovering_is_left_to_it(tmp_path: Path) -> Non
             os.close(fd)
     assert recover(tmp_path / "ml_runs", lambda: journal) == 10
     journal.close()
+
+
+def test_without_posix_fallocate_the_segment_is_zero_filled_before_it_is_mapped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delattr(os, "posix_fallocate")  # macOS
+    log = _log(tmp_path, segment_bytes=3 << 20)  # more than one 1 MiB write
+    _metrics(log, 100)
+    [path] = _segments(log)
+    assert path.stat().st_size == 3 << 20 and path.stat().st_blocks * 512 >= 3 << 20  # not sparse
+    assert [o for o, _ in _all_events(log)] == list(range(100))
+    log.close()
+
+
+def test_the_destination_is_asked_for_its_name_at_each_new_segment(tmp_path: Path) -> None:
+    names = iter(["http://a#workspace=1", "http://a#workspace=2"])
+    log = EventLog(tmp_path / "ml_runs", lambda: next(names), 1 << 30, segment_bytes=8 << 10)
+    _metrics(log, 300)  # two segments
+    servers = [read_segment(p).server for p in _segments(log)]  # type: ignore[union-attr]
+    assert servers == ["http://a#workspace=1", "http://a#workspace=2"]
+    log.close()

@@ -57,7 +57,8 @@ class Engine:
         self.buffer = Buffer(config)
         if spool is not None and (max_bytes := event_log_max_bytes()) > 0:
             # Absolute: the process may change directory before the log's files are made or go.
-            self.buffer.log = EventLog(spool.path.parent.absolute(), spool.server, max_bytes)
+            destination = spool.destination
+            self.buffer.log = EventLog(spool.path.parent.absolute(), destination.server_key, max_bytes)
         self._build(spool)
 
     def _build(self, spool: Spool | None) -> None:

@@ -142,10 +142,15 @@ class EventLog:
     )
 
     def __init__(
-        self, directory: Path, server: str, max_bytes: int, segment_bytes: int = SEGMENT_BYTES
+        self,
+        directory: Path,
+        server: str | Callable[[], str],
+        max_bytes: int,
+        segment_bytes: int = SEGMENT_BYTES,
     ) -> None:
         self.directory = directory
-        self.server = server.encode()[:_MAX_SERVER]
+        #: The destination's journal name, asked at each new segment (an OICM workspace can change).
+        self.server = server
         self.max_bytes = max_bytes
         self.segment_bytes = segment_bytes
         self.lock = threading.Lock()
@@ -278,12 +283,11 @@ class EventLog:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             # Allocate before mapping: a store into an unallocated page on a full disk is SIGBUS.
-            os.posix_fallocate(fd, 0, size)
+            _reserve(fd, size)
             mm = mmap.mmap(fd, size)
-            _HEADER.pack_into(
-                mm, 0, MAGIC, 1, HEADER_BYTES, ordinal, self.acked, os.getpid(), len(self.server)
-            )
-            mm[_HEADER.size : _HEADER.size + len(self.server)] = self.server
+            server = (self.server if isinstance(self.server, str) else self.server()).encode()[:_MAX_SERVER]
+            _HEADER.pack_into(mm, 0, MAGIC, 1, HEADER_BYTES, ordinal, self.acked, os.getpid(), len(server))
+            mm[_HEADER.size : _HEADER.size + len(server)] = server
             os.rename(making, path)
         except BaseException:
             os.close(fd)
@@ -378,12 +382,23 @@ class EventLog:
                 s.mm.close()
             with contextlib.suppress(OSError):
                 os.close(s.fd)
-        child = EventLog(self.directory, self.server.decode(), self.max_bytes, self.segment_bytes)
+        child = EventLog(self.directory, self.server, self.max_bytes, self.segment_bytes)
         child.lineage = self.lineage | child.lineage
         return child
 
     def bytes_on_disk(self) -> int:
         return sum(s.mm.size() for s in self._segments)
+
+
+def _reserve(fd: int, size: int) -> None:
+    """Give every byte of the file its disk block now (ENOSPC here, never SIGBUS later)."""
+    if hasattr(os, "posix_fallocate"):
+        os.posix_fallocate(fd, 0, size)
+        return
+    zeros = bytes(1 << 20)  # macOS has no posix_fallocate: write the zeros
+    done = 0
+    while done < size:
+        done += os.pwrite(fd, zeros[: min(len(zeros), size - done)], done)
 
 
 # -- reading and recovery --------------------------------------------------------------------------
