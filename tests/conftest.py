@@ -114,6 +114,7 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         "OIP_OFFLINE_MODE",
         "OIP_WORKLOAD_ID",
         "TRACKLANE_OVERFLOW",
+        "TRACKLANE_EVENT_LOG_MAX_BYTES",
         "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING",
         "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL",
         "MLFLOW_SYSTEM_METRICS_NODE_ID",

@@ -187,7 +187,7 @@ def test_logging_from_an_atexit_handler_after_the_exit_flush_is_kept_and_synced_
     assert reader.run(run_id)["info"]["status"] == "FINISHED"  # still: the late data joined it
 
 
-def test_os_exit_loses_what_was_in_memory_and_keeps_what_was_in_the_journal(
+def test_os_exit_keeps_what_was_in_memory_and_what_was_in_the_journal(
     fault_proxy: FaultProxy, reader: Reader, experiment_name: str, tmp_path: Path
 ) -> None:
     storage = str(tmp_path / "storage")
@@ -201,7 +201,8 @@ def test_os_exit_loses_what_was_in_memory_and_keeps_what_was_in_the_journal(
     fault_proxy.heal()
     synced = tracklane_cli("sync", storage, "--to", fault_proxy.url)
     assert synced.returncode == 0, synced.stderr
-    # No exit flush ran: the journal's 3,000 arrive, the 500 only in memory are gone, and nobody
-    # ended the run (README: what os._exit and kill -9 lose).
-    assert [s for _, s, _ in reader.history(run_id, "loss")] == list(range(3000))
+    # No exit flush ran: the journal's 3,000 arrive, and the 500 that were only in memory too (the
+    # sync moves the dead process's event log into the journal first); nobody ended the run
+    # (README: what os._exit and kill -9 lose).
+    assert [s for _, s, _ in reader.history(run_id, "loss")] == list(range(3500))
     assert reader.run(run_id)["info"]["status"] == "RUNNING"

@@ -25,6 +25,7 @@ ENV = {
     "OIP_WORKLOAD_ID": "sent as the OIP-Workload-Id header",
     "OIP_OFFLINE_MODE": "offline_mode (boolean)",
     "TRACKLANE_OVERFLOW": "overflow",
+    "TRACKLANE_EVENT_LOG_MAX_BYTES": "disk bound of the kill-safe event log (bytes; 0 turns it off)",
     # MLflow's own (mlflow/environment_variables.py), read the way MLflow reads them:
     "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "start_run(log_system_metrics=) (boolean)",
     "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "system_metrics_interval",
@@ -405,6 +406,31 @@ def env(name: str) -> str | None:
     assert name in ENV, f"{name} is not a documented tracklane setting"
     raw = os.environ.get(name)
     return raw.strip() if raw is not None and raw.strip() else None
+
+
+#: Default disk bound of the event log: 256 MiB is 64 segments of 4 MiB, ~6.7M metric records,
+#: 60x what a default client holds unacknowledged (``max_buffer`` plus requests in flight, ~2-3
+#: segments), so only acknowledgements stuck for a long time reach it; and it is small beside any
+#: disk that trains models. Reached, the log stops protecting new events (one WARNING) until
+#: acknowledgements free a segment; nothing else changes.
+EVENT_LOG_MAX_BYTES = 256 << 20
+
+
+def event_log_max_bytes() -> int:
+    """``$TRACKLANE_EVENT_LOG_MAX_BYTES`` (default ``EVENT_LOG_MAX_BYTES``); 0 turns the log off."""
+    raw = env("TRACKLANE_EVENT_LOG_MAX_BYTES")
+    if raw is None:
+        return EVENT_LOG_MAX_BYTES
+    try:
+        value = int(raw)
+        if value < 0:
+            raise ValueError
+    except ValueError:
+        raise ConfigurationError(
+            f"TRACKLANE_EVENT_LOG_MAX_BYTES={raw!r} is not a number of bytes; set it to e.g. "
+            f"{EVENT_LOG_MAX_BYTES} (or 0 to turn the event log off)."
+        ) from None
+    return value
 
 
 def env_bool(name: str, hint: str) -> bool | None:

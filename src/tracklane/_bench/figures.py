@@ -37,6 +37,7 @@ FIGURES: dict[str, str] = {
     "9_artifacts": "artifacts",
     "10_lightning_logger": "lightning_logger",
     "11_run_edges": "run_edges",
+    "12_kill": "kill",
 }
 SCALES = ("smoke", "quick", "full")
 #: The longest one figure may run before it is stopped, by scale (seconds).

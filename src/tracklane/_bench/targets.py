@@ -214,6 +214,22 @@ TARGETS = (
         True,
         _scaled("11_run_edges", "raw_runs_update_ms", 2.0),
     ),
+    Target(
+        "kill -9: points lost (issue 20)",
+        "12_kill",
+        "lost_points",
+        "0 of those whose call returned",
+        True,
+        _fixed(0),
+    ),
+    Target(
+        "kill -9: points stored twice (issue 20)",
+        "12_kill",
+        "duplicated_points",
+        "0",
+        True,
+        _fixed(0),
+    ),
 )
 
 

@@ -24,12 +24,14 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TextIO
 
 from .._delivery.find_or_create import OFFLINE_RUN_TAG, find_or_create_run
 from .._delivery.upload import upload_run
 from .._exceptions import ConfigurationError, ServerUnavailableError, TrackingError
 from .._settings import ServerConfig, env, resolve_server
+from .._stores.event_log import recover
 from .._stores.journal import JOURNAL_DIR, Delivery, Journal, UploadLock, journal_file, server_key
 from .._stores.rest import RestBackend
 from .._wire.batching import KIND_NAMES, Event
@@ -119,6 +121,7 @@ def main(args: argparse.Namespace, out: TextIO | None = None) -> int:
         workspace = args.workspace_id or None
         if server is not None:
             _check_workspace(server, workspace)
+        _recover_event_logs(journal_file(args.path))
         journal = Journal(journal_file(args.path), create=False)
     except TrackingError as exc:
         _error(exc)
@@ -132,6 +135,24 @@ def main(args: argparse.Namespace, out: TextIO | None = None) -> int:
         return 1
     finally:
         journal.close()
+
+
+def _recover_event_logs(path: Path) -> None:
+    """First move what processes that died (SIGKILL, OOM) left in their event logs beside the
+    journal into it, as spilled rows: the sync then delivers them like any other."""
+    opened: list[Journal] = []
+
+    def open_journal() -> Journal:
+        opened.append(Journal(path))
+        return opened[-1]
+
+    try:
+        moved = recover(path.parent, open_journal)
+    finally:
+        for journal in opened:
+            journal.close()
+    if moved:
+        print(f"Recovered {moved} event(s) from the event logs of processes that died.", file=sys.stderr)
 
 
 def _sync_to(

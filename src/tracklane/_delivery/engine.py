@@ -30,7 +30,8 @@ import logging
 import time
 
 from .._exceptions import AuthenticationError, TrackingError
-from .._settings import EngineConfig
+from .._settings import EngineConfig, event_log_max_bytes
+from .._stores.event_log import EventLog
 from .._wire.batching import Batch, Event, pack
 from .._wire.run_end import RunEnd
 from .buffer import Buffer, now_ms
@@ -54,11 +55,17 @@ class Engine:
         self.backend = backend
         self.config = config
         self.buffer = Buffer(config)
+        if spool is not None and (max_bytes := event_log_max_bytes()) > 0:
+            # Absolute: the process may change directory before the log's files are made or go.
+            destination = spool.destination
+            self.buffer.log = EventLog(spool.path.parent.absolute(), destination.server_key, max_bytes)
         self._build(spool)
 
     def _build(self, spool: Spool | None) -> None:
         """The state and the parts over it: at construction, and again after a fork."""
         self.state: State = fresh_state(self.config, spool)
+        if spool is not None and self.buffer.log is not None:
+            spool.own_logs = self.buffer.log.lineage
         self._uploader = JournalUploader(self.state, self.backend)
         spiller = Spiller(self.state, self._uploader.kick)
         self._taker = Taker(self.state, self.buffer, spiller)
@@ -264,6 +271,7 @@ class Engine:
         if tasks:  # plain waits, and journal writes under way: they finish, on a disk that works
             await asyncio.wait(tasks, timeout=20.0)
         lost = await self._keep_leftovers()
+        self.buffer.close_log()  # everything is delivered, in the journal, or counted lost
         if st.blocked is None:  # blocked: the error already gave the command
             await self.journal_notice("before exit")
         with contextlib.suppress(Exception):
@@ -322,6 +330,7 @@ class Engine:
         if lost == 0:
             self.state.spilled += len(events)
             self._clear_leftovers()
+        self.buffer.close_log()
         return lost
 
 

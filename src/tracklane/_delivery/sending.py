@@ -13,7 +13,7 @@ import asyncio
 import logging
 
 from .._exceptions import AuthenticationError, ServerUnavailableError
-from .._wire.batching import Batch
+from .._wire.batching import Batch, settle
 from .._wire.outcome import deliver
 from .spilling import Spiller
 from .state import Backend, State, resolve, wait_event
@@ -85,6 +85,7 @@ class Sender:
         st = self.state
         try:
             await deliver(batch, self.backend, st.sent, st.reject)
+            settle([batch])
             return
         except AuthenticationError as exc:
             st.block(exc)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from .._wire.batching import Batch
+from .._wire.batching import Batch, settle
 from .state import Marker, State, resolve
 
 
@@ -75,6 +75,7 @@ class Spiller:
     def _placed(self, batches: list[Batch], kept: int) -> None:
         st = self.state
         st.spilled += sum(len(b) for b in batches[:kept])
+        settle(batches[:kept])  # in the journal: the event log need not keep them
         if kept:
             self._kick_uploader()
         if kept < len(batches):

@@ -8,7 +8,7 @@ import asyncio
 import logging
 import time
 
-from .._wire.batching import Batch, pack
+from .._wire.batching import Batch, Event, pack
 from .buffer import Buffer
 from .spilling import Spiller
 from .state import State, wait_event
@@ -63,6 +63,7 @@ class Taker:
             if not events and marker is None:
                 return
             batches = list(pack(events, time.time_ns()))
+            self._ticket(batches, events)
             if to_journal:
                 placed = False  # from ``write`` on, every batch is in the journal or the hand
                 try:
@@ -89,6 +90,20 @@ class Taker:
             if marker is not None:
                 st.hand.append(marker)
                 st.signal_hand()
+
+    def _ticket(self, batches: list[Batch], events: list[Event]) -> None:
+        """Each request of this chunk settles its share of the event log's record range; the
+        range is acknowledged once they all have (a tag set twice in the chunk is one entry)."""
+        log = self.buffer.log
+        if log is None or not events:
+            return
+        start, end = self.buffer.last_take
+        settled = log.ticket(start, end, len(batches))
+        if settled is None or not batches:
+            log.done(start, end)
+            return
+        for batch in batches:
+            batch.settled = settled
 
     def _to_hand(self, batches: list[Batch]) -> None:
         st = self.state

@@ -64,7 +64,9 @@ class JournalUploader:
             st.resumes.append(task)
 
     async def _resume(self, spool: Spool) -> None:
-        """At start: deliver what earlier processes left in this storage's journal for this server."""
+        """At start: deliver what earlier processes left in this storage's journal for this server
+        (first moving into it the event logs of processes that died, e.g. killed with SIGKILL)."""
+        await spool.recover_dead_logs()
         left = await spool.pending(None)  # a journal that cannot be opened: broken, logged, 0
         if left:
             logger.warning(

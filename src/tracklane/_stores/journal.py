@@ -571,6 +571,48 @@ class Journal:
             self._run_ids[run_uuid] = run
         self._write_rows(run, events, seq)
 
+    def recovered(self, names: list[str]) -> set[str]:
+        """Which of these event-log segment names were already moved here (``event_log.recover``)."""
+        marks = {f"recovered:{n}": n for n in names}
+        found = self._read(f"SELECT name FROM meta WHERE name IN ({','.join('?' * len(marks))})", list(marks))
+        return {marks[r[0]] for r in found}
+
+    def keep_recovered(self, rows: dict[tuple[str, str], list[Event]], names: list[str], seq: int) -> None:
+        """A dead process's event-log records, as spilled rows of their run and server, and the
+        segments' names as done, in one transaction: all of it is here, or none."""
+        new_keys: dict[str, int] = {}
+        run_ids: dict[str, int] = {}
+        with self._write() as db:
+            for (server, run_uuid), events in rows.items():
+                db.execute(
+                    "INSERT OR IGNORE INTO runs (uuid, name, lifecycle_stage, origin) "
+                    "VALUES (?, '', 'active', ?)",
+                    (run_uuid, server),
+                )
+                run = db.execute("SELECT id FROM runs WHERE uuid = ?", (run_uuid,)).fetchone()[0]
+                run_ids[run_uuid] = run
+                db.execute(
+                    "INSERT OR IGNORE INTO deliveries (run, server, server_run_id) VALUES (?, ?, ?)",
+                    (run, server, run_uuid),
+                )
+                ids = self._ids_for(db, {e[2] for e in events}, new_keys)
+                db.executemany(
+                    "INSERT INTO metrics VALUES (?, ?, ?, ?, ?)",
+                    [(run, ids[e[2]], e[3], e[4], e[5]) for e in events if e[0] == METRIC],
+                )
+                for e in events:
+                    if e[0] != METRIC:
+                        try:
+                            self._put_texts(db, run, [(e[0], e[2], e[3])], new_keys, seq)
+                        except ServerError as exc:  # a param another process changed meanwhile
+                            logger.warning("tracklane: recovered param of run %s skipped: %s", run_uuid, exc)
+            db.executemany(
+                "INSERT OR IGNORE INTO meta (name, value) VALUES (?, ?)",
+                [(f"recovered:{n}", str(seq)) for n in names],
+            )
+        self._key_ids.update(new_keys)
+        self._run_ids.update(run_ids)
+
     def deliveries(
         self, server: str, runs: Iterable[str] | None = None, spilled_only: bool = False
     ) -> list[Delivery]:

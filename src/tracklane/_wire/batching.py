@@ -7,7 +7,7 @@ tag set twice, and cuts requests that stay inside every server limit (see ``_lim
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Any
@@ -59,6 +59,9 @@ class Batch:
     #: When the worker took these events (ns): a tag value kept in the journal never replaces one
     #: taken later, whatever order the writes reach the journal in (a retried batch arrives late).
     seq: int = 0
+    #: Called once the batch reached its final outcome (delivered, refused and reported, or in
+    #: the journal): the event log frees what it no longer needs to keep (``settle``).
+    settled: Callable[[], None] | None = None
 
     def __len__(self) -> int:
         return len(self.metrics) + len(self.params) + len(self.tags)
@@ -98,6 +101,14 @@ class Batch:
         events = self.events()
         mid = len(events) // 2
         return batch_of(self.run_id, events[:mid], self.seq), batch_of(self.run_id, events[mid:], self.seq)
+
+
+def settle(batches: Iterable[Batch]) -> None:
+    """These batches reached their final outcome: tell whoever asked (once per batch)."""
+    for batch in batches:
+        done, batch.settled = batch.settled, None
+        if done is not None:
+            done()
 
 
 def metric_entry(event: tuple[Any, ...]) -> dict[str, Any]:

@@ -1,0 +1,611 @@
+"""The event log: every event a logging call accepts, packed into a memory-mapped file first.
+
+Why: the buffer is a deque in memory, so a SIGKILL (the OOM killer, a scheduler's preemption) lost
+every event still in it or in flight. Here the logging call also packs its record into a mapped
+page of a segment file in the journal directory; the kernel writes a killed process's dirty pages
+back, so every record whose call returned survives SIGKILL and the OOM killer (not a power cut or a
+kernel crash: nothing is fsynced). No system call per event: a record is one ``struct.pack_into``.
+
+Layout. A writer (one per process: a forked child starts its own) writes fixed-size segments
+``events-<token>-<n>.tll``; each starts with a header (magic, the destination's journal name, the
+ordinal of its first event, the acknowledged watermark, the writer's pid) and holds records::
+
+    crc32 (u32) | length (u24) + kind (u8) | body
+
+``crc32`` covers the length/kind word and the body, so a reader never trusts a torn or damaged
+record. Run ids, keys and other strings are written once per segment as STRING records and
+referred to by number (each segment is self-contained, so deleting an old one never orphans a
+later one). A metric is 40 bytes. Space is allocated with ``posix_fallocate`` *before* it is
+mapped: a store into a mapped page of a sparse file on a full disk raises SIGBUS and kills the
+process; a failed allocation only turns the log off (one WARNING) and the events take today's path.
+
+Acknowledgement. Events get consecutive ordinals in the order they enter the buffer (the same lock
+orders both). The engine acknowledges ordinal ranges (a chunk the worker took, once each of its
+requests reached a final outcome: delivered, refused and reported, or in the SQLite journal), in
+any order; the log keeps the watermark below which every ordinal is acknowledged, writes it into
+the live segments' headers (again a store into the mapping), and deletes a segment once the
+watermark passes its last event.
+
+Recovery (``recover``): a log whose writer is dead (no process holds its ``flock``) is read, and
+every valid record at or above its watermark is moved into the SQLite journal as ordinary spilled
+rows, in one transaction that also records the segment names as recovered; then the files are
+deleted, so a second recovery does nothing. From there the usual uploader or ``tracklane sync``
+delivers them. See ``recover`` for why a re-send never stores a point twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import mmap
+import os
+import re
+import secrets
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from .._wire.batching import METRIC, PARAM, TAG, Event
+
+logger = logging.getLogger("tracklane")
+
+#: Segment size: 4 MiB holds ~100k metric records (a default ``max_buffer`` of events), so a
+#: healthy client rolls over rarely, allocates at most once per ~100k events, and its whole
+#: backlog (buffer plus requests in flight) spans a segment or two.
+SEGMENT_BYTES = 4 << 20
+HEADER_BYTES = 512
+MAGIC = b"TLEVLOG1"
+SUFFIX = ".tll"
+_NAME = re.compile(r"^events-(?P<token>[0-9a-z-]+)-(?P<n>\d{6})\.tll$")
+
+# Header: magic, version, header size, first ordinal, acknowledged watermark, pid, server length.
+_HEADER = struct.Struct("<8sIIqqIH")
+_WATERMARK_AT = 8 + 4 + 4 + 8
+_WATERMARK = struct.Struct("<q")
+_RECORD = struct.Struct("<II")  # crc32, length | kind << 24
+_STRING, _METRIC, _PARAM, _TAG, _LINKED = 1, 2, 3, 4, 5
+_METRIC_BODY = struct.Struct("<IIdqq")  # run, key, value, timestamp, step
+_METRIC_FULL = struct.Struct("<IIIIdqq")
+_LINK = struct.Struct("<III")  # model_id, dataset_name, dataset_digest string ids (0: None)
+_TEXT_HEAD = struct.Struct("<II")  # run, key; then the value, UTF-8
+_ID = struct.Struct("<I")
+_METRIC_WORD = _METRIC_BODY.size | _METRIC << 24
+_METRIC_SEED = zlib.crc32(_ID.pack(_METRIC_WORD))
+_METRIC_SIZE = _METRIC_FULL.size
+_MAX_SERVER = HEADER_BYTES - _HEADER.size
+_KIND_OF = {METRIC: _METRIC, PARAM: _PARAM, TAG: _TAG}
+_EVENT_KIND = {_METRIC: METRIC, _LINKED: METRIC, _PARAM: PARAM, _TAG: TAG}
+_crc32 = zlib.crc32
+
+
+def segment_name(token: str, n: int) -> str:
+    return f"events-{token}-{n:06d}{SUFFIX}"
+
+
+class _Segment:
+    """One mapped segment file of this process's log, and its lock."""
+
+    __slots__ = ("fd", "first", "last", "mm", "n", "path")
+
+    def __init__(self, path: Path, fd: int, mm: mmap.mmap, n: int, first: int) -> None:
+        self.path, self.fd, self.mm, self.n, self.first = path, fd, mm, n, first
+        #: Ordinal after its last event; None while it is the one written to.
+        self.last: int | None = None
+
+    def close(self, delete: bool) -> None:
+        with contextlib.suppress(Exception):
+            self.mm.close()
+        if delete:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+        with contextlib.suppress(OSError):
+            os.close(self.fd)  # releases the flock: a reader now sees a dead writer
+
+
+class EventLog:
+    """This process's writer. ``lock`` orders records and buffer appends (the buffer holds it
+    around both, so ordinals are buffer order); every method is safe from any thread.
+
+    Never raises out of a logging call: a segment that cannot be allocated (full disk, the
+    ``max_bytes`` bound reached, a read-only directory) turns the log off until space is freed,
+    with one WARNING, and the events go on through the buffer as before (unprotected against a
+    kill meanwhile)."""
+
+    # Slots: the hot path reads and writes five of these per record.
+    __slots__ = (
+        "_done",
+        "_end",
+        "_ids",
+        "_made_dirs",
+        "_mm",
+        "_n",
+        "_off",
+        "_retry_at",
+        "_segments",
+        "acked",
+        "closed",
+        "directory",
+        "lineage",
+        "lock",
+        "max_bytes",
+        "ordinal",
+        "segment_bytes",
+        "server",
+        "token",
+        "warned",
+    )
+
+    def __init__(
+        self,
+        directory: Path,
+        server: str | Callable[[], str],
+        max_bytes: int,
+        segment_bytes: int = SEGMENT_BYTES,
+    ) -> None:
+        self.directory = directory
+        #: The destination's journal name, asked at each new segment (an OICM workspace can change).
+        self.server = server
+        self.max_bytes = max_bytes
+        self.segment_bytes = segment_bytes
+        self.lock = threading.Lock()
+        self.token = f"{os.getpid()}-{secrets.token_hex(4)}"
+        #: This log's token and those of the logs it was forked from: never recovered by this
+        #: process while it has their pid (after an in-process reset the lock alone cannot tell).
+        self.lineage = frozenset({self.token})
+        self._segments: list[_Segment] = []
+        self._made_dirs: list[Path] = []
+        self._n = 0
+        self._mm: Any = None
+        self._off = 0
+        self._end = 0  # write limit of the current segment (0: none: the next write rolls)
+        self._ids: dict[str, int] = {}
+        #: The next event's ordinal, and the watermark below which every ordinal is acknowledged.
+        self.ordinal = 0
+        self.acked = 0
+        self._done: dict[int, int] = {}
+        self._retry_at = 0  # while off: the ordinal at which to try allocating again
+        self.closed = False
+        self.warned = False
+
+    # -- writing (callers hold ``lock``) ---------------------------------------------------------
+
+    def metric(
+        self,
+        run_id: str,
+        key: str,
+        value: float,
+        timestamp: int,
+        step: int,
+        _pack: Callable[..., bytes] = _METRIC_BODY.pack,
+        _pack_into: Callable[..., None] = _METRIC_FULL.pack_into,
+        _crc: Callable[[bytes, int], int] = _crc32,
+    ) -> None:
+        """The hot path: one record for a plain metric. Caller holds ``lock``. (The defaults bind
+        the packers as fast locals: this runs once per logged point.)"""
+        off = self._off
+        ids = self._ids
+        rid = ids.get(run_id)
+        kid = ids.get(key)
+        if off + _METRIC_SIZE > self._end or rid is None or kid is None:
+            self.write((METRIC, run_id, key, value, timestamp, step))
+            return
+        crc = _crc(_pack(rid, kid, value, timestamp, step), _METRIC_SEED)
+        _pack_into(self._mm, off, crc, _METRIC_WORD, rid, kid, value, timestamp, step)
+        self._off = off + _METRIC_SIZE
+        self.ordinal += 1
+
+    def write(self, event: Event) -> None:
+        """Any event (a text, a metric with a model link, one that needs a string or a new
+        segment). Caller holds ``lock``."""
+        ordinal = self.ordinal
+        self.ordinal = ordinal + 1
+        if self._mm is None and (self.closed or ordinal < self._retry_at):
+            return  # off for now: the event is in the buffer only
+        try:
+            body, kind = self._body(event)
+        except Exception:  # a value that cannot be packed (e.g. an int too large): it stays in memory
+            return
+        if self._off + _RECORD.size + len(body) > self._end or self._mm is None:
+            if not self._roll(ordinal, _RECORD.size + len(body)):
+                return
+            body, kind = self._body(event)  # string ids are per segment
+        self._put(kind, body)
+
+    def _body(self, event: Event) -> tuple[bytes, int]:
+        kind, run_id, key = event[0], event[1], event[2]
+        rid, kid = self._id(run_id), self._id(key)
+        if kind == METRIC:
+            if len(event) > 6:
+                link = event[6]
+                ids = [0 if s is None else self._id(s) for s in link]
+                return _METRIC_BODY.pack(rid, kid, event[3], event[4], event[5]) + _LINK.pack(*ids), _LINKED
+            return _METRIC_BODY.pack(rid, kid, event[3], event[4], event[5]), _METRIC
+        return _TEXT_HEAD.pack(rid, kid) + str(event[3]).encode("utf-8", "surrogatepass"), _KIND_OF[kind]
+
+    def _id(self, text: str) -> int:
+        found = self._ids.get(text)
+        if found is not None:
+            return found
+        new = len(self._ids) + 1
+        data = text.encode("utf-8", "surrogatepass")
+        if self._mm is not None and self._off + _RECORD.size + 4 + len(data) <= self._end:
+            self._put(_STRING, _ID.pack(new) + data)
+            self._ids[text] = new
+        # No room: the id is not remembered, so the caller's roll writes it in the next segment.
+        return new
+
+    def _put(self, kind: int, body: bytes) -> None:
+        word = len(body) | kind << 24
+        crc = _crc32(body, _crc32(_ID.pack(word)))
+        off = self._off
+        _RECORD.pack_into(self._mm, off + 0, crc, word)
+        self._mm[off + _RECORD.size : off + _RECORD.size + len(body)] = body
+        self._off = off + _RECORD.size + len(body)
+
+    def _roll(self, ordinal: int, need: int) -> bool:
+        """Start a new segment at ``ordinal``; False (the log is off for now) if none can be had."""
+        if self.closed or ordinal < self._retry_at:
+            return False
+        current = self._segments[-1] if self._segments else None
+        if current is not None and current.last is None:
+            current.last = ordinal
+        self._mm, self._off, self._end, self._ids = None, 0, 0, {}
+        self._forget_acked()
+        size = max(self.segment_bytes, HEADER_BYTES + need + 4096)
+        live = sum(s.mm.size() for s in self._segments)
+        if live + size > self.max_bytes:
+            return self._off_for_now(ordinal, f"its disk bound ({self.max_bytes} bytes) is reached")
+        try:
+            segment = self._allocate(ordinal, size)
+        except OSError as exc:
+            return self._off_for_now(ordinal, str(exc))
+        self._segments.append(segment)
+        self._mm, self._off, self._end = segment.mm, HEADER_BYTES, size
+        return True
+
+    def _allocate(self, ordinal: int, size: int) -> _Segment:
+        if not self.directory.is_dir():
+            missing = [p for p in [self.directory, *self.directory.parents] if not p.exists()]
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._made_dirs = missing + self._made_dirs  # deepest first, to remove at close
+        self._n += 1
+        path = self.directory / segment_name(self.token, self._n)
+        # Made under a name no reader looks at, and renamed once locked and allocated: a file
+        # with a segment's name is locked from its first moment, so no reader takes it for dead.
+        making = path.with_name(f".{path.name}.new")
+        fd = os.open(making, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # Allocate before mapping: a store into an unallocated page on a full disk is SIGBUS.
+            _reserve(fd, size)
+            mm = mmap.mmap(fd, size)
+            server = (self.server if isinstance(self.server, str) else self.server()).encode()[:_MAX_SERVER]
+            _HEADER.pack_into(mm, 0, MAGIC, 1, HEADER_BYTES, ordinal, self.acked, os.getpid(), len(server))
+            mm[_HEADER.size : _HEADER.size + len(server)] = server
+            os.rename(making, path)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                making.unlink()
+            raise
+        return _Segment(path, fd, mm, self._n, ordinal)
+
+    def _off_for_now(self, ordinal: int, why: str) -> bool:
+        # Try again a segment's worth of events later (or as soon as acknowledgements free one).
+        self._retry_at = ordinal + max(1, self.segment_bytes // _METRIC_SIZE)
+        if not self.warned:
+            self.warned = True
+            logger.warning(
+                "tracklane: cannot write the event log in %s (%s); events are kept in memory and "
+                "the journal as before, but a kill -9 of this process meanwhile loses those not "
+                "yet delivered. Free space there (or raise TRACKLANE_EVENT_LOG_MAX_BYTES).",
+                self.directory,
+                why,
+            )
+        return False
+
+    # -- acknowledgement (the worker) ------------------------------------------------------------
+
+    def done(self, start: int, end: int) -> None:
+        """Ordinals ``[start, end)`` reached their final outcome (any order of calls)."""
+        with self.lock:
+            self.done_locked(start, end)
+
+    def done_locked(self, start: int, end: int) -> None:
+        """``done`` for a caller already holding ``lock`` (the buffer dropping its oldest event)."""
+        if end <= start:
+            return
+        if start != self.acked:
+            self._done[start] = end
+            return
+        acked = end
+        while acked in self._done:
+            acked = self._done.pop(acked)
+        self.acked = acked
+        self._forget_acked()
+
+    def _forget_acked(self) -> None:
+        keep = []
+        freed = False
+        for s in self._segments:
+            if s.last is not None and s.last <= self.acked:
+                s.close(delete=True)
+                freed = True
+                continue
+            with contextlib.suppress(ValueError):  # a closed map
+                _WATERMARK.pack_into(s.mm, _WATERMARK_AT, self.acked)
+            keep.append(s)
+        self._segments = keep
+        if freed:
+            self._retry_at = min(self._retry_at, self.ordinal)  # space freed: allocate at once
+
+    def ticket(self, start: int, end: int, batches: int) -> Callable[[], None] | None:
+        """A callback for each of ``batches`` requests cut from ordinals ``[start, end)``: the
+        range is acknowledged when the last one is called."""
+        if end <= start:
+            return None
+        left = [batches]
+
+        def settled() -> None:
+            left[0] -= 1
+            if left[0] == 0:
+                self.done(start, end)
+
+        return settled
+
+    # -- lifetime --------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """A clean end: the engine has delivered or kept every event; delete the files."""
+        with self.lock:
+            self.closed = True
+            self._mm, self._end = None, 0
+            for s in self._segments:
+                s.close(delete=True)
+            self._segments = []
+            for d in self._made_dirs:
+                with contextlib.suppress(OSError):
+                    d.rmdir()  # only if empty: nothing else was written there
+            self._made_dirs = []
+
+    def after_fork(self) -> EventLog:
+        """In a forked child: drop the parent's mappings and descriptors (closing our copy of a
+        descriptor leaves the parent's lock held) and start a log of our own."""
+        for s in self._segments:
+            with contextlib.suppress(Exception):
+                s.mm.close()
+            with contextlib.suppress(OSError):
+                os.close(s.fd)
+        child = EventLog(self.directory, self.server, self.max_bytes, self.segment_bytes)
+        child.lineage = self.lineage | child.lineage
+        return child
+
+    def bytes_on_disk(self) -> int:
+        return sum(s.mm.size() for s in self._segments)
+
+
+def _reserve(fd: int, size: int) -> None:
+    """Give every byte of the file its disk block now (ENOSPC here, never SIGBUS later)."""
+    if hasattr(os, "posix_fallocate"):
+        os.posix_fallocate(fd, 0, size)
+        return
+    zeros = bytes(1 << 20)  # macOS has no posix_fallocate: write the zeros
+    done = 0
+    while done < size:
+        done += os.pwrite(fd, zeros[: min(len(zeros), size - done)], done)
+
+
+# -- reading and recovery --------------------------------------------------------------------------
+
+
+@dataclass
+class SegmentRead:
+    """What a reader found in one segment file."""
+
+    path: Path
+    server: str
+    first: int
+    acked: int
+    #: (ordinal, event) of every valid event record, in order.
+    events: list[tuple[int, Event]] = field(default_factory=list)
+    #: Bytes after the last valid record that are not zero: a damaged record (and what follows).
+    damaged: int = 0
+    torn: bool = False
+
+
+def read_segment(path: Path) -> SegmentRead | None:
+    """Every valid record of ``path``; None if it is not a segment (no magic, too short).
+
+    A record whose checksum fails ends the read: its length, which locates the next record, is
+    itself untrusted, so nothing after it is believed. At the tail of what the writer wrote (the
+    rest zeros) that is a torn record, expected after a kill mid-write; anything else is damage,
+    counted in ``damaged`` so the caller can say so."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    if len(data) < HEADER_BYTES:
+        return None
+    magic, _version, header, first, acked, _pid, slen = _HEADER.unpack_from(data, 0)
+    if magic != MAGIC:
+        return None
+    server = data[_HEADER.size : _HEADER.size + slen].decode("utf-8", "replace")
+    out = SegmentRead(path, server, first, acked)
+    strings: dict[int, str] = {}
+    ordinal, pos, size = first, header, len(data)
+    while pos + _RECORD.size <= size:
+        crc, word = _RECORD.unpack_from(data, pos)
+        if crc == 0 and word == 0:
+            break
+        length, kind = word & 0xFFFFFF, word >> 24
+        end = pos + _RECORD.size + length
+        if end > size or _crc32(data[pos + _RECORD.size : end], _crc32(data[pos + 4 : pos + 8])) != crc:
+            rest = len(data[pos:].rstrip(b"\0"))
+            record_end = min(size, end)
+            out.torn = not data[record_end:].strip(b"\0")
+            out.damaged = 0 if out.torn else rest
+            break
+        body = data[pos + _RECORD.size : end]
+        pos = end
+        if kind == _STRING:
+            strings[_ID.unpack_from(body)[0]] = body[4:].decode("utf-8", "surrogatepass")
+            continue
+        event = _event(kind, body, strings)
+        if event is not None:
+            out.events.append((ordinal, event))
+        if kind in _EVENT_KIND:
+            ordinal += 1
+    return out
+
+
+def _event(kind: int, body: bytes, strings: dict[int, str]) -> Event | None:
+    try:
+        if kind in (_METRIC, _LINKED):
+            rid, kid, value, ts, step = _METRIC_BODY.unpack_from(body)
+            return (METRIC, strings[rid], strings[kid], value, ts, step)
+        if kind in (_PARAM, _TAG):
+            rid, kid = _TEXT_HEAD.unpack_from(body)
+            value = body[_TEXT_HEAD.size :].decode("utf-8", "surrogatepass")
+            return (_EVENT_KIND[kind], strings[rid], strings[kid], value, 0, 0)
+    except (KeyError, struct.error, UnicodeDecodeError):
+        return None
+    return None
+
+
+def _take_if_dead(path: Path) -> int | None:
+    """``path``'s lock, taken (a descriptor holding it) if no process held it: its writer is dead
+    and this reader now owns the file; None while a writer (or another reader) holds it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None  # vanished meanwhile: its writer deleted it, nothing to recover
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _remove_if_dead(path: Path) -> None:
+    fd = _take_if_dead(path)
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        os.close(fd)
+
+
+def dead_segments(directory: Path, own: frozenset[str] = frozenset()) -> dict[str, list[Path]]:
+    """Segment files in ``directory`` whose writer is gone, per log token, oldest first (``own``:
+    tokens of this process's lineage, skipped while they carry this pid). Their locks are
+    released again on return; ``recover`` holds them while it works."""
+    held = _dead_segments(directory, own)
+    for fd in held.values():
+        os.close(fd)
+    found: dict[str, list[Path]] = {}
+    for path in held:
+        found.setdefault(_NAME.match(path.name)["token"], []).append(path)  # type: ignore[index]
+    return found
+
+
+def _dead_segments(directory: Path, own: frozenset[str]) -> dict[Path, int]:
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return {}
+    logs: dict[Path, int] = {}
+    for name in sorted(names):
+        match = _NAME.match(name)
+        if match is None:
+            if name.startswith(".events-") and name.endswith(f"{SUFFIX}.new"):
+                _remove_if_dead(directory / name)  # a writer died while allocating it
+            continue
+        path = directory / name
+        token = match["token"]
+        if token in own and token.split("-")[0] == str(os.getpid()):
+            continue
+        # The lock is the authority: a live writer holds it from creating the file to deleting
+        # it, and the kernel drops it when the writer dies. Our own logs look alive to us too
+        # (a second open file description conflicts even within one process). The pid in the
+        # header is for people reading the file; a pid can be reused, a released lock cannot lie.
+        fd = _take_if_dead(path)
+        if fd is not None:
+            logs[path] = fd
+    return logs
+
+
+class RecoveryJournal(Protocol):
+    """What recovery needs of the SQLite journal (``journal.Journal``)."""
+
+    def recovered(self, names: list[str]) -> set[str]: ...
+
+    def keep_recovered(
+        self, rows: dict[tuple[str, str], list[Event]], names: list[str], seq: int
+    ) -> None: ...
+
+
+def recover(
+    directory: Path, open_journal: Callable[[], RecoveryJournal], own: frozenset[str] = frozenset()
+) -> int:
+    """Move every dead log in ``directory`` into the journal; the number of events moved.
+
+    Each dead log's records at or above its acknowledged watermark become ordinary spilled rows of
+    their run for their server, in one transaction that also records the segments' names, then
+    the files are deleted (a kill in between: the names say they are done, the files go next time).
+
+    Why a re-send never stores a point twice: a record above the watermark may have reached the
+    server already (its request answered, the acknowledgement not yet recorded when the process
+    died). MLflow's ``SqlAlchemyStore._log_metrics_once`` drops a metric whose (key, value,
+    timestamp, step) the run already has (the table's primary key; the record keeps the original
+    timestamp), ``_log_params`` accepts a param again with the same value, and setting a tag to the
+    value it has changes nothing; a tag set twice is replayed in logging order (every record after
+    the watermark is in the surviving segments), so its last value still wins. The killed run is
+    left RUNNING on the server, as MLflow leaves a run whose process died; its points are complete.
+    """
+    held = _dead_segments(directory, own)  # locked by us meanwhile: a second reader skips them
+    try:
+        return _recover(held, open_journal)
+    finally:
+        for fd in held.values():
+            os.close(fd)
+
+
+def _recover(held: dict[Path, int], open_journal: Callable[[], RecoveryJournal]) -> int:
+    if not held:
+        return 0
+    logs: dict[str, list[Path]] = {}
+    for path in held:
+        logs.setdefault(_NAME.match(path.name)["token"], []).append(path)  # type: ignore[index]
+    journal = open_journal()
+    moved = 0
+    for token, paths in logs.items():
+        names = [p.name for p in paths]
+        done = journal.recovered(names)
+        reads = [r for p in paths if p.name not in done and (r := read_segment(p)) is not None]
+        acked = max((r.acked for r in reads), default=0)
+        rows: dict[tuple[str, str], list[Event]] = {}
+        for r in reads:
+            if r.damaged:
+                logger.warning(
+                    "tracklane: event log %s is damaged %d bytes from its end; the events before "
+                    "that are recovered, the rest cannot be trusted.",
+                    r.path,
+                    r.damaged,
+                )
+            for ordinal, event in r.events:
+                if ordinal >= acked:
+                    rows.setdefault((r.server, event[1]), []).append(event)
+        if reads:
+            journal.keep_recovered(rows, [r.path.name for r in reads], time.time_ns())
+            moved += sum(len(v) for v in rows.values())
+        for p in paths:
+            with contextlib.suppress(OSError):
+                p.unlink()
+        logger.debug("tracklane: recovered event log %s", token)
+    return moved

@@ -1,0 +1,279 @@
+"""The event log on its own: records round-trip, a torn or damaged record is never trusted,
+segments roll over and go once acknowledged, a full disk turns the log off without a crash, and a
+dead writer's log moves into the journal once."""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tracklane._stores.event_log import EventLog, _dead_segments, dead_segments, read_segment, recover
+from tracklane._stores.journal import Journal
+from tracklane._wire.batching import METRIC, PARAM, TAG
+
+pytestmark = pytest.mark.unit
+
+SERVER = "http://127.0.0.1:5000"
+
+
+def _log(tmp_path: Path, segment_bytes: int = 64 << 10, max_bytes: int = 1 << 30) -> EventLog:
+    return EventLog(tmp_path / "ml_runs", SERVER, max_bytes, segment_bytes=segment_bytes)
+
+
+def _metrics(log: EventLog, n: int, start: int = 0, key: str = "loss") -> None:
+    with log.lock:
+        for step in range(start, start + n):
+            log.metric("run-1", key, step * 0.5, 1_000 + step, step)
+
+
+def _segments(log: EventLog) -> list[Path]:
+    return sorted(log.directory.glob("events-*.tll"))
+
+
+def _all_events(log: EventLog) -> list[tuple[int, tuple[object, ...]]]:
+    out = []
+    for path in _segments(log):
+        read = read_segment(path)
+        assert read is not None
+        out += read.events
+    return out
+
+
+def _dead(log: EventLog) -> None:
+    """The writer dies: its descriptors (and locks) go, its files stay (as after SIGKILL)."""
+    for s in log._segments:
+        s.mm.close()
+        os.close(s.fd)
+    log._segments = []
+
+
+def test_metrics_params_and_tags_round_trip_with_keys_written_once(tmp_path: Path) -> None:
+    log = _log(tmp_path)
+    _metrics(log, 500)
+    with log.lock:
+        log.write((PARAM, "run-1", "lr", "0.001", 0, 0))
+        log.write((TAG, "run-1", "note", "héllo \U0001f600", 0, 0))
+        log.write((METRIC, "run-1", "nan", float("nan"), 5, -3))
+
+    events = _all_events(log)
+    assert [o for o, _ in events] == list(range(503))
+    expected = [(METRIC, "run-1", "loss", s * 0.5, 1_000 + s, s) for s in range(500)]
+    assert [e for _, e in events[:500]] == expected
+    assert events[500][1] == (PARAM, "run-1", "lr", "0.001", 0, 0)
+    assert events[501][1] == (TAG, "run-1", "note", "héllo \U0001f600", 0, 0)
+    kind, _, key, value, ts, step = events[502][1]
+    assert (kind, key, ts, step) == (METRIC, "nan", 5, -3) and value != value
+    data = _segments(log)[0].read_bytes()
+    assert data.count(b"loss") == 1 and data.count(b"run-1") == 1  # interned: once per segment
+    log.close()
+
+
+def test_a_metric_record_is_40_bytes(tmp_path: Path) -> None:
+    log = _log(tmp_path)
+    _metrics(log, 1)
+    first = log._off
+    _metrics(log, 1000, start=1)
+    assert (log._off - first) / 1000 == 40
+    log.close()
+
+
+def test_a_torn_tail_record_is_ignored_quietly(tmp_path: Path) -> None:
+    log = _log(tmp_path)
+    _metrics(log, 100)
+    path, end = _segments(log)[0], log._off
+    _dead(log)
+    with path.open("r+b") as f:  # the last record half-written: its second half never arrived
+        f.seek(end - 20)
+        f.write(b"\0" * 20)
+
+    read = read_segment(path)
+    assert read is not None and [o for o, _ in read.events] == list(range(99))
+    assert read.torn and read.damaged == 0
+
+
+def test_damaged_bytes_in_the_middle_are_detected_and_nothing_after_them_is_trusted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    log = _log(tmp_path)
+    _metrics(log, 100)
+    path = _segments(log)[0]
+    _dead(log)
+    data = bytearray(path.read_bytes())
+    at = data.index(b"loss") + 4 + 40 * 50 + 30  # inside the 51st metric record's value
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+    read = read_segment(path)
+    assert read is not None and len(read.events) == 50 and read.damaged > 0 and not read.torn
+    journal = Journal.at(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="tracklane"):
+        assert recover(tmp_path / "ml_runs", lambda: journal) == 50
+    assert "damaged" in caplog.text and path.name in caplog.text
+    assert [m.step for m in journal.metric_history("run-1", "loss")] == list(range(50))
+    journal.close()
+
+
+def test_segments_roll_over_and_go_once_every_event_in_them_is_acknowledged_in_any_order(
+    tmp_path: Path,
+) -> None:
+    log = _log(tmp_path, segment_bytes=8 << 10)  # ~190 records a segment
+    _metrics(log, 1000)
+    segments = _segments(log)
+    assert len(segments) >= 5
+    firsts = [read_segment(p).first for p in segments]  # type: ignore[union-attr]
+
+    log.done(500, 1000)  # a later chunk settles first: nothing can go yet
+    assert _segments(log) == segments
+    log.done(0, 200)
+    assert _segments(log) == [p for p, f in zip(segments, [*firsts[1:], 10**9], strict=True) if f > 200]
+    log.done(200, 500)
+    assert len(_segments(log)) == 1  # the one still written to stays, whatever is acknowledged
+    assert log.acked == 1000
+    log.close()
+    assert not (tmp_path / "ml_runs").exists()  # a clean close leaves nothing behind
+
+
+def test_only_unacknowledged_records_of_a_dead_writer_are_recovered_and_only_once(tmp_path: Path) -> None:
+    log = _log(tmp_path, segment_bytes=8 << 10)
+    _metrics(log, 1000)
+    with log.lock:
+        log.write((TAG, "run-1", "phase", "a", 0, 0))
+        log.write((TAG, "run-1", "phase", "b", 0, 0))
+    log.done(0, 600)
+    live = EventLog(tmp_path / "ml_runs", SERVER, 1 << 30)
+    _metrics(live, 10, key="other")  # a live writer's log is not touched
+    assert set(dead_segments(tmp_path / "ml_runs")) == set()  # both writers alive
+    _dead(log)
+
+    journal = Journal.at(tmp_path)
+    assert recover(tmp_path / "ml_runs", lambda: journal) == 402
+    assert [m.step for m in journal.metric_history("run-1", "loss")] == list(range(600, 1000))
+    assert journal.get_run("run-1").data.tags["phase"] == "b"  # a tag's last value wins
+    [delivery] = journal.deliveries(SERVER, spilled_only=True)
+    assert delivery.run_uuid == "run-1"
+    assert recover(tmp_path / "ml_runs", lambda: journal) == 0  # the files are gone
+    assert len(journal.metric_history("run-1", "loss")) == 400
+    assert {p.name.split("-")[1] for p in tmp_path.glob("ml_runs/events-*")} == {str(os.getpid())}
+    assert live._segments  # still there, still locked
+    journal.close()
+    live.close()
+
+
+def test_a_segment_recorded_as_recovered_is_not_moved_twice(tmp_path: Path) -> None:
+    log = _log(tmp_path)
+    _metrics(log, 10)
+    path = _segments(log)[0]
+    _dead(log)
+    copy = path.read_bytes()
+    journal = Journal.at(tmp_path)
+    assert recover(tmp_path / "ml_runs", lambda: journal) == 10
+    path.write_bytes(copy)  # a kill between the journal's commit and the file's deletion
+    assert recover(tmp_path / "ml_runs", lambda: journal) == 0
+    assert not path.exists() and len(journal.metric_history("run-1", "loss")) == 10
+    journal.close()
+
+
+def test_a_reader_tells_a_live_writer_by_its_lock(tmp_path: Path) -> None:
+    log = _log(tmp_path)
+    _metrics(log, 3)
+    path = _segments(log)[0]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(fd)
+    log.close()
+
+
+def test_the_disk_bound_turns_the_log_off_with_one_warning_and_back_on_once_space_is_freed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    log = _log(tmp_path, segment_bytes=8 << 10, max_bytes=3 * (8 << 10))
+    with caplog.at_level(logging.WARNING, logger="tracklane"):
+        _metrics(log, 2000)
+    assert len(_segments(log)) == 3 and log.ordinal == 2000
+    assert caplog.text.count("cannot write the event log") == 1
+    log.done(0, 2000)  # everything acknowledged: the full segments go, the log comes back
+    _metrics(log, 10, start=2000)
+    assert _all_events(log)[-1][0] == 2009
+    log.close()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    where = tmp_path / "small-disk"
+    where.mkdir()
+    try:
+        mounted = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(where)], capture_output=True, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        pytest.skip(f"cannot mount a small tmpfs: {exc}")
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs (needs root, or CAP_SYS_ADMIN)")
+    try:
+        yield where
+    finally:
+        if subprocess.run(["umount", str(where)], capture_output=True, timeout=30).returncode != 0:
+            subprocess.run(["umount", "-l", str(where)], capture_output=True, timeout=30)
+
+
+def test_a_full_disk_turns_the_log_off_without_a_crash(
+    small_disk: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    log = EventLog(small_disk / "ml_runs", SERVER, 1 << 30, segment_bytes=64 << 10)
+    with caplog.at_level(logging.WARNING, logger="tracklane"):
+        _metrics(log, 20_000)  # ~800 kB of records on a 256 kB disk: no SIGBUS, no exception
+    assert caplog.text.count("cannot write the event log") == 1
+    assert 1 <= len(_segments(log)) <= 4 and log.ordinal == 20_000
+    events = _all_events(log)
+    assert [o for o, _ in events] == list(range(len(events)))  # what was written reads back whole
+    log.close()
+    big = EventLog(small_disk / "ml_runs", SERVER, 1 << 30)  # a segment larger than the disk
+    with caplog.at_level(logging.WARNING, logger="tracklane"):
+        _metrics(big, 10)
+    assert not _segments(big) and big.ordinal == 10
+    big.close()
+
+
+def test_a_log_another_reader_is_recovering_is_left_to_it(tmp_path: Path) -> None:
+    log = _log(tmp_path)
+    _metrics(log, 10)
+    _dead(log)
+    held = _dead_segments(tmp_path / "ml_runs", frozenset())  # the first reader, mid-recovery
+    journal = Journal.at(tmp_path)
+    try:
+        assert len(held) == 1 and recover(tmp_path / "ml_runs", lambda: journal) == 0
+    finally:
+        for fd in held.values():
+            os.close(fd)
+    assert recover(tmp_path / "ml_runs", lambda: journal) == 10
+    journal.close()
+
+
+def test_without_posix_fallocate_the_segment_is_zero_filled_before_it_is_mapped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delattr(os, "posix_fallocate")  # macOS
+    log = _log(tmp_path, segment_bytes=3 << 20)  # more than one 1 MiB write
+    _metrics(log, 100)
+    [path] = _segments(log)
+    assert path.stat().st_size == 3 << 20 and path.stat().st_blocks * 512 >= 3 << 20  # not sparse
+    assert [o for o, _ in _all_events(log)] == list(range(100))
+    log.close()
+
+
+def test_the_destination_is_asked_for_its_name_at_each_new_segment(tmp_path: Path) -> None:
+    names = iter(["http://a#workspace=1", "http://a#workspace=2"])
+    log = EventLog(tmp_path / "ml_runs", lambda: next(names), 1 << 30, segment_bytes=8 << 10)
+    _metrics(log, 300)  # two segments
+    servers = [read_segment(p).server for p in _segments(log)]  # type: ignore[union-attr]
+    assert servers == ["http://a#workspace=1", "http://a#workspace=2"]
+    log.close()
