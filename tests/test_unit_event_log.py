@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tracklane._stores import event_log
 from tracklane._stores.event_log import EventLog, _dead_segments, dead_segments, read_segment, recover
 from tracklane._stores.journal import Journal
 from tracklane._wire.batching import METRIC, PARAM, TAG
@@ -226,8 +227,11 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 
 
 def test_a_full_disk_turns_the_log_off_without_a_crash(
-    small_disk: Path, caplog: pytest.LogCaptureFixture
+    small_disk: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Let the log take all that is free, so that it does run into the full disk.
+    default_share = event_log.FREE_SHARE
+    monkeypatch.setattr(event_log, "FREE_SHARE", 1)
     log = EventLog(small_disk / "ml_runs", SERVER, 1 << 30, segment_bytes=64 << 10)
     with caplog.at_level(logging.WARNING, logger="tracklane"):
         _metrics(log, 20_000)  # ~800 kB of records on a 256 kB disk: no SIGBUS, no exception
@@ -236,11 +240,25 @@ def test_a_full_disk_turns_the_log_off_without_a_crash(
     events = _all_events(log)
     assert [o for o, _ in events] == list(range(len(events)))  # what was written reads back whole
     log.close()
-    big = EventLog(small_disk / "ml_runs", SERVER, 1 << 30)  # a segment larger than the disk
+    # The default share: a 4 MiB segment is never asked of a 256 kB disk.
+    monkeypatch.setattr(event_log, "FREE_SHARE", default_share)
+    big = EventLog(small_disk / "ml_runs", SERVER, 1 << 30)
     with caplog.at_level(logging.WARNING, logger="tracklane"):
         _metrics(big, 10)
     assert not _segments(big) and big.ordinal == 10
     big.close()
+
+
+def test_on_a_nearly_full_disk_the_log_leaves_the_room_to_the_journal(
+    small_disk: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # 256 kB free: an eighth is below the smallest segment, so the log takes none of it.
+    log = EventLog(small_disk / "ml_runs", SERVER, 1 << 30)
+    with caplog.at_level(logging.WARNING, logger="tracklane"):
+        _metrics(log, 1_000)
+    assert not _segments(log) and log.ordinal == 1_000
+    assert caplog.text.count("nearly full") == 1
+    log.close()
 
 
 def test_a_log_another_reader_is_recovering_is_left_to_it(tmp_path: Path) -> None:
@@ -277,3 +295,47 @@ def test_the_destination_is_asked_for_its_name_at_each_new_segment(tmp_path: Pat
     servers = [read_segment(p).server for p in _segments(log)]  # type: ignore[union-attr]
     assert servers == ["http://a#workspace=1", "http://a#workspace=2"]
     log.close()
+
+
+def _fill_to(log: EventLog, left: int) -> None:
+    """Fill the current segment with known-key records until exactly ``left`` bytes remain."""
+    with log.lock:
+        while log._end - log._off > left + 200:
+            log.metric("run-1", "loss", 0.0, 1_000, 0)
+        log.write((PARAM, "run-1", "loss", "", 0, 0))  # 16 bytes with known strings
+        log.write((PARAM, "run-1", "loss", "p" * (log._end - log._off - left - 16), 0, 0))
+    assert log._end - log._off == left
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        (METRIC, "run-1", "train/a_metric_name_longer_than_the_tail_has_room_for", 1.5, 2_000, 7),
+        (PARAM, "run-2-with-a-new-id-that-does-not-fit", "lr", "0.1", 0, 0),
+    ],
+    ids=["new key", "new run id"],
+)
+def test_a_record_whose_new_string_does_not_fit_the_tail_goes_whole_into_the_next_segment(
+    tmp_path: Path, event: tuple[object, ...]
+) -> None:
+    log = _log(tmp_path, segment_bytes=8 << 10)
+    _fill_to(log, 45)  # room for a 40-byte metric record, not for its key's string record as well
+    with log.lock:
+        if event[0] == METRIC:
+            log.metric(*event[1:])  # type: ignore[arg-type]
+        else:
+            log.write(event)  # type: ignore[arg-type]
+
+    events = [e for _, e in _all_events(log)]
+    assert events[-1] == event  # under its own run and key, in the next segment
+    assert len(_segments(log)) == 2
+
+
+def test_an_event_that_cannot_be_packed_keeps_the_ordinals_of_those_after_it(tmp_path: Path) -> None:
+    log = _log(tmp_path)
+    _metrics(log, 3)
+    with log.lock:
+        log.write((METRIC, "run-1", "loss", 1.0, 1_000, 10**30))  # a step no record can hold
+    _metrics(log, 3, start=4)
+
+    assert [(o, e[5]) for o, e in _all_events(log)] == [(0, 0), (1, 1), (2, 2), (4, 4), (5, 5), (6, 6)]

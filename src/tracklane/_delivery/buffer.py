@@ -108,9 +108,22 @@ class Buffer:
         if self.log is not None:
             self.log = self.log.after_fork()
 
-    def close_log(self) -> None:
-        """The engine has delivered or kept everything (or counted it lost): the log's files go."""
-        if self.log is not None:
+    def close_log(self, lost: int = 0) -> None:
+        """The engine has delivered or kept everything: the log's files go. If ``lost`` events
+        could be neither delivered nor kept, the files stay for the next client or ``tracklane
+        sync`` to recover them (they are the only copy left)."""
+        if self.log is None:
+            return
+        if lost and self.log.holds_files():
+            logger.warning(
+                "tracklane: the %d event(s) that could not be kept in the journal are still in the "
+                "event log in %s; the next client on this storage, or `tracklane sync`, recovers "
+                "them once the disk has room.",
+                lost,
+                self.log.directory,
+            )
+            self.log.close(keep=True)
+        else:
             self.log.close()
 
     # -- the hot path: any thread, no I/O, no lock, no logging -----------------------------------
@@ -197,6 +210,12 @@ class Buffer:
         key = self._key(key, "metric")
         ts = now_ms() if timestamp is None else check_timestamp(key, timestamp)
         st = 0 if step is None else check_step(key, step)
+        for field, text in zip(("model_id", "dataset_name", "dataset_digest"), link, strict=True):
+            if text is not None and not isinstance(text, str):
+                raise InvalidInputError(
+                    f"metric {key!r}: {field}={text!r} must be a string (MLflow 3's LoggedModel and "
+                    "dataset fields are ids and names)."
+                )
         self.put(cast(Event, (METRIC, run_id, key, metric_value(key, value), ts, st, link)))
 
     def log_metrics(

@@ -271,7 +271,7 @@ class Engine:
         if tasks:  # plain waits, and journal writes under way: they finish, on a disk that works
             await asyncio.wait(tasks, timeout=20.0)
         lost = await self._keep_leftovers()
-        self.buffer.close_log()  # everything is delivered, in the journal, or counted lost
+        self.buffer.close_log(lost)  # the files stay if some events are only in the log
         if st.blocked is None:  # blocked: the error already gave the command
             await self.journal_notice("before exit")
         with contextlib.suppress(Exception):
@@ -330,7 +330,7 @@ class Engine:
         if lost == 0:
             self.state.spilled += len(events)
             self._clear_leftovers()
-        self.buffer.close_log()
+        self.buffer.close_log(lost)
         return lost
 
 

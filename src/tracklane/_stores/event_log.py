@@ -60,6 +60,10 @@ logger = logging.getLogger("tracklane")
 #: backlog (buffer plus requests in flight) spans a segment or two.
 SEGMENT_BYTES = 4 << 20
 HEADER_BYTES = 512
+#: A new segment takes at most 1/FREE_SHARE of the disk's free space, and is at least
+#: MIN_SEGMENT_BYTES (below that the disk is too full for the log: it turns off for now).
+FREE_SHARE = 8
+MIN_SEGMENT_BYTES = 64 << 10
 MAGIC = b"TLEVLOG1"
 SUFFIX = ".tll"
 _NAME = re.compile(r"^events-(?P<token>[0-9a-z-]+)-(?P<n>\d{6})\.tll$")
@@ -69,7 +73,7 @@ _HEADER = struct.Struct("<8sIIqqIH")
 _WATERMARK_AT = 8 + 4 + 4 + 8
 _WATERMARK = struct.Struct("<q")
 _RECORD = struct.Struct("<II")  # crc32, length | kind << 24
-_STRING, _METRIC, _PARAM, _TAG, _LINKED = 1, 2, 3, 4, 5
+_STRING, _METRIC, _PARAM, _TAG, _LINKED, _GAP = 1, 2, 3, 4, 5, 6
 _METRIC_BODY = struct.Struct("<IIdqq")  # run, key, value, timestamp, step
 _METRIC_FULL = struct.Struct("<IIIIdqq")
 _LINK = struct.Struct("<III")  # model_id, dataset_name, dataset_digest string ids (0: None)
@@ -123,6 +127,7 @@ class EventLog:
         "_end",
         "_ids",
         "_made_dirs",
+        "_missing",
         "_mm",
         "_n",
         "_off",
@@ -163,6 +168,7 @@ class EventLog:
         self._n = 0
         self._mm: Any = None
         self._off = 0
+        self._missing = 0  # bytes of strings a record needs that its segment had no room for
         self._end = 0  # write limit of the current segment (0: none: the next write rolls)
         self._ids: dict[str, int] = {}
         #: The next event's ordinal, and the watermark below which every ordinal is acknowledged.
@@ -207,13 +213,21 @@ class EventLog:
         self.ordinal = ordinal + 1
         if self._mm is None and (self.closed or ordinal < self._retry_at):
             return  # off for now: the event is in the buffer only
+        self._missing = 0
         try:
             body, kind = self._body(event)
         except Exception:  # a value that cannot be packed (e.g. an int too large): it stays in memory
+            # A gap record keeps the ordinal: a reader numbers events by counting records.
+            if self._mm is not None and self._off + _RECORD.size <= self._end:
+                self._put(_GAP, b"")
             return
-        if self._off + _RECORD.size + len(body) > self._end or self._mm is None:
-            if not self._roll(ordinal, _RECORD.size + len(body)):
+        need = _RECORD.size + len(body)
+        if self._missing or self._off + need > self._end or self._mm is None:
+            # A string it refers to did not fit in this segment (``_id``), or the record does not:
+            # both go into a new one, whose size is at least what they need.
+            if not self._roll(ordinal, need + _strings_size(event)):
                 return
+            self._missing = 0
             body, kind = self._body(event)  # string ids are per segment
         self._put(kind, body)
 
@@ -237,7 +251,10 @@ class EventLog:
         if self._mm is not None and self._off + _RECORD.size + 4 + len(data) <= self._end:
             self._put(_STRING, _ID.pack(new) + data)
             self._ids[text] = new
-        # No room: the id is not remembered, so the caller's roll writes it in the next segment.
+        else:
+            # No room: the id is not remembered, and ``write`` rolls to a segment with room for
+            # the string and the record (a record never refers to a string its segment lacks).
+            self._missing += _RECORD.size + 4 + len(data)
         return new
 
     def _put(self, kind: int, body: bytes) -> None:
@@ -257,7 +274,15 @@ class EventLog:
             current.last = ordinal
         self._mm, self._off, self._end, self._ids = None, 0, 0, {}
         self._forget_acked()
-        size = max(self.segment_bytes, HEADER_BYTES + need + 4096)
+        least = HEADER_BYTES + need + 4096
+        size = max(self.segment_bytes, least)
+        free = _free_bytes(self.directory)
+        if free is not None:
+            # Never more than a share of what is free: on a small or nearly full disk the journal
+            # needs the room more (it keeps events through an outage; the log only through a kill).
+            size = min(size, max(free // FREE_SHARE, MIN_SEGMENT_BYTES, least))
+            if size > free // FREE_SHARE:
+                return self._off_for_now(ordinal, f"the disk is nearly full ({free} bytes free)")
         live = sum(s.mm.size() for s in self._segments)
         if live + size > self.max_bytes:
             return self._off_for_now(ordinal, f"its disk bound ({self.max_bytes} bytes) is reached")
@@ -361,18 +386,26 @@ class EventLog:
 
     # -- lifetime --------------------------------------------------------------------------------
 
-    def close(self) -> None:
-        """A clean end: the engine has delivered or kept every event; delete the files."""
+    def close(self, keep: bool = False) -> None:
+        """The end: the engine has delivered or kept every event, so the files go. With ``keep``
+        (some events could be neither delivered nor kept in the journal, e.g. a full disk), the
+        files stay, unlocked: the next client on this storage or ``tracklane sync`` recovers them
+        once there is room."""
         with self.lock:
             self.closed = True
             self._mm, self._end = None, 0
             for s in self._segments:
-                s.close(delete=True)
+                s.close(delete=not keep)
             self._segments = []
-            for d in self._made_dirs:
-                with contextlib.suppress(OSError):
-                    d.rmdir()  # only if empty: nothing else was written there
+            if not keep:
+                for d in self._made_dirs:
+                    with contextlib.suppress(OSError):
+                        d.rmdir()  # only if empty: nothing else was written there
             self._made_dirs = []
+
+    def holds_files(self) -> bool:
+        """Whether any segment is on disk now (what ``close(keep=True)`` would leave)."""
+        return bool(self._segments)
 
     def after_fork(self) -> EventLog:
         """In a forked child: drop the parent's mappings and descriptors (closing our copy of a
@@ -459,9 +492,29 @@ def read_segment(path: Path) -> SegmentRead | None:
         event = _event(kind, body, strings)
         if event is not None:
             out.events.append((ordinal, event))
-        if kind in _EVENT_KIND:
+        if kind in _EVENT_KIND or kind == _GAP:  # a gap: an accepted event with no record
             ordinal += 1
     return out
+
+
+def _free_bytes(directory: Path) -> int | None:
+    """Bytes free to unprivileged writers on ``directory``'s disk (its nearest existing parent's
+    if it is not made yet); None if that cannot be asked."""
+    for where in (directory, *directory.parents):
+        try:
+            st = os.statvfs(where)
+        except FileNotFoundError:
+            continue
+        except (OSError, AttributeError):  # AttributeError: no statvfs on this platform
+            return None
+        return st.f_bavail * st.f_frsize
+    return None
+
+
+def _strings_size(event: Event) -> int:
+    """Room the string records of ``event``'s run id, key and link take in a fresh segment."""
+    texts = [event[1], event[2], *(event[6] if event[0] == METRIC and len(event) > 6 else ())]
+    return sum(_RECORD.size + 4 + len(t.encode("utf-8", "surrogatepass")) for t in texts if t is not None)
 
 
 def _event(kind: int, body: bytes, strings: dict[int, str]) -> Event | None:
