@@ -10,13 +10,13 @@ the reason otherwise), so SQLite meets its own "database or disk is full" on eve
 from __future__ import annotations
 
 import logging
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+import tmpfs
 from tracklane import TrackingClient
 
 from servers import FaultProxy, Reader
@@ -32,27 +32,8 @@ UNAVAILABLE = b'{"error_code": "TEMPORARILY_UNAVAILABLE", "message": "busy"}'
 @pytest.fixture
 def full_disk(tmp_path: Path) -> Iterator[Path]:
     """A directory on a tmpfs of ``DISK_SIZE``, unmounted afterwards."""
-    where = tmp_path / "small-disk"
-    where.mkdir()
-    try:
-        mounted = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={DISK_SIZE}", "tmpfs", str(where)],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        pytest.skip(f"cannot mount a small tmpfs for the full-disk test: {exc}")
-    if mounted.returncode != 0:
-        pytest.skip(
-            "cannot mount a small tmpfs for the full-disk test (needs root, or CAP_SYS_ADMIN): "
-            f"{(mounted.stderr or mounted.stdout).strip()}"
-        )
-    try:
+    with tmpfs.small_disk(tmp_path / "small-disk", DISK_SIZE) as where:
         yield where
-    finally:
-        if subprocess.run(["umount", str(where)], capture_output=True, timeout=30).returncode != 0:
-            subprocess.run(["umount", "-l", str(where)], capture_output=True, timeout=30)
 
 
 def test_a_full_journal_never_hides_undelivered_events(

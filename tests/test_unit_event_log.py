@@ -7,12 +7,12 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+import tmpfs
 from tracklane._stores import event_log
 from tracklane._stores.event_log import EventLog, _dead_segments, dead_segments, read_segment, recover
 from tracklane._stores.journal import Journal
@@ -209,21 +209,8 @@ def test_the_disk_bound_turns_the_log_off_with_one_warning_and_back_on_once_spac
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    where = tmp_path / "small-disk"
-    where.mkdir()
-    try:
-        mounted = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(where)], capture_output=True, timeout=30
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        pytest.skip(f"cannot mount a small tmpfs: {exc}")
-    if mounted.returncode != 0:
-        pytest.skip("cannot mount a small tmpfs (needs root, or CAP_SYS_ADMIN)")
-    try:
+    with tmpfs.small_disk(tmp_path / "small-disk", "256k") as where:
         yield where
-    finally:
-        if subprocess.run(["umount", str(where)], capture_output=True, timeout=30).returncode != 0:
-            subprocess.run(["umount", "-l", str(where)], capture_output=True, timeout=30)
 
 
 def test_a_full_disk_turns_the_log_off_without_a_crash(
