@@ -288,58 +288,48 @@ def measure(args: argparse.Namespace) -> harness.Figure:
     def pooled(name: str, key: str) -> list[float]:
         return [t for result in got.get(name, []) for t in result.get(key, [])]
 
+    # What each timed field measures: the row's label (``{who}``, the count ``{n}``) and its unit.
+    measured = {
+        "end_s": ("{who} of a tiny run (2 params, 1 metric; median of {n})", "ms"),
+        "run_s": ("{who}: the whole tiny run, start_run to end_run returned (median of {n})", "ms"),
+        "sweep_s": ("{who}: a sweep of {runs} small runs (3 params, 1 metric each; median of {n})", "s"),
+        "set_terminated_s": ("{who}, nothing pending (median of {n})", "ms"),
+    }
     rows = (
         ("tracklane_mlflow_end_run_ms", "tracklane_fluent", "end_s", "tracklane.mlflow.end_run()"),
         ("tracklane_client_end_run_ms", "tracklane_client", "end_s", "TrackingClient.end_run()"),
         ("mlflow_end_run_ms", "mlflow", "end_s", "MLflow mlflow.end_run()"),
         ("raw_end_run_ms", "raw", "end_s", "raw log-batch + runs/update round trips (the floor)"),
+        ("tracklane_mlflow_tiny_run_ms", "tracklane_fluent", "run_s", "tracklane.mlflow"),
+        ("mlflow_tiny_run_ms", "mlflow", "run_s", "MLflow fluent (synchronous)"),
+        ("tracklane_mlflow_sweep_s", "tracklane_fluent", "sweep_s", "tracklane.mlflow"),
+        ("mlflow_sweep_s", "mlflow", "sweep_s", "MLflow fluent (synchronous)"),
+        (
+            "raw_sweep_s",
+            "raw",
+            "sweep_s",
+            "raw runs/create, log-batch, runs/update (the floor of 3 requests a run)",
+        ),
+        (
+            "tracklane_set_terminated_ms",
+            "tracklane_client",
+            "set_terminated_s",
+            "tracklane MlflowClient.set_terminated",
+        ),
+        (
+            "raw_runs_update_ms",
+            "raw",
+            "set_terminated_s",
+            "raw runs/update round trip (http.client, kept alive)",
+        ),
+        ("mlflow_set_terminated_ms", "mlflow", "set_terminated_s", "MLflow MlflowClient.set_terminated"),
     )
-    for key, name, field, label in rows:
+    for key, name, field, who in rows:
         if got.get(name):
-            figure.add(
-                key,
-                f"{label} of a tiny run (2 params, 1 metric; median of {len(pooled(name, field))})",
-                harness.median(pooled(name, field)) * 1e3,
-                "ms",
-            )
-    for key, name, label in (
-        ("tracklane_mlflow_tiny_run_ms", "tracklane_fluent", "tracklane.mlflow"),
-        ("mlflow_tiny_run_ms", "mlflow", "MLflow fluent (synchronous)"),
-    ):
-        if got.get(name):
-            figure.add(
-                key,
-                f"{label}: the whole tiny run, start_run to end_run returned "
-                f"(median of {len(pooled(name, 'run_s'))})",
-                harness.median(pooled(name, "run_s")) * 1e3,
-                "ms",
-            )
-    sweep = counts["sweep_runs"]
-    for key, name, label in (
-        ("tracklane_mlflow_sweep_s", "tracklane_fluent", "tracklane.mlflow"),
-        ("mlflow_sweep_s", "mlflow", "MLflow fluent (synchronous)"),
-        ("raw_sweep_s", "raw", "raw runs/create, log-batch, runs/update (the floor of 3 requests a run)"),
-    ):
-        if got.get(name):
-            figure.add(
-                key,
-                f"{label}: a sweep of {sweep} small runs (3 params, 1 metric each; "
-                f"median of {len(pooled(name, 'sweep_s'))})",
-                harness.median(pooled(name, "sweep_s")),
-                "s",
-            )
-    for key, name, label in (
-        ("tracklane_set_terminated_ms", "tracklane_client", "tracklane MlflowClient.set_terminated"),
-        ("raw_runs_update_ms", "raw", "raw runs/update round trip (http.client, kept alive)"),
-        ("mlflow_set_terminated_ms", "mlflow", "MLflow MlflowClient.set_terminated"),
-    ):
-        if got.get(name):
-            figure.add(
-                key,
-                f"{label}, nothing pending (median of {len(pooled(name, 'set_terminated_s'))})",
-                harness.median(pooled(name, "set_terminated_s")) * 1e3,
-                "ms",
-            )
+            times = pooled(name, field)
+            label, unit = measured[field]
+            value = harness.median(times) * (1e3 if unit == "ms" else 1.0)
+            figure.add(key, label.format(who=who, n=len(times), runs=counts["sweep_runs"]), value, unit)
     figure.params.update(
         seconds={
             name: {k: pooled(name, k) for k in ("end_s", "run_s", "sweep_s", "set_terminated_s")}
