@@ -36,6 +36,16 @@ def full_disk(tmp_path: Path) -> Iterator[Path]:
         yield where
 
 
+def wait_until_the_journal_is_full(tc: TrackingClient) -> None:
+    """Bounded: the sender gave up on the server, spilled, and the journal's disk is full."""
+    spool = tc._engine.spool
+    assert spool is not None
+    deadline = time.monotonic() + 90
+    while not spool.broken and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert spool.broken, f"the journal never filled the {DISK_SIZE} disk: {tc.stats()}"
+
+
 def test_a_full_journal_never_hides_undelivered_events(
     fault_proxy: FaultProxy,
     reader: Reader,
@@ -57,12 +67,7 @@ def test_a_full_journal_never_hides_undelivered_events(
             tc.log_metric("loss", step * 0.5, step=step)
 
         # The sender gives up on the server after retry_window, spills, and fills the disk.
-        spool = tc._engine.spool
-        assert spool is not None
-        deadline = time.monotonic() + 90
-        while not spool.broken and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert spool.broken, f"the journal never filled the {DISK_SIZE} disk: {tc.stats()}"
+        wait_until_the_journal_is_full(tc)
         assert "database or disk is full" in caplog.text
         in_journal = tc.stats()["spilled"]
         assert 0 < in_journal < POINTS  # some in the journal, the rest held in memory
@@ -117,12 +122,7 @@ def test_a_run_whose_events_are_only_in_memory_is_ended_once_they_are_delivered(
         fault_proxy.answer("runs/log-batch", 503, UNAVAILABLE)
         for step in range(POINTS):
             tc.log_metric("loss", step * 0.5, step=step)
-        spool = tc._engine.spool
-        assert spool is not None
-        deadline = time.monotonic() + 90
-        while not spool.broken and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert spool.broken, f"the journal never filled the {DISK_SIZE} disk: {tc.stats()}"
+        wait_until_the_journal_is_full(tc)
 
         tc.end_run()  # gives up after retry_window: the server takes no event
         assert reader.run(run_id)["info"]["status"] == "RUNNING"
