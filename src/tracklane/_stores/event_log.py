@@ -46,7 +46,7 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -419,9 +419,6 @@ class EventLog:
         child.lineage = self.lineage | child.lineage
         return child
 
-    def bytes_on_disk(self) -> int:
-        return sum(s.mm.size() for s in self._segments)
-
 
 def _reserve(fd: int, size: int) -> None:
     """Give every byte of the file its disk block now (ENOSPC here, never SIGBUS later)."""
@@ -561,8 +558,13 @@ def dead_segments(directory: Path, own: frozenset[str] = frozenset()) -> dict[st
     held = _dead_segments(directory, own)
     for fd in held.values():
         os.close(fd)
+    return _by_token(held)
+
+
+def _by_token(paths: Iterable[Path]) -> dict[str, list[Path]]:
+    """Segment files grouped by the log (writer) they belong to, in the order given."""
     found: dict[str, list[Path]] = {}
-    for path in held:
+    for path in paths:
         found.setdefault(_NAME.match(path.name)["token"], []).append(path)  # type: ignore[index]
     return found
 
@@ -632,12 +634,9 @@ def recover(
 def _recover(held: dict[Path, int], open_journal: Callable[[], RecoveryJournal]) -> int:
     if not held:
         return 0
-    logs: dict[str, list[Path]] = {}
-    for path in held:
-        logs.setdefault(_NAME.match(path.name)["token"], []).append(path)  # type: ignore[index]
     journal = open_journal()
     moved = 0
-    for token, paths in logs.items():
+    for token, paths in _by_token(held).items():
         names = [p.name for p in paths]
         done = journal.recovered(names)
         reads = [r for p in paths if p.name not in done and (r := read_segment(p)) is not None]
