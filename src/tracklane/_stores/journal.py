@@ -491,16 +491,23 @@ class Journal:
     def _write_rows(self, run: int, events: Sequence[Event], seq: int) -> None:
         new_keys: dict[str, int] = {}
         with self._write() as db:
-            ids = self._ids_for(db, {e[2] for e in events}, new_keys)
-            # NaN is stored as NULL (SQLite's own rule), so no conversion is needed on the way in.
-            db.executemany(
-                "INSERT INTO metrics VALUES (?, ?, ?, ?, ?)",
-                [(run, ids[e[2]], e[3], e[4], e[5]) for e in events if e[0] == METRIC],
-            )
+            self._put_metrics(db, run, events, new_keys)
             texts = [(e[0], e[2], e[3]) for e in events if e[0] != METRIC]
             if texts:
                 self._put_texts(db, run, texts, new_keys, seq)
         self._key_ids.update(new_keys)  # only ids that are committed are remembered
+
+    def _put_metrics(
+        self, db: sqlite3.Connection, run: int, events: Sequence[Event], new: dict[str, int]
+    ) -> None:
+        """The metric points among ``events``, as rows of ``run`` (in the caller's transaction)."""
+        metrics = [e for e in events if e[0] == METRIC]
+        ids = self._ids_for(db, {e[2] for e in metrics}, new)
+        # NaN is stored as NULL (SQLite's own rule), so no conversion is needed on the way in.
+        db.executemany(
+            "INSERT INTO metrics VALUES (?, ?, ?, ?, ?)",
+            [(run, ids[e[2]], e[3], e[4], e[5]) for e in metrics],
+        )
 
     def _ids_for(self, db: sqlite3.Connection, names: Iterable[str], new: dict[str, int]) -> dict[str, int]:
         known = self._key_ids
@@ -558,18 +565,23 @@ class Journal:
         run = self._run_ids.get(run_uuid)
         if run is None:
             with self._write() as db:
-                db.execute(
-                    "INSERT OR IGNORE INTO runs (uuid, name, lifecycle_stage, origin) "
-                    "VALUES (?, ?, 'active', ?)",
-                    (run_uuid, run_name, server),
-                )
-                run = db.execute("SELECT id FROM runs WHERE uuid = ?", (run_uuid,)).fetchone()[0]
-                db.execute(
-                    "INSERT OR IGNORE INTO deliveries (run, server, server_run_id) VALUES (?, ?, ?)",
-                    (run, server, run_uuid),
-                )
+                run = self._spilled_run(db, server, run_uuid, run_name)
             self._run_ids[run_uuid] = run
         self._write_rows(run, events, seq)
+
+    def _spilled_run(self, db: sqlite3.Connection, server: str, run_uuid: str, run_name: str) -> int:
+        """The journal's id of run ``run_uuid`` that lives on ``server``, made if it is new, with
+        its delivery to that server (in the caller's transaction)."""
+        db.execute(
+            "INSERT OR IGNORE INTO runs (uuid, name, lifecycle_stage, origin) VALUES (?, ?, 'active', ?)",
+            (run_uuid, run_name, server),
+        )
+        run: int = db.execute("SELECT id FROM runs WHERE uuid = ?", (run_uuid,)).fetchone()[0]
+        db.execute(
+            "INSERT OR IGNORE INTO deliveries (run, server, server_run_id) VALUES (?, ?, ?)",
+            (run, server, run_uuid),
+        )
+        return run
 
     def recovered(self, names: list[str]) -> set[str]:
         """Which of these event-log segment names were already moved here (``event_log.recover``)."""
@@ -584,22 +596,8 @@ class Journal:
         run_ids: dict[str, int] = {}
         with self._write() as db:
             for (server, run_uuid), events in rows.items():
-                db.execute(
-                    "INSERT OR IGNORE INTO runs (uuid, name, lifecycle_stage, origin) "
-                    "VALUES (?, '', 'active', ?)",
-                    (run_uuid, server),
-                )
-                run = db.execute("SELECT id FROM runs WHERE uuid = ?", (run_uuid,)).fetchone()[0]
-                run_ids[run_uuid] = run
-                db.execute(
-                    "INSERT OR IGNORE INTO deliveries (run, server, server_run_id) VALUES (?, ?, ?)",
-                    (run, server, run_uuid),
-                )
-                ids = self._ids_for(db, {e[2] for e in events}, new_keys)
-                db.executemany(
-                    "INSERT INTO metrics VALUES (?, ?, ?, ?, ?)",
-                    [(run, ids[e[2]], e[3], e[4], e[5]) for e in events if e[0] == METRIC],
-                )
+                run = run_ids[run_uuid] = self._spilled_run(db, server, run_uuid, "")
+                self._put_metrics(db, run, events, new_keys)
                 for e in events:
                     if e[0] != METRIC:
                         try:
