@@ -1,10 +1,11 @@
 """kill -9 at a random moment of a full-speed logging loop loses nothing whose call returned.
 
-The child logs to a real MLflow server as fast as it can and reports, every 1000 steps, the last
-step whose ``log_metric`` calls have returned; the parent SIGKILLs it at a random moment, then
-runs ``tracklane sync`` (or a new client) on the same storage, and reads every key's history back
-through the REST API: every step up to the last reported one is stored, none twice. The killed
-run stays RUNNING on the server (as MLflow leaves a run whose process died).
+The child logs as fast as it can (to a real MLflow server, or offline to the local journal) and
+reports, every 1000 steps, the last step whose ``log_metric`` calls have returned; the parent
+SIGKILLs it at a random moment, then runs ``tracklane sync`` (or a new client) on the same storage,
+and reads every key's history back (through the server's REST API, or offline through the new
+client): every step up to the last reported one is stored, none twice. The killed run stays
+RUNNING (as MLflow leaves a run whose process died).
 
 Without the event log (``TRACKLANE_EVENT_LOG_MAX_BYTES=0``, or main before it) the events still in
 the buffer and in flight at the kill are gone, and this test fails.
@@ -12,6 +13,7 @@ the buffer and in flight at the kill are gone, and this test fails.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import selectors
@@ -26,7 +28,7 @@ import pytest
 
 from servers import Reader
 
-pytestmark = [pytest.mark.server, pytest.mark.slow]
+pytestmark = pytest.mark.slow  # and server, for the tests that take its fixtures (conftest)
 
 TRIALS = 5
 KEYS = ("loss", "acc")
@@ -35,7 +37,10 @@ CHILD = """
 import sys
 from tracklane import TrackingClient
 
-tc = TrackingClient(api_host=sys.argv[1], path_to_storage=sys.argv[2])
+if sys.argv[1] == "offline":
+    tc = TrackingClient(offline_mode=True, path_to_storage=sys.argv[2])
+else:
+    tc = TrackingClient(api_host=sys.argv[1], path_to_storage=sys.argv[2])
 tc.set_experiment(sys.argv[3])
 run = tc.start_run(log_system_metrics=False)
 tc.log_params({"lr": "0.1"})
@@ -57,8 +62,25 @@ TrackingClient(api_host=sys.argv[1], path_to_storage=sys.argv[2], exit_timeout=6
 """
 
 
+OFFLINE_READER = """
+import json, sys
+from tracklane import TrackingClient
+
+tc = TrackingClient(offline_mode=True, path_to_storage=sys.argv[1], exit_timeout=600)
+run = tc.get_run(sys.argv[2])
+print(json.dumps({
+    "steps": {key: [m.step for m in tc.get_metric_history(sys.argv[2], key)] for key in sys.argv[3:]},
+    "params": dict(run.data.params),
+    "tags": dict(run.data.tags),
+    "status": run.info.status,
+}))
+tc.close(timeout=600)
+"""
+
+
 def _kill_at_random(server_url: str, storage: Path, experiment: str, rng: random.Random) -> tuple[str, int]:
-    """Start the child, SIGKILL it at a random moment; its run id and the last step it reported."""
+    """Start the child (``server_url`` "offline": it logs offline), SIGKILL it at a random moment;
+    its run id and the last step it reported."""
     proc = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(CHILD), server_url, str(storage), experiment],
         stdout=subprocess.PIPE,
@@ -123,6 +145,76 @@ def test_kill_9_at_random_moments_loses_and_duplicates_nothing_that_was_logged(
         assert reader.params(run_id) == {"lr": "0.1"}
         assert {t["key"]: t["value"] for t in run["data"].get("tags", [])}.get("phase") == "train"
         assert run["info"]["status"] == "RUNNING"  # nobody ended it: as MLflow leaves a killed run
+    _assert_complete(results)
+
+
+def test_kill_9_of_an_offline_client_loses_and_duplicates_nothing_that_was_logged(
+    server_url: str, reader: Reader, experiment_name: str, tmp_path: Path
+) -> None:
+    """Offline, the event log's records join the killed run in the journal: read back by the next
+    offline client on the storage (whose start recovers them), or after `tracklane sync --to`."""
+    rng = random.Random()
+    results = []
+    for trial in range(TRIALS):
+        storage = tmp_path / f"trial-{trial}"
+        run_id, last = _kill_at_random("offline", storage, experiment_name, rng)
+        if trial % 2 == 0:
+            done = subprocess.run(
+                [sys.executable, "-c", OFFLINE_READER, str(storage), run_id, *KEYS],
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
+            assert done.returncode == 0, done.stderr
+            seen = json.loads(done.stdout.splitlines()[-1])
+            histories, params, tags = seen["steps"], seen["params"], seen["tags"]
+            status = seen["status"]
+        else:
+            done = subprocess.run(
+                [sys.executable, "-m", "tracklane._cli", "sync", str(storage), "--to", server_url],
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
+            assert done.returncode == 0, done.stderr
+            run_id = _synced_run(reader, experiment_name, run_id)
+            histories = {key: [s for _, s, _ in reader.history(run_id, key)] for key in KEYS}
+            run = reader.run(run_id)
+            params = reader.params(run_id)
+            tags = {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+            status = run["info"]["status"]
+        for key in KEYS:
+            steps = histories[key]
+            results.append(
+                (
+                    trial,
+                    key,
+                    last,
+                    (last + 1) - len({s for s in steps if s <= last}),
+                    len(steps) - len(set(steps)),
+                )
+            )
+        assert params == {"lr": "0.1"}
+        assert tags.get("phase") == "train"
+        assert status == "RUNNING"
+    _assert_complete(results)
+
+
+def _synced_run(reader: Reader, experiment_name: str, offline_run_id: str) -> str:
+    """The server's run that `tracklane sync` made for an offline run (tagged with its offline id)."""
+    experiment = reader.experiment(experiment_name)
+    assert experiment is not None
+    found = [
+        r["info"]["run_id"]
+        for r in reader.runs(experiment["experiment_id"])
+        if {t["key"]: t["value"] for t in r["data"].get("tags", [])}.get("tracklane.offline_run_id")
+        == offline_run_id
+    ]
+    assert len(found) == 1, found
+    return str(found[0])
+
+
+def _assert_complete(results: list[tuple[int, str, int, int, int]]) -> None:
     lost = [r for r in results if r[3]]
     doubled = [r for r in results if r[4]]
     assert not lost and not doubled, f"(trial, key, last step, missing, twice): {lost} {doubled}"

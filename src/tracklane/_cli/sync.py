@@ -121,7 +121,7 @@ def main(args: argparse.Namespace, out: TextIO | None = None) -> int:
         workspace = args.workspace_id or None
         if server is not None:
             _check_workspace(server, workspace)
-        _recover_event_logs(journal_file(args.path))
+        recover_event_logs(journal_file(args.path))
         journal = Journal(journal_file(args.path), create=False)
     except TrackingError as exc:
         _error(exc)
@@ -137,9 +137,10 @@ def main(args: argparse.Namespace, out: TextIO | None = None) -> int:
         journal.close()
 
 
-def _recover_event_logs(path: Path) -> None:
+def recover_event_logs(path: Path) -> None:
     """First move what processes that died (SIGKILL, OOM) left in their event logs beside the
-    journal into it, as spilled rows: the sync then delivers them like any other."""
+    journal into it (an offline client's join its runs, a server's are spilled rows): the sync
+    (or ``tracklane ui``) then delivers them like any other."""
     opened: list[Journal] = []
 
     def open_journal() -> Journal:

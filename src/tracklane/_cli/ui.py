@@ -31,7 +31,7 @@ from .._exceptions import TrackingError
 from .._settings import ServerConfig
 from .._stores.journal import JOURNAL_DIR, Journal, journal_file, server_key
 from .mlflow_server import QUIET_MLFLOW, stop_process, tail, wait_for_http
-from .sync import _deliver, pending
+from .sync import _deliver, pending, recover_event_logs
 
 #: The folder next to the journal that holds the UI server's own store.
 UI_DIR = "mlflow-ui"
@@ -91,6 +91,7 @@ def main(args: argparse.Namespace) -> int:
         print(MISSING_MLFLOW, file=sys.stderr)
         return 2
     try:
+        recover_event_logs(journal_file(args.path))
         journal = Journal(journal_file(args.path), create=False)
     except TrackingError as exc:
         _error(str(exc))

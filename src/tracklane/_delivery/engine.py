@@ -31,7 +31,8 @@ import time
 
 from .._exceptions import AuthenticationError, TrackingError
 from .._settings import EngineConfig, event_log_max_bytes
-from .._stores.event_log import EventLog
+from .._stores.event_log import OFFLINE, EventLog
+from .._stores.offline import JournalBackend
 from .._wire.batching import Batch, Event, pack
 from .._wire.run_end import RunEnd
 from .buffer import Buffer, now_ms
@@ -55,10 +56,14 @@ class Engine:
         self.backend = backend
         self.config = config
         self.buffer = Buffer(config)
-        if spool is not None and (max_bytes := event_log_max_bytes()) > 0:
+        if (max_bytes := event_log_max_bytes()) > 0:
             # Absolute: the process may change directory before the log's files are made or go.
-            destination = spool.destination
-            self.buffer.log = EventLog(spool.path.parent.absolute(), destination.server_key, max_bytes)
+            if spool is not None:
+                self.buffer.log = EventLog(
+                    spool.path.parent.absolute(), spool.destination.server_key, max_bytes
+                )
+            elif isinstance(backend, JournalBackend):  # offline: the records join the journal's runs
+                self.buffer.log = EventLog(backend.log_directory, OFFLINE, max_bytes)
         self._build(spool)
 
     def _build(self, spool: Spool | None) -> None:
@@ -105,6 +110,17 @@ class Engine:
             loop.create_task(self._sender.run(), name="tracklane-sender"),
         ]
         self.resume_leftovers()
+        if isinstance(self.backend, JournalBackend):
+            # Offline, what processes that died left in their event logs joins their runs here;
+            # shutdown waits for it (``resumes``), so it is never cut off half done.
+            task = loop.create_task(self._recover_offline(self.backend), name="tracklane-recover")
+            st.tasks.append(task)
+            st.resumes.append(task)
+
+    async def _recover_offline(self, journal: JournalBackend) -> None:
+        await journal.recover_dead_logs(
+            self.buffer.log.lineage if self.buffer.log is not None else frozenset()
+        )
 
     @property
     def attached(self) -> bool:

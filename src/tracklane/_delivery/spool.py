@@ -22,7 +22,7 @@ from typing import Protocol
 
 from .._exceptions import TrackingError
 from .._settings import ServerConfig
-from .._stores.event_log import recover
+from .._stores.event_log import recover_and_say
 from .._stores.journal import JOURNAL_DIR, JOURNAL_FILE, Journal, JournalThread, UploadLock, server_key
 from .._wire.batching import Batch, Event
 from .._wire.outcome import OnRejected
@@ -218,19 +218,9 @@ class Spool:
     async def recover_dead_logs(self) -> int:
         """Move the event logs of dead processes in this journal's directory into the journal (off
         the loop: it reads files); how many events. A failure is logged, never raised."""
-        try:
-            moved = await asyncio.to_thread(recover, self.path.parent, self.open_now, self.own_logs)
-        except Exception as exc:  # an unwritable or foreign journal: the logs stay for later
-            logger.warning("tracklane: could not recover event logs in %s: %s", self.path.parent, exc)
-            return 0
-        if moved:
-            logger.warning(
-                "tracklane: %d event(s) a process that died (e.g. killed with SIGKILL) had accepted are "
-                "moved from its event log into %s, to be delivered from there.",
-                moved,
-                self.path,
-            )
-        return moved
+        return await asyncio.to_thread(
+            recover_and_say, self.path.parent, self.open_now, self.own_logs, self.path
+        )
 
     async def high_water(self) -> tuple[int, int]:
         journal = await self.open()

@@ -66,6 +66,9 @@ FREE_SHARE = 8
 MIN_SEGMENT_BYTES = 64 << 10
 MAGIC = b"TLEVLOG1"
 SUFFIX = ".tll"
+#: The server name an offline client's log carries: its runs are the journal's own (``recover``
+#: adds the records to them, not to a server's spilled runs).
+OFFLINE = ""
 _NAME = re.compile(r"^events-(?P<token>[0-9a-z-]+)-(?P<n>\d{6})\.tll$")
 
 # Header: magic, version, header size, first ordinal, acknowledged watermark, pid, server length.
@@ -600,9 +603,7 @@ class RecoveryJournal(Protocol):
 
     def recovered(self, names: list[str]) -> set[str]: ...
 
-    def keep_recovered(
-        self, rows: dict[tuple[str, str], list[Event]], names: list[str], seq: int
-    ) -> None: ...
+    def keep_recovered(self, rows: dict[tuple[str, str], list[Event]], names: list[str], seq: int) -> int: ...
 
 
 def recover(
@@ -610,9 +611,11 @@ def recover(
 ) -> int:
     """Move every dead log in ``directory`` into the journal; the number of events moved.
 
-    Each dead log's records at or above its acknowledged watermark become ordinary spilled rows of
-    their run for their server, in one transaction that also records the segments' names, then
-    the files are deleted (a kill in between: the names say they are done, the files go next time).
+    Each dead log's records at or above its acknowledged watermark become ordinary rows of their
+    run (an offline client's, server ``OFFLINE``, join its run in the journal; a server's become
+    spilled rows of that server's run), in one transaction that also records the segments' names,
+    then the files are deleted (a kill in between: the names say they are done, the files go next
+    time). Offline, a point the journal already holds is not added again (``keep_recovered``).
 
     Why a re-send never stores a point twice: a record above the watermark may have reached the
     server already (its request answered, the acknowledgement not yet recorded when the process
@@ -629,6 +632,26 @@ def recover(
     finally:
         for fd in held.values():
             os.close(fd)
+
+
+def recover_and_say(
+    directory: Path, open_journal: Callable[[], RecoveryJournal], own: frozenset[str], into: Path
+) -> int:
+    """``recover``, for a client at start: what was moved is said at WARNING, and a failure (an
+    unwritable or foreign journal: the logs stay for later) is logged, never raised."""
+    try:
+        moved = recover(directory, open_journal, own)
+    except Exception as exc:
+        logger.warning("tracklane: could not recover event logs in %s: %s", directory, exc)
+        return 0
+    if moved:
+        logger.warning(
+            "tracklane: %d event(s) a process that died (e.g. killed with SIGKILL) had accepted are "
+            "moved from its event log into %s, to be delivered from there.",
+            moved,
+            into,
+        )
+    return moved
 
 
 def _recover(held: dict[Path, int], open_journal: Callable[[], RecoveryJournal]) -> int:
@@ -654,8 +677,7 @@ def _recover(held: dict[Path, int], open_journal: Callable[[], RecoveryJournal])
                 if ordinal >= acked:
                     rows.setdefault((r.server, event[1]), []).append(event)
         if reads:
-            journal.keep_recovered(rows, [r.path.name for r in reads], time.time_ns())
-            moved += sum(len(v) for v in rows.values())
+            moved += journal.keep_recovered(rows, [r.path.name for r in reads], time.time_ns())
         for p in paths:
             with contextlib.suppress(OSError):
                 p.unlink()

@@ -50,6 +50,7 @@ from .._entities import Experiment, Metric, Run, RunData, RunInfo
 from .._exceptions import ConfigurationError, NotFoundError, ServerError
 from .._settings import strip_credentials
 from .._wire.batching import METRIC, PARAM, TAG, Event
+from .event_log import OFFLINE
 
 #: ``<path_to_storage>/ml_runs/<JOURNAL_FILE>``.
 JOURNAL_DIR = "ml_runs"
@@ -589,14 +590,36 @@ class Journal:
         found = self._read(f"SELECT name FROM meta WHERE name IN ({','.join('?' * len(marks))})", list(marks))
         return {marks[r[0]] for r in found}
 
-    def keep_recovered(self, rows: dict[tuple[str, str], list[Event]], names: list[str], seq: int) -> None:
-        """A dead process's event-log records, as spilled rows of their run and server, and the
-        segments' names as done, in one transaction: all of it is here, or none."""
+    def keep_recovered(self, rows: dict[tuple[str, str], list[Event]], names: list[str], seq: int) -> int:
+        """A dead process's event-log records, as rows of their run, and the segments' names as
+        done, in one transaction: all of it is here, or none. Records of an offline client
+        (server ``OFFLINE``) join its run here; the others are spilled rows of their server's run.
+        A point the journal already holds (written, its acknowledgement lost with the process) is
+        not kept twice. Returns how many records were added (a point already here, or a record
+        of a run the journal does not have, logged, is not)."""
         new_keys: dict[str, int] = {}
         run_ids: dict[str, int] = {}
+        added = 0
         with self._write() as db:
             for (server, run_uuid), events in rows.items():
-                run = run_ids[run_uuid] = self._spilled_run(db, server, run_uuid, "")
+                if server == OFFLINE:
+                    found = db.execute(
+                        "SELECT id FROM runs WHERE uuid = ? AND origin IS NULL", (run_uuid,)
+                    ).fetchone()
+                    if found is None:  # the run's journal was replaced or deleted meanwhile
+                        logger.warning(
+                            "tracklane: %d recovered event(s) of offline run %s are skipped: the "
+                            "journal %s has no such run.",
+                            len(events),
+                            run_uuid,
+                            self.path,
+                        )
+                        continue
+                    run = run_ids[run_uuid] = found[0]
+                else:
+                    run = run_ids[run_uuid] = self._spilled_run(db, server, run_uuid, "")
+                events = self._new_points(db, run, events)
+                added += len(events)
                 self._put_metrics(db, run, events, new_keys)
                 for e in events:
                     if e[0] != METRIC:
@@ -610,6 +633,23 @@ class Journal:
             )
         self._key_ids.update(new_keys)
         self._run_ids.update(run_ids)
+        return added
+
+    def _new_points(self, db: sqlite3.Connection, run: int, events: Sequence[Event]) -> list[Event]:
+        """The metric points of ``events`` that ``run`` does not hold yet (same key, value,
+        timestamp and step: MLflow's identity of a point), in their order; other events as they are."""
+        metrics = [e for e in events if e[0] == METRIC]
+        if not metrics:
+            return list(events)
+        held = {
+            (name, _point_value(value), ts, step)
+            for name, value, ts, step in db.execute(
+                "SELECT k.name, m.value, m.ts, m.step FROM metrics m JOIN keys k ON k.id = m.key "
+                "WHERE m.run = ? AND m.ts >= ?",
+                (run, min(e[4] for e in metrics)),
+            )
+        }
+        return [e for e in events if e[0] != METRIC or (e[2], _point_value(e[3]), e[4], e[5]) not in held]
 
     def deliveries(
         self, server: str, runs: Iterable[str] | None = None, spilled_only: bool = False
@@ -881,6 +921,11 @@ def _int_id(experiment_id: str) -> int:
             status=404,
             error_code="RESOURCE_DOES_NOT_EXIST",
         ) from None
+
+
+def _point_value(value: float | None) -> float | None:
+    """A metric value as the journal stores it: NaN is NULL (SQLite's own rule)."""
+    return None if value is None or value != value else value
 
 
 def _now_ms() -> int:

@@ -19,6 +19,7 @@ from .._entities import Experiment, Metric, Run
 from .._exceptions import ConfigurationError, NotFoundError, ServerError
 from .._settings import ServerConfig, offline_mode_setting
 from .._wire.batching import Batch, Event
+from .event_log import recover_and_say
 from .journal import Journal
 from .leftovers import keep_leftovers
 
@@ -70,6 +71,18 @@ class JournalBackend:
 
     def __repr__(self) -> str:
         return f"JournalBackend({str(self.journal.path)!r})"
+
+    @property
+    def log_directory(self) -> Path:
+        """Where this client's event log lives: beside the journal, so the next client on it, or
+        ``tracklane sync``/``ui``, adds what a killed process had accepted to its runs."""
+        return self.journal.path.parent.absolute()
+
+    async def recover_dead_logs(self, own: frozenset[str]) -> int:
+        """Move the event logs of dead processes beside the journal into it (on the journal's
+        thread); how many events. A failure is logged, never raised."""
+        journal = self.journal
+        return await journal.call(recover_and_say, self.log_directory, lambda: journal, own, journal.path)
 
     @property
     def describe(self) -> str:
