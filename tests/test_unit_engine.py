@@ -46,6 +46,7 @@ class ScriptedServer:
         self.faults: deque[BaseException] = deque()
         self.refused: set[str] = set()
         self.gate: asyncio.Event | None = None
+        self.delay = 0.0  # seconds each log-batch request takes to answer
         self.arrived: list[Event] = []
         self.requests: list[Batch] = []
         self.ends: dict[str, str] = {}
@@ -53,6 +54,8 @@ class ScriptedServer:
 
     async def log_batch(self, batch: Batch, body: bytes, once: bool = False) -> None:
         self.requests.append(batch)
+        if self.delay:
+            await asyncio.sleep(self.delay)
         if self.gate is not None:
             await self.gate.wait()
         if self.faults:
@@ -147,6 +150,79 @@ def test_flush_delivers_every_event_logged_before_it_in_order() -> None:
     assert server.steps("loss") == list(range(2_500))
     assert server.last_text(PARAM, "lr") == "0.1" and server.last_text(TAG, "state") == "done"
     assert (stats["delivered"], stats["enqueued"], stats["in_flight_events"]) == (2_502, 2_503, 0)
+
+
+def test_a_steady_stream_goes_out_in_full_requests_not_one_per_round_trip() -> None:
+    # Events keep arriving while each request is answered (10 ms, as a server on 127.0.0.1): a
+    # taker that took whatever had arrived after each request would send one per ~20 events; a
+    # partial request waits for the interval (or a flush).
+    server = ScriptedServer()
+    server.delay = 0.01
+    interval = 0.3
+
+    async def scenario() -> float:
+        engine = await _engine(server, _config(flush_interval=interval, batch_size=1_000), None)
+
+        def training_loop() -> None:  # on its own thread, as a user's loop is
+            for step in range(1_600):  # ~0.8 s at 2,000 events/s, in slices of 20
+                engine.buffer.log_metric("r", "loss", float(step), step=step)
+                if step % 20 == 19:
+                    time.sleep(0.01)
+
+        await asyncio.to_thread(training_loop)
+        logged = time.monotonic()
+        while len(server.arrived) < 1_600 and time.monotonic() < logged + 10:
+            await asyncio.sleep(0.01)
+        waited = time.monotonic() - logged
+        await engine.shutdown(_deadline())
+        return waited
+
+    waited = _run(scenario)
+    assert server.steps("loss") == list(range(1_600))
+    # 1,600 events: one full request of 1,000, and the rest in a few interval-paced partial ones.
+    assert len(server.requests) <= 6, [len(b) for b in server.requests]
+    # No flush was asked: the last partial request still went out, within about an interval.
+    assert waited < interval + 5.0
+
+
+def test_an_idle_worker_looks_at_the_buffer_once_per_interval_not_in_a_loop() -> None:
+    server = ScriptedServer()
+    looks = 0
+
+    async def scenario() -> None:
+        nonlocal looks
+        engine = await _engine(server, _config(flush_interval=0.05), None)
+        take = engine._taker.take
+
+        async def counted() -> None:
+            nonlocal looks
+            looks += 1
+            await take()
+
+        engine._taker.take = counted  # type: ignore[method-assign]
+        await asyncio.sleep(1.0)
+        await engine.shutdown(_deadline())
+
+    _run(scenario)
+    assert 5 <= looks <= 40  # ~20 at 0.05 s; a busy loop makes millions (and never yields)
+
+
+def test_a_flush_takes_a_partial_request_at_once() -> None:
+    server = ScriptedServer()
+
+    async def scenario() -> float:
+        engine = await _engine(server, _config(flush_interval=30.0), None)
+        engine.buffer.log_metric("r", "loss", 1.0, step=0)
+        await asyncio.sleep(0.05)  # the taker has looked (and waits for the interval)
+        began = time.monotonic()
+        assert await engine.flush(_deadline())
+        took = time.monotonic() - began
+        await engine.shutdown(_deadline())
+        return took
+
+    took = _run(scenario)
+    assert server.steps("loss") == [0]
+    assert took < 10.0  # far under the 30 s interval: the flush did not wait for it
 
 
 def test_a_tag_request_waits_for_the_requests_before_it() -> None:

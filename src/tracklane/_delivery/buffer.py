@@ -429,7 +429,17 @@ class Buffer:
         return out, marker
 
     def _pop(self, limit: int) -> tuple[list[Event], asyncio.Future[None] | None]:
-        buf, out = self._buf, []
+        buf = self._buf
+        out: list[Event] = []
+        if not self._markers:
+            # Markers are put on the worker's own thread, so none can arrive during this take:
+            # everything here is an event, with no check per item. (A drop_oldest on another
+            # thread may shorten the deque for a moment: what was popped is kept.)
+            append, pop = out.append, buf.popleft
+            with contextlib.suppress(IndexError):
+                for _ in range(min(limit, len(buf))):
+                    append(pop())
+            return out, None
         marker = None
         for _ in range(limit):
             try:
@@ -459,6 +469,11 @@ class Buffer:
         if self._waiting_for_room:
             with self._room:
                 self._room.notify_all()
+
+    @property
+    def markers(self) -> int:
+        """Flush markers waiting in the buffer: each wants the events before it taken now."""
+        return self._markers
 
     def __len__(self) -> int:
         """Events waiting (markers not counted)."""

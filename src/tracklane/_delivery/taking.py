@@ -1,6 +1,16 @@
 """The taker: moves events from the buffer into the hand (packed log-batch requests for the sender),
 or, while spooling or once the producer outruns the server, into the journal at disk speed, so
-callers never wait on the server."""
+callers never wait on the server.
+
+It takes full requests (``take_size`` events) whenever they are there, and a partial one only
+when something waits for it: a flush marker (``flush``, ``end_run``, exit), the engine closing,
+or ``flush_interval`` seconds since the last partial take. Why: the sender wakes the taker after
+each request it sends, and taking whatever had arrived meanwhile made a request per round trip
+(~70 events at 2,000 events/s), each paying the whole request's CPU (encoding, aiohttp, the loop)
+on the training process's GIL. Waiting for a full request or the interval cuts the requests, and
+the worker's CPU, by the batch's factor; an event still waits at most ``flush_interval`` for its
+request to start, as it did when the stream was slow.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +33,8 @@ class Taker:
         self.state = state
         self.buffer = buffer
         self.spiller = spiller
+        #: When a partial request may next be taken (monotonic): ``flush_interval`` after the last.
+        self.partial_at = 0.0
 
     async def run(self) -> None:
         st = self.state
@@ -30,7 +42,9 @@ class Taker:
         wake = st.signals.wake
         try:
             while True:
-                await wait_event(wake, st.config.flush_interval)
+                wait = self.partial_at - time.monotonic()
+                if wait > 0:
+                    await wait_event(wake, wait)
                 wake.clear()
                 try:
                     await self.take()
@@ -48,7 +62,15 @@ class Taker:
 
     async def take(self) -> None:
         st, buffer = self.state, self.buffer
+        # A partial request may go now if the interval has passed since the last take. Once a
+        # take has taken anything, what is left arrived after it (the buffer is in order), so
+        # the interval starts again; and a partial remainder behind a full request is that fresh.
+        partial = time.monotonic() >= self.partial_at
+        if partial:  # the interval starts again, whether or not anything is waiting
+            self.partial_at = time.monotonic() + st.config.flush_interval
         while True:
+            if len(buffer) < st.take_size and not buffer.markers and not st.closing and not partial:
+                return  # a partial request waits for a flush or the interval (module docstring)
             to_journal = st.spooling and st.may_spool("failure")
             if not to_journal and st.hand_events >= st.hand_limit:
                 # The sender has all it can use. Leave the rest in the buffer while it has room;
@@ -62,6 +84,8 @@ class Taker:
             events, marker = buffer.take(st.take_size)
             if not events and marker is None:
                 return
+            self.partial_at = time.monotonic() + st.config.flush_interval
+            partial = False
             batches = list(pack(events, time.time_ns()))
             self._ticket(batches, events)
             if to_journal:

@@ -37,7 +37,7 @@ _METRICS_PER_REQUEST = min(MAX_METRICS_PER_BATCH, MAX_ENTITIES_PER_BATCH)
 _TEXT_OVERHEAD = 32
 
 
-_VALUE = itemgetter(3)
+_KIND, _RUN, _VALUE = itemgetter(0), itemgetter(1), itemgetter(3)
 
 
 def _json_value(value: float) -> float | str:
@@ -137,6 +137,15 @@ def pack(events: Iterable[Event], seq: int = 0) -> Iterator[Batch]:
     Requests of one run come out in order; a param or tag key appears once per window, with the
     value of its last call, so the order of requests within a window cannot reorder them.
     """
+    if not isinstance(events, list):
+        events = list(events)
+    runs = set(map(_RUN, events))
+    if len(runs) == 1 and set(map(_KIND, events)) == {METRIC}:
+        # The common take: one run's metrics. Two passes in C find it; no per-event Python work.
+        for batch in _cut(runs.pop(), events, [], []):
+            batch.seq = seq
+            yield batch
+        return
     per_run: dict[str, tuple[list[Event], dict[str, Event], dict[str, Event]]] = {}
     for e in events:
         slot = per_run.get(e[1])
