@@ -528,7 +528,8 @@ def read_segment(path: Path) -> SegmentRead | None:
     out = SegmentRead(path, server, first, acked)
     strings: dict[int, str] = {}
     ordinal, pos, size = first, header, len(data)
-    group, pending = pos, out.events if each else []  # records not yet covered by a CHECK
+    # Events not yet covered by a CHECK (format 1: each record is, so they are the events).
+    group, pending = pos, out.events if each else []
     while pos + _RECORD.size <= size:
         word, crc = _RECORD.unpack_from(data, pos)
         if word == 0 and crc == 0:  # nothing written here: the end, unless more follows
@@ -543,15 +544,17 @@ def read_segment(path: Path) -> SegmentRead | None:
         if kind == _METRIC and not each:
             end = pos + _METRIC_SIZE
             seal = _ID.unpack_from(data, end - _ID.size)[0] if end <= size else 0
-            good, stored = word == _METRIC_WORD and seal == pos, seal != 0
+            # The seal is stored last: one that is there says the store finished, so a record
+            # that fails with it is damaged after, never torn.
+            good, finished = word == _METRIC_WORD and seal == pos, seal != 0
             body = data[pos + _ID.size : end - _ID.size]
         else:
             at = pos + 4 if each else pos  # where the word is
             body = data[pos + _RECORD.size : end]
             good = end <= size and _crc32(body, _crc32(data[at : at + 4])) == crc
-            stored = False  # torn or damaged, a crc32 cannot tell: the zeros after it do
+            finished = False  # torn or damaged, a crc32 cannot tell: the zeros after it do
         if not good:
-            out.torn = not stored and not data[min(size, end) :].strip(b"\0")
+            out.torn = not finished and not data[min(size, end) :].strip(b"\0")
             if out.torn:
                 out.events += [] if each else pending
             else:
