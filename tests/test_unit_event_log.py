@@ -230,7 +230,7 @@ def test_fast_and_slow_path_records_interleaved_round_trip_exactly(tmp_path: Pat
                 log.write(event)  # type: ignore[arg-type]  # the slow path's sealed record
             elif i % 11 == 0:
                 event = (PARAM, f"run-{i % 3}", f"p{i}", "v" * (i % 50), 0, 0)
-                log.write(event)  # type: ignore[arg-type]
+                log.write(event)
             elif i % 13 == 0:
                 event = (*event, ("model-1", None, "digest"))
                 log.write(event)  # type: ignore[arg-type]
