@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import math
 import os
+import struct
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,6 +49,40 @@ def _all_events(log: EventLog) -> list[tuple[int, tuple[object, ...]]]:
     return out
 
 
+def _seal_at(log: EventLog, n: int) -> int:
+    """File offset of the seal of the ``n``-th metric record ``_metrics`` wrote (0-based), found
+    by walking the records (a group's CHECK record sits between two metric records)."""
+    data = _segments(log)[0].read_bytes()
+    pos, seen = event_log.HEADER_BYTES, -1
+    while True:
+        (word,) = struct.unpack_from("<I", data, pos)
+        if word == event_log._METRIC_WORD:
+            seen += 1
+            if seen == n:
+                return pos + 36
+            pos += 40
+        else:
+            pos += 8 + (word & 0xFFFFFF)
+
+
+def _flip(path: Path, at: int, value: bytes | None = None) -> None:
+    data = bytearray(path.read_bytes())
+    if value is None:
+        data[at] ^= 0xFF
+    else:
+        data[at : at + len(value)] = value
+    path.write_bytes(bytes(data))
+
+
+def _a_prefix_ending_in_the_group_of(read: event_log.SegmentRead, n: int) -> int:
+    """How many records ``read`` trusted: the records before the group of the ``n``-th one (a
+    damaged group is distrusted whole); asserts they are exactly the first ones written."""
+    got = [e[5] for _, e in read.events]
+    assert got == list(range(len(got)))
+    assert n - event_log.GROUP_BYTES // 40 <= len(got) <= n
+    return len(got)
+
+
 def _dead(log: EventLog) -> None:
     """The writer dies: its descriptors (and locks) go, its files stay (as after SIGKILL)."""
     for s in log._segments:
@@ -75,12 +112,13 @@ def test_metrics_params_and_tags_round_trip_with_keys_written_once(tmp_path: Pat
     log.close()
 
 
-def test_a_metric_record_is_40_bytes(tmp_path: Path) -> None:
+def test_a_metric_record_is_40_bytes_and_each_group_of_them_ends_in_a_12_byte_check(tmp_path: Path) -> None:
     log = _log(tmp_path)
     _metrics(log, 1)
     first = log._off
     _metrics(log, 1000, start=1)
-    assert (log._off - first) / 1000 == 40
+    checks, rest = divmod(log._off - first - 40 * 1000, 12)
+    assert rest == 0 and abs(checks - 40 * 1000 / event_log.GROUP_BYTES) <= 1
     log.close()
 
 
@@ -102,22 +140,143 @@ def test_damaged_bytes_in_the_middle_are_detected_and_nothing_after_them_is_trus
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     log = _log(tmp_path)
+    _metrics(log, 300)  # three groups of ~100 records: the damaged one is followed by its CHECK
+    path = _segments(log)[0]
+    _dead(log)
+    _flip(path, _seal_at(log, 150) - 10)  # inside the 151st metric record's step: its seal holds
+
+    read = read_segment(path)
+    assert read is not None and read.damaged > 0 and not read.torn
+    kept = _a_prefix_ending_in_the_group_of(read, 150)
+    journal = Journal.at(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="tracklane"):
+        assert recover(tmp_path / "ml_runs", lambda: journal) == kept
+    assert "damaged" in caplog.text and path.name in caplog.text
+    assert [m.step for m in journal.metric_history("run-1", "loss")] == list(range(kept))
+    journal.close()
+
+
+def test_pack_into_zeroes_the_record_then_stores_its_fields_in_order() -> None:
+    # What the seal relies on (CPython's s_pack_internal): a store that stops part-way, here on a
+    # step too large, leaves everything after the last field it stored zero, the seal included.
+    record = bytearray(b"\xff" * 40)
+    with pytest.raises(struct.error):
+        event_log._METRIC_RECORD.pack_into(record, 0, event_log._METRIC_WORD, 1, 2, 0.5, 1_000, 10**30, 512)
+    assert record[:28] == event_log._METRIC_RECORD.pack(event_log._METRIC_WORD, 1, 2, 0.5, 1_000, 0, 0)[:28]
+    assert record[28:] == bytes(12)
+
+
+@pytest.mark.parametrize("stored", [4, 12, 20, 28, 36], ids=lambda n: f"{n}-of-40-bytes")
+def test_a_metric_record_killed_mid_store_has_no_seal_and_ends_the_read_as_torn(
+    tmp_path: Path, stored: int
+) -> None:
+    log = _log(tmp_path)
+    _metrics(log, 100)
+    path, end = _segments(log)[0], log._off
+    _dead(log)
+    _flip(path, end - 40 + stored, bytes(40 - stored))  # the last record's later stores never happened
+
+    read = read_segment(path)
+    assert read is not None and [o for o, _ in read.events] == list(range(99))
+    assert read.torn and read.damaged == 0
+
+
+def test_a_metric_record_with_a_wrong_seal_in_the_middle_is_damage(tmp_path: Path) -> None:
+    log = _log(tmp_path)
+    _metrics(log, 300)
+    path = _segments(log)[0]
+    _dead(log)
+    at = _seal_at(log, 250)  # in the last group, which no CHECK covers yet: the seal alone
+    _flip(path, at, struct.pack("<I", at - 36 + 40))  # the next record's offset
+
+    read = read_segment(path)
+    assert read is not None and read.damaged > 0 and not read.torn
+    _a_prefix_ending_in_the_group_of(read, 250)
+
+
+def test_a_last_metric_record_with_a_wrong_nonzero_seal_is_damage_not_a_tear(tmp_path: Path) -> None:
+    # A torn store leaves the seal zero; a seal that is there but wrong was damaged after.
+    log = _log(tmp_path)
+    _metrics(log, 100)
+    path, end = _segments(log)[0], log._off
+    _dead(log)
+    _flip(path, end - 1)
+
+    read = read_segment(path)
+    assert read is not None and read.damaged > 0 and not read.torn
+
+
+def test_a_zeroed_record_frame_in_the_middle_is_damage_not_the_end(tmp_path: Path) -> None:
+    log = _log(tmp_path)
     _metrics(log, 100)
     path = _segments(log)[0]
     _dead(log)
-    data = bytearray(path.read_bytes())
-    at = data.index(b"loss") + 4 + 40 * 50 + 30  # inside the 51st metric record's value
-    data[at] ^= 0xFF
-    path.write_bytes(bytes(data))
+    _flip(path, _seal_at(log, 50) - 36, bytes(8))
 
     read = read_segment(path)
-    assert read is not None and len(read.events) == 50 and read.damaged > 0 and not read.torn
-    journal = Journal.at(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="tracklane"):
-        assert recover(tmp_path / "ml_runs", lambda: journal) == 50
-    assert "damaged" in caplog.text and path.name in caplog.text
-    assert [m.step for m in journal.metric_history("run-1", "loss")] == list(range(50))
-    journal.close()
+    assert read is not None and read.damaged > 0 and not read.torn
+
+
+def test_fast_and_slow_path_records_interleaved_round_trip_exactly(tmp_path: Path) -> None:
+    log = _log(tmp_path, segment_bytes=8 << 10)  # several groups, and a roll-over mid-way
+    values = [0.1, -0.0, math.inf, -math.inf, math.nan, 5e-324, 1.7976931348623157e308]
+    steps = [0, -(2**63), 2**63 - 1]
+    expected: list[tuple[object, ...]] = []
+    with log.lock:
+        for i in range(400):
+            run, key, ts = f"run-{i % 3}", f"k{i % 7}", 2**63 - 1 - i
+            event: tuple[object, ...] = (METRIC, run, key, values[i % 7], ts, steps[i % 3])
+            if i % 5 == 0:
+                log.write(event)  # type: ignore[arg-type]  # the slow path's sealed record
+            elif i % 11 == 0:
+                event = (PARAM, f"run-{i % 3}", f"p{i}", "v" * (i % 50), 0, 0)
+                log.write(event)
+            elif i % 13 == 0:
+                event = (*event, ("model-1", None, "digest"))
+                log.write(event)  # type: ignore[arg-type]
+            else:
+                log.metric(*event[1:])  # type: ignore[arg-type]
+            expected.append(event[:6])
+    assert len(_segments(log)) >= 3
+
+    events = _all_events(log)
+    assert [o for o, _ in events] == list(range(400))
+    bits = [(e[:3], struct.pack("<d", e[3]) if e[0] == METRIC else e[3], e[4:]) for _, e in events]
+    assert bits == [(e[:3], struct.pack("<d", e[3]) if e[0] == METRIC else e[3], e[4:]) for e in expected]
+    log.close()
+
+
+def test_a_segment_kept_at_close_is_checked_to_its_last_record(tmp_path: Path) -> None:
+    log = _log(tmp_path)
+    _metrics(log, 100)  # one group, not full
+    log.close(keep=True)
+    [path] = _segments(log)
+    _flip(path, _seal_at(log, 50) - 10)
+
+    read = read_segment(path)
+    assert read is not None and read.damaged > 0 and not read.torn and read.events == []
+
+
+def test_a_format_1_segment_left_by_an_older_client_is_still_read(tmp_path: Path) -> None:
+    # Format 1: every record crc32 | word | body, the crc32 over the word and the body.
+    def record(kind: int, body: bytes) -> bytes:
+        word = struct.pack("<I", len(body) | kind << 24)
+        return struct.pack("<I", zlib.crc32(body, zlib.crc32(word))) + word + body
+
+    server = SERVER.encode()
+    header = event_log._HEADER.pack(b"TLEVLOG1", 1, 512, 7, 0, 4242, len(server)) + server
+    records = record(1, struct.pack("<I", 1) + b"run-1") + record(1, struct.pack("<I", 2) + b"loss")
+    records += b"".join(record(2, struct.pack("<IIdqq", 1, 2, s * 0.5, 1_000 + s, s)) for s in range(3))
+    records += record(4, struct.pack("<II", 1, 2) + b"done")
+    path = tmp_path / "events-4242-0a0b0c0d-000001.tll"
+    path.write_bytes(header.ljust(512, b"\0") + records + bytes(1000))
+
+    read = read_segment(path)
+    assert read is not None and read.server == SERVER and not read.torn and read.damaged == 0
+    assert read.events == [
+        *((7 + s, (METRIC, "run-1", "loss", s * 0.5, 1_000 + s, s)) for s in range(3)),
+        (10, (TAG, "run-1", "loss", "done", 0, 0)),
+    ]
 
 
 def test_segments_roll_over_and_go_once_every_event_in_them_is_acknowledged_in_any_order(
