@@ -485,3 +485,21 @@ def test_an_event_that_cannot_be_packed_keeps_the_ordinals_of_those_after_it(tmp
     _metrics(log, 3, start=4)
 
     assert [(o, e[5]) for o, e in _all_events(log)] == [(0, 0), (1, 1), (2, 2), (4, 4), (5, 5), (6, 6)]
+
+
+def test_a_segment_of_a_newer_format_is_left_for_the_version_that_wrote_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    log = _log(tmp_path)
+    _metrics(log, 10)
+    [path] = _segments(log)
+    _dead(log)
+    data = bytearray(path.read_bytes())
+    data[: len(event_log.MAGIC)] = b"TLEVLOG9"  # a future format this version cannot read
+    path.write_bytes(bytes(data))
+    journal = Journal.at(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="tracklane"):
+        assert recover(tmp_path / "ml_runs", lambda: journal) == 0
+    assert path.exists()  # a downgrade must not delete what only the newer version can read
+    assert "written by a newer tracklane" in caplog.text
+    journal.close()

@@ -768,7 +768,24 @@ def _recover(held: dict[Path, int], open_journal: Callable[[], RecoveryJournal])
         if reads:
             moved += journal.keep_recovered(rows, [r.path.name for r in reads], time.time_ns())
         for p in paths:
+            if _newer_format(p):  # not ours to read, so not ours to delete: its writer's version is
+                logger.warning(
+                    "tracklane: event log %s was written by a newer tracklane; it is left for that "
+                    "version's `tracklane sync` to recover.",
+                    p,
+                )
+                continue
             with contextlib.suppress(OSError):
                 p.unlink()
         logger.debug("tracklane: recovered event log %s", token)
     return moved
+
+
+def _newer_format(path: Path) -> bool:
+    """A segment of this family (``TLEVLOG``) in a format this version does not read."""
+    try:
+        with path.open("rb") as f:
+            magic = f.read(len(MAGIC))
+    except OSError:
+        return False
+    return magic.startswith(MAGIC[:-1]) and magic not in (MAGIC, _MAGIC_1)
