@@ -186,6 +186,42 @@ def test_ui_run_again_syncs_only_what_was_logged_since_and_sigterm_stops_it(
         again.kill()
 
 
+KILLED_OFFLINE = """
+import os, signal, sys
+from tracklane import TrackingClient
+
+tc = TrackingClient(offline_mode=True, path_to_storage=sys.argv[1])
+tc.set_experiment(sys.argv[2])
+tc.start_run(run_name="killed", log_system_metrics=False)
+for step in range(5_000):
+    tc.log_metric("loss", step * 0.5, step=step)
+os.kill(os.getpid(), signal.SIGKILL)  # every call above returned; most events are still in memory
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.server
+def test_ui_shows_what_a_killed_offline_process_had_logged(tmp_path: Path, experiment_name: str) -> None:
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_OFFLINE, str(tmp_path), experiment_name],
+        capture_output=True,
+        timeout=120,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    ui = UiCommand(tmp_path, free_port())
+    try:
+        runs, url = ui.wait_until_open()
+
+        assert runs == 1, ui.output()
+        reader = Reader(url)
+        run_id = _server_run(reader, experiment_name, "killed")
+        assert [s for _, s, _ in reader.history(run_id, "loss")] == list(range(5_000))
+        assert reader.run(run_id)["info"]["status"] == "RUNNING"  # nobody ended it
+        assert ui.stop(signal.SIGINT) == 0, ui.output()
+    finally:
+        ui.kill()
+
+
 @pytest.mark.unit
 def test_ui_without_mlflow_says_pip_install_mlflow_and_exits_2(tmp_path: Path) -> None:
     # As if MLflow were not installed: the import system is told the module does not exist.
