@@ -134,13 +134,9 @@ def test_kill_9_at_random_moments_loses_and_duplicates_nothing_that_was_logged(
             if trial % 2 == 0
             else ["-c", NEXT_CLIENT, server_url, str(storage)]
         )
-        done = subprocess.run([sys.executable, *recovery], capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr
+        _python(*recovery)
         for key in KEYS:
-            steps = [s for _, s, _ in reader.history(run_id, key)]
-            missing = (last + 1) - len({s for s in steps if s <= last})
-            twice = len(steps) - len(set(steps))
-            results.append((trial, key, last, missing, twice))
+            results.append(_tally(trial, key, last, [s for _, s, _ in reader.history(run_id, key)]))
         run = reader.run(run_id)
         assert reader.params(run_id) == {"lr": "0.1"}
         assert {t["key"]: t["value"] for t in run["data"].get("tags", [])}.get("phase") == "train"
@@ -159,24 +155,11 @@ def test_kill_9_of_an_offline_client_loses_and_duplicates_nothing_that_was_logge
         storage = tmp_path / f"trial-{trial}"
         run_id, last = _kill_at_random("offline", storage, experiment_name, rng)
         if trial % 2 == 0:
-            done = subprocess.run(
-                [sys.executable, "-c", OFFLINE_READER, str(storage), run_id, *KEYS],
-                capture_output=True,
-                text=True,
-                timeout=600,
-            )
-            assert done.returncode == 0, done.stderr
-            seen = json.loads(done.stdout.splitlines()[-1])
+            seen = json.loads(_python("-c", OFFLINE_READER, str(storage), run_id, *KEYS).splitlines()[-1])
             histories, params, tags = seen["steps"], seen["params"], seen["tags"]
             status = seen["status"]
         else:
-            done = subprocess.run(
-                [sys.executable, "-m", "tracklane._cli", "sync", str(storage), "--to", server_url],
-                capture_output=True,
-                text=True,
-                timeout=600,
-            )
-            assert done.returncode == 0, done.stderr
+            _python("-m", "tracklane._cli", "sync", str(storage), "--to", server_url)
             run_id = _synced_run(reader, experiment_name, run_id)
             histories = {key: [s for _, s, _ in reader.history(run_id, key)] for key in KEYS}
             run = reader.run(run_id)
@@ -184,16 +167,7 @@ def test_kill_9_of_an_offline_client_loses_and_duplicates_nothing_that_was_logge
             tags = {t["key"]: t["value"] for t in run["data"].get("tags", [])}
             status = run["info"]["status"]
         for key in KEYS:
-            steps = histories[key]
-            results.append(
-                (
-                    trial,
-                    key,
-                    last,
-                    (last + 1) - len({s for s in steps if s <= last}),
-                    len(steps) - len(set(steps)),
-                )
-            )
+            results.append(_tally(trial, key, last, histories[key]))
         assert params == {"lr": "0.1"}
         assert tags.get("phase") == "train"
         assert status == "RUNNING"
@@ -212,6 +186,18 @@ def _synced_run(reader: Reader, experiment_name: str, offline_run_id: str) -> st
     ]
     assert len(found) == 1, found
     return str(found[0])
+
+
+def _python(*args: str) -> str:
+    """Run ``python3 ARGS`` (a recovery or a reader) to its end; its stdout."""
+    done = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def _tally(trial: int, key: str, last: int, steps: list[int]) -> tuple[int, str, int, int, int]:
+    """(trial, key, last step, steps up to it that are missing, steps stored twice)."""
+    return trial, key, last, (last + 1) - len({s for s in steps if s <= last}), len(steps) - len(set(steps))
 
 
 def _assert_complete(results: list[tuple[int, str, int, int, int]]) -> None:

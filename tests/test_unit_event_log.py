@@ -1,6 +1,7 @@
 """The event log on its own: records round-trip, a torn or damaged record is never trusted,
 segments roll over and go once acknowledged, a full disk turns the log off without a crash, and a
-dead writer's log moves into the journal once."""
+dead writer's log moves into the journal once (an offline writer's into its own run, each point
+once, a tag's last value last)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,14 @@ import pytest
 
 import tmpfs
 from tracklane._stores import event_log
-from tracklane._stores.event_log import EventLog, _dead_segments, dead_segments, read_segment, recover
+from tracklane._stores.event_log import (
+    OFFLINE,
+    EventLog,
+    _dead_segments,
+    dead_segments,
+    read_segment,
+    recover,
+)
 from tracklane._stores.journal import Journal
 from tracklane._wire.batching import METRIC, PARAM, TAG
 
@@ -502,4 +510,76 @@ def test_a_segment_of_a_newer_format_is_left_for_the_version_that_wrote_it(
         assert recover(tmp_path / "ml_runs", lambda: journal) == 0
     assert path.exists()  # a downgrade must not delete what only the newer version can read
     assert "written by a newer tracklane" in caplog.text
+    journal.close()
+
+
+# -- an offline writer: its records join its run in the journal ---------------------------------
+
+
+def _offline_log(tmp_path: Path) -> EventLog:
+    return EventLog(tmp_path / "ml_runs", OFFLINE, 1 << 30, segment_bytes=64 << 10)
+
+
+def _offline_run(journal: Journal) -> str:
+    experiment = journal.create_experiment("exp", {})
+    return journal.create_run(experiment, "trial", 1_000, {}).info.run_id
+
+
+def test_records_join_the_offline_run_each_point_once_with_the_last_tag_value(tmp_path: Path) -> None:
+    journal = Journal.at(tmp_path)
+    run_id = _offline_run(journal)
+    log = _offline_log(tmp_path)
+    points = [(METRIC, run_id, "loss", step * 0.5, 2_000 + step, step) for step in range(100)]
+    points[7] = (METRIC, run_id, "loss", float("nan"), 2_007, 7)  # NaN is NULL in the journal
+    with log.lock:
+        for event in points:
+            log.write(event)
+        log.write((PARAM, run_id, "lr", "0.1", 0, 0))
+        log.write((TAG, run_id, "phase", "a", 0, 0))
+        log.write((TAG, run_id, "phase", "b", 0, 0))
+    # The worker wrote the first 60 points (NaN among them) before the kill; none acknowledged.
+    journal.write_events(run_id, points[:60])
+    _dead(log)
+
+    assert recover(tmp_path / "ml_runs", lambda: journal) == 43
+
+    history = journal.metric_history(run_id, "loss")
+    assert [m.step for m in history] == list(range(100))  # each point once
+    run = journal.get_run(run_id)
+    assert run.data.params == {"lr": "0.1"}
+    assert run.data.tags["phase"] == "b"
+    assert run.info.status == "RUNNING"  # nobody ended it, as MLflow leaves a killed run
+    assert journal.deliveries("http://127.0.0.1:5000", spilled_only=True) == []  # no spilled run made
+    journal.close()
+
+
+def test_a_point_logged_twice_on_purpose_is_kept_as_logged_when_neither_copy_was_written(
+    tmp_path: Path,
+) -> None:
+    journal = Journal.at(tmp_path)
+    run_id = _offline_run(journal)
+    log = _offline_log(tmp_path)
+    with log.lock:
+        log.write((METRIC, run_id, "loss", 1.0, 5, 0))
+        log.write((METRIC, run_id, "loss", 1.0, 5, 0))
+    _dead(log)
+    assert recover(tmp_path / "ml_runs", lambda: journal) == 2
+    assert len(journal.metric_history(run_id, "loss")) == 2  # only what the journal held is skipped
+    journal.close()
+
+
+def test_records_of_a_run_the_journal_does_not_have_are_skipped_and_said(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    journal = Journal.at(tmp_path)
+    kept = _offline_run(journal)
+    log = _offline_log(tmp_path)
+    with log.lock:
+        log.write((METRIC, "gone-run", "loss", 1.0, 5, 0))
+        log.write((METRIC, kept, "loss", 2.0, 6, 1))
+    _dead(log)
+    with caplog.at_level(logging.WARNING, logger="tracklane"):
+        assert recover(tmp_path / "ml_runs", lambda: journal) == 1
+    assert "1 recovered event(s) of offline run gone-run are skipped" in caplog.text
+    assert [m.value for m in journal.metric_history(kept, "loss")] == [2.0]
     journal.close()
