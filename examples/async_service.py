@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import logging
 import time
 
@@ -19,15 +20,19 @@ from aiohttp import ClientSession, web
 from tracklane import AsyncTrackingClient
 
 TRACKER = web.AppKey("tracker", AsyncTrackingClient)
+#: Each request's number, logged as the step: two requests as fast as each other in the same
+#: millisecond would otherwise be one point (MLflow keeps one copy of an identical key, value,
+#: timestamp and step).
+REQUESTS = web.AppKey("requests", itertools.count)
 
 
 async def predict(request: web.Request) -> web.Response:
     started = time.perf_counter()
     x = float(request.query.get("x", "0"))
     y = 3 * x + 2
-    tc = request.app[TRACKER]
-    tc.log_metric("latency_ms", (time.perf_counter() - started) * 1000)  # enqueue only: no await
-    tc.log_metric("prediction", y)
+    tc, n = request.app[TRACKER], next(request.app[REQUESTS])
+    tc.log_metric("latency_ms", (time.perf_counter() - started) * 1000, step=n)  # enqueue only: no await
+    tc.log_metric("prediction", y, step=n)
     return web.json_response({"y": y})
 
 
@@ -42,6 +47,7 @@ async def tracking(app: web.Application) -> object:
 
 def make_app() -> web.Application:
     app = web.Application()
+    app[REQUESTS] = itertools.count()
     app.router.add_get("/predict", predict)
     app.cleanup_ctx.append(tracking)  # type: ignore[arg-type]
     return app

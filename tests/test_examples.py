@@ -43,6 +43,7 @@ def test_async_service_logs_a_metric_per_request(server_url: str, reader: Reader
     assert proc.returncode == 0, proc.stderr
     run_id = proc.stdout.split("run ")[1].split()[0]
     assert len(reader.history(run_id, "latency_ms")) == 25
+    assert [s for _, s, _ in reader.history(run_id, "latency_ms")] == list(range(25))  # a step per request
     assert reader.run(run_id)["info"]["status"] == "FINISHED"
 
 
