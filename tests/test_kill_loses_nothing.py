@@ -24,6 +24,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from servers import Reader
@@ -40,7 +41,7 @@ from tracklane import TrackingClient
 if sys.argv[1] == "offline":
     tc = TrackingClient(offline_mode=True, path_to_storage=sys.argv[2])
 else:
-    tc = TrackingClient(api_host=sys.argv[1], path_to_storage=sys.argv[2])
+    tc = TrackingClient(api_host=sys.argv[1], path_to_storage=sys.argv[2], exit_timeout=float(sys.argv[4]))
 tc.set_experiment(sys.argv[3])
 run = tc.start_run(log_system_metrics=False)
 tc.log_params({"lr": "0.1"})
@@ -78,14 +79,21 @@ tc.close(timeout=600)
 """
 
 
-def _kill_at_random(server_url: str, storage: Path, experiment: str, rng: random.Random) -> tuple[str, int]:
+def _kill_at_random(
+    server_url: str,
+    storage: Path,
+    experiment: str,
+    rng: random.Random,
+    env: dict[str, str] | None = None,
+    exit_timeout: float = 10.0,
+) -> tuple[str, int, list[psutil.Process]]:
     """Start the child (``server_url`` "offline": it logs offline), SIGKILL it at a random moment;
-    its run id and the last step it reported."""
+    its run id, the last step it reported, and the processes it had started (a sender)."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(CHILD), server_url, str(storage), experiment],
+        [sys.executable, "-c", textwrap.dedent(CHILD), server_url, str(storage), experiment, str(exit_timeout)],
         stdout=subprocess.PIPE,
         text=True,
-        env=dict(os.environ),
+        env={**os.environ, **(env or {})},
     )
     assert proc.stdout is not None
     target = rng.randrange(5_000, 60_000)  # a step count to reach, then a random extra moment
@@ -103,6 +111,7 @@ def _kill_at_random(server_url: str, storage: Path, experiment: str, rng: random
             elif line and line[0] == "returned":
                 last = int(line[1])
         time.sleep(rng.uniform(0.0, 0.05))
+        children = psutil.Process(proc.pid).children()
         proc.send_signal(signal.SIGKILL)
         rest, _ = proc.communicate(timeout=30)  # what it printed before it died
     finally:
@@ -115,7 +124,7 @@ def _kill_at_random(server_url: str, storage: Path, experiment: str, rng: random
             last = int(words[1])
     assert proc.returncode == -signal.SIGKILL
     assert run_id and last >= target, (run_id, last, target)
-    return run_id, last
+    return run_id, last, children
 
 
 def test_kill_9_at_random_moments_loses_and_duplicates_nothing_that_was_logged(
@@ -125,7 +134,7 @@ def test_kill_9_at_random_moments_loses_and_duplicates_nothing_that_was_logged(
     results = []
     for trial in range(TRIALS):
         storage = tmp_path / f"trial-{trial}"
-        run_id, last = _kill_at_random(server_url, storage, experiment_name, rng)
+        run_id, last, _ = _kill_at_random(server_url, storage, experiment_name, rng)
         # Recovery is the normal path: half the trials run `tracklane sync`, half open a new
         # client on the same storage (its start moves the dead log into the journal, its close
         # waits for the journal to be delivered).
@@ -153,7 +162,7 @@ def test_kill_9_of_an_offline_client_loses_and_duplicates_nothing_that_was_logge
     results = []
     for trial in range(TRIALS):
         storage = tmp_path / f"trial-{trial}"
-        run_id, last = _kill_at_random("offline", storage, experiment_name, rng)
+        run_id, last, _ = _kill_at_random("offline", storage, experiment_name, rng)
         if trial % 2 == 0:
             seen = json.loads(_python("-c", OFFLINE_READER, str(storage), run_id, *KEYS).splitlines()[-1])
             histories, params, tags = seen["steps"], seen["params"], seen["tags"]
@@ -171,6 +180,33 @@ def test_kill_9_of_an_offline_client_loses_and_duplicates_nothing_that_was_logge
         assert params == {"lr": "0.1"}
         assert tags.get("phase") == "train"
         assert status == "RUNNING"
+    _assert_complete(results)
+
+
+def test_kill_9_with_a_sender_process_loses_and_duplicates_nothing_and_needs_no_recovery(
+    server_url: str, reader: Reader, experiment_name: str, tmp_path: Path
+) -> None:
+    """With ``TRACKLANE_SENDER=process`` the sender outlives the killed trainer: it reads the log
+    to its end and delivers it by itself (its ``exit_timeout`` here is long enough for all of it),
+    then exits. A `tracklane sync` after it finds nothing left to send twice."""
+    rng = random.Random()
+    results = []
+    for trial in range(3):
+        storage = tmp_path / f"trial-{trial}"
+        run_id, last, children = _kill_at_random(
+            server_url, storage, experiment_name, rng, env={"TRACKLANE_SENDER": "process"}, exit_timeout=300
+        )
+        assert len(children) == 1, children  # the sender
+        _gone, alive = psutil.wait_procs(children, timeout=300)
+        assert not alive, "the sender process did not exit after delivering"
+        for key in KEYS:
+            results.append(_tally(trial, key, last, [s for _, s, _ in reader.history(run_id, key)]))
+        assert reader.params(run_id) == {"lr": "0.1"}
+        assert not list(storage.rglob("events-*.tll")), "the sender left the delivered log behind"
+        _python("-m", "tracklane._cli", "sync", str(storage))  # nothing left: nothing twice
+        for key in KEYS:
+            results.append(_tally(trial, key, last, [s for _, s, _ in reader.history(run_id, key)]))
+        assert reader.run(run_id)["info"]["status"] == "RUNNING"
     _assert_complete(results)
 
 

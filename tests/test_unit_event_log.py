@@ -244,7 +244,7 @@ def test_fast_and_slow_path_records_interleaved_round_trip_exactly(tmp_path: Pat
                 log.write(event)  # type: ignore[arg-type]
             else:
                 log.metric(*event[1:])  # type: ignore[arg-type]
-            expected.append(event[:6])
+            expected.append(event)  # a linked metric keeps its link (model, dataset)
     assert len(_segments(log)) >= 3
 
     events = _all_events(log)

@@ -26,6 +26,7 @@ ENV = {
     "OIP_OFFLINE_MODE": "offline_mode (boolean)",
     "TRACKLANE_OVERFLOW": "overflow",
     "TRACKLANE_EVENT_LOG_MAX_BYTES": "disk bound of the kill-safe event log (bytes; 0 turns it off)",
+    "TRACKLANE_SENDER": "who delivers the event log: 'thread' (default, in this process) or 'process'",
     # MLflow's own (mlflow/environment_variables.py), read the way MLflow reads them:
     "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "start_run(log_system_metrics=) (boolean)",
     "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "system_metrics_interval",
@@ -431,6 +432,20 @@ def event_log_max_bytes() -> int:
             f"{EVENT_LOG_MAX_BYTES} (or 0 to turn the event log off)."
         ) from None
     return value
+
+
+SENDERS = ("thread", "process")
+
+
+def sender_setting() -> str:
+    """``$TRACKLANE_SENDER``: ``thread`` (the default: a worker thread of this process delivers) or
+    ``process`` (a sender process tails the event log and delivers it, off this process's GIL)."""
+    raw = (env("TRACKLANE_SENDER") or "thread").lower()
+    if raw not in SENDERS:
+        raise ConfigurationError(
+            f"TRACKLANE_SENDER={raw!r} is not a sender; set it to 'thread' or 'process'."
+        )
+    return raw
 
 
 def env_bool(name: str, hint: str) -> bool | None:

@@ -84,6 +84,17 @@ class Buffer:
         #: Events taken off the front so far (take, drop_oldest): the log's ordinals of a take.
         self.popped = 0
         self.last_take = (0, 0)
+        #: A sender process delivers the log (``relay``): an event whose record is in the log is
+        #: not kept here too; ``relay_notify`` wakes the sender once per batch of records.
+        self.relayed = False
+        self.relay_notify: Callable[[], None] = _nothing
+        self.relay_wake_at = 0
+        #: Taken-back events whose ordinals are not consecutive: the worker acknowledges nothing.
+        self.unticketed = False
+        #: Told (any thread, under the log's lock) when the log cannot take a record while relayed.
+        self.relay_failed: Callable[[], None] = _nothing
+        #: The ordinal from which the sender was no longer given the events (``_relay_cannot_follow``).
+        self.relayed_until = 0
 
     def bind(self, loop: asyncio.AbstractEventLoop, notify: Callable[[], None]) -> None:
         """Wake the worker on ``loop`` through ``notify``; called once the worker runs there."""
@@ -105,6 +116,9 @@ class Buffer:
         self.dropped = self.taken = 0
         self.popped = 0
         self.last_take = (0, 0)
+        self.relayed = self.unticketed = False
+        self.relay_notify = self.relay_failed = _nothing
+        self.relay_wake_at = 0
         if self.log is not None:
             self.log = self.log.after_fork()
 
@@ -125,6 +139,27 @@ class Buffer:
             self.log.close(keep=True)
         else:
             self.log.close()
+
+    def log_left_to_sender(self) -> None:
+        """Exit with a sender process still running: the log's files stay for it (it delivers them
+        after this process is gone and removes them), so the close at exit must not delete them."""
+        if self.log is not None:
+            self.log.close(keep=True)
+            self.log = None
+
+    def take_back(self, events: list[Event], exact: bool, first: int) -> None:
+        """The sender process is gone: its unacknowledged ``events`` (read back from the log, the
+        first at ordinal ``first``) go ahead of what memory holds, and the worker delivers them.
+        ``exact``: they are every ordinal from ``first`` on, so acknowledgements by ordinal work
+        again; otherwise nothing is acknowledged any more (the files stay till the log closes).
+        Caller holds the log's lock."""
+        self.relayed = False
+        self.relay_notify = _nothing
+        self._buf.extendleft(reversed(events))
+        if exact:
+            self.popped = first
+        else:
+            self.unticketed = True
 
     # -- the hot path: any thread, no I/O, no lock, no logging -----------------------------------
 
@@ -174,8 +209,14 @@ class Buffer:
                     lock = log.lock
                     lock.acquire()
                     try:
-                        log.metric(run_id, key, value, ts, st)
-                        buf.append((METRIC, run_id, key, value, ts, st))
+                        if not log.metric(run_id, key, value, ts, st):
+                            buf.append((METRIC, run_id, key, value, ts, st))
+                            if self.relayed:
+                                self._relay_cannot_follow()
+                        elif not self.relayed:
+                            buf.append((METRIC, run_id, key, value, ts, st))
+                        elif log.ordinal >= self.relay_wake_at:  # a sender process reads it
+                            self._wake_relay(log)
                     finally:
                         lock.release()
                 if len(buf) >= self.wake_at and not self._wake_pending:
@@ -277,8 +318,35 @@ class Buffer:
             self._buf.append(event)
             return
         with log.lock:
-            _record(log, event)
+            self._log_or_keep(log, event)
+
+    def _log_or_keep(self, log: EventLog, event: Event) -> None:
+        """``event``'s record in the log, and the event in memory too unless a sender process
+        delivers the log (then memory holds only what the log could not take). Caller holds the
+        log's lock."""
+        if not _record(log, event):
             self._buf.append(event)
+            if self.relayed:
+                self._relay_cannot_follow()
+        elif not self.relayed:
+            self._buf.append(event)
+        elif log.ordinal >= self.relay_wake_at:
+            self._wake_relay(log)
+
+    def _wake_relay(self, log: EventLog) -> None:
+        self.relay_wake_at = log.ordinal + self.batch_wake_at
+        self.relay_notify()
+
+    def _relay_cannot_follow(self) -> None:
+        """The log could not take a record (a full disk, the disk bound): the sender process would
+        never see it, so from here this process delivers by itself, from memory, as without a
+        sender; the engine lets the sender finish what the log holds (``relay_failed``). Nothing
+        this process holds is acknowledged by ordinal any more. Caller holds the log's lock."""
+        self.relayed = False
+        self.unticketed = True
+        self.relayed_until = self.log.ordinal - 1 if self.log is not None else 0  # (this one is in memory)
+        self.relay_notify = _nothing
+        self.relay_failed()
 
     def _put_all(self, events: list[Event], errors: list[str]) -> None:
         # A bad entry must not cost the good ones of the same call: enqueue those, then raise.
@@ -288,8 +356,7 @@ class Buffer:
             log.lock.acquire()
             try:
                 for event in events:
-                    _record(log, event)
-                    buf.append(event)
+                    self._log_or_keep(log, event)
             finally:
                 log.lock.release()
             if len(buf) >= self.wake_at and not self._wake_pending:
@@ -320,11 +387,13 @@ class Buffer:
                 except IndexError:
                     oldest = None
                 if isinstance(oldest, tuple):
-                    if log is not None:  # its record is settled: dropped, counted, reported
-                        log.done_locked(self.popped, self.popped + 1)
-                        log.write(event)
                     self.popped += 1
-                    self._buf.append(event)
+                    if log is not None:  # its record is settled: dropped, counted, reported
+                        if not self.relayed:  # (relayed: memory holds no ordinals of the log's)
+                            log.done_locked(self.popped - 1, self.popped)
+                        self._log_or_keep(log, event)
+                    else:
+                        self._buf.append(event)
                 elif oldest is not None:  # a flush marker: keep order, drop the new one
                     self._buf.appendleft(oldest)
             if isinstance(oldest, tuple):
@@ -487,12 +556,12 @@ class Buffer:
         return head[4] if type(head) is tuple and head[0] == METRIC else None
 
 
-def _record(log: EventLog, event: Event) -> None:
-    """``event``'s record in the log (caller holds its lock): a plain metric by the fast path."""
+def _record(log: EventLog, event: Event) -> bool:
+    """``event``'s record in the log (caller holds its lock): a plain metric by the fast path.
+    True: the record is there."""
     if event[0] == METRIC and len(event) == 6:
-        log.metric(event[1], event[2], event[3], event[4], event[5])
-    else:
-        log.write(event)
+        return log.metric(event[1], event[2], event[3], event[4], event[5])
+    return log.write(event)
 
 
 def _require(run_id: str | None) -> str:

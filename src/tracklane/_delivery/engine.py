@@ -17,6 +17,10 @@ It is four parts with one job each, on one event loop (a background thread's for
 - the **waiter** (``waiting``) holds the waits callers make: flushes, a run's artifacts, a run's
   end kept for later. Each wakes on the event it waits for, never on a poll.
 
+With ``TRACKLANE_SENDER=process`` a fifth part, the **relay** (``relay``), hands the event log to a
+sender process that runs these same parts on its own GIL: logging calls then only write the log,
+and the waits here ask the sender (see ``relay`` and ``sender_process``).
+
 Where new events go (SENDING, SPOOLING, BLOCKED) is one explicit mode (``state.Mode``). The state
 is built by one factory (``state.fresh_state``) that the constructor and the after-fork path both
 call, so a forked child starts with nothing of its parent's.
@@ -30,16 +34,18 @@ import logging
 import time
 
 from .._exceptions import AuthenticationError, TrackingError
-from .._settings import EngineConfig, event_log_max_bytes
-from .._stores.event_log import OFFLINE, EventLog
+from .._settings import EngineConfig, event_log_max_bytes, sender_setting
+from .._stores.event_log import OFFLINE, EventLog, LogTail
 from .._stores.offline import JournalBackend
+from .._stores.rest import RestBackend
 from .._wire.batching import Batch, Event, pack
 from .._wire.run_end import RunEnd
 from .buffer import Buffer, now_ms
+from .relay import Relay, SenderGone
 from .sending import Sender
 from .spilling import Spiller
 from .spool import Spool
-from .state import Backend, Signals, State, fresh_state
+from .state import Backend, Mode, Signals, State, fresh_state
 from .taking import Taker
 from .uploading import JournalUploader
 from .waiting import Waiter
@@ -52,11 +58,19 @@ logger = logging.getLogger("tracklane")
 class Engine:
     """Buffer, worker, delivery and flush for one client. See the module docstring."""
 
-    def __init__(self, backend: Backend, config: EngineConfig, spool: Spool | None) -> None:
+    def __init__(
+        self, backend: Backend, config: EngineConfig, spool: Spool | None, event_log: bool = True
+    ) -> None:
         self.backend = backend
         self.config = config
         self.buffer = Buffer(config)
-        if (max_bytes := event_log_max_bytes()) > 0:
+        #: The sender process's side here (``TRACKLANE_SENDER=process``), once it is started.
+        self.relay: Relay | None = None
+        #: The sender finishing what the log holds, after the log stopped following the events.
+        self._retiring: asyncio.Task[None] | None = None
+        #: Events a sender that is gone had accepted (its stats are folded into ours).
+        self._sender_enqueued = 0
+        if event_log and (max_bytes := event_log_max_bytes()) > 0:
             # Absolute: the process may change directory before the log's files are made or go.
             if spool is not None:
                 self.buffer.log = EventLog(
@@ -64,6 +78,14 @@ class Engine:
                 )
             elif isinstance(backend, JournalBackend):  # offline: the records join the journal's runs
                 self.buffer.log = EventLog(backend.log_directory, OFFLINE, max_bytes)
+        log = self.buffer.log
+        if (
+            log is not None
+            and spool is not None
+            and isinstance(backend, RestBackend)
+            and sender_setting() == "process"
+        ):
+            self.relay = Relay(log, backend.config, config, spool.storage)
         self._build(spool)
 
     def _build(self, spool: Spool | None) -> None:
@@ -84,18 +106,22 @@ class Engine:
 
     @property
     def delivered(self) -> int:
-        """Events of this engine the server has accepted."""
-        return self.state.delivered
+        """Events of this engine the server has accepted (its sender process's among them)."""
+        return self.state.delivered + self._sender_count("delivered")
 
     @property
     def spilled(self) -> int:
         """Events of this engine now in the journal, not yet delivered from it."""
-        return self.state.spilled
+        return self.state.spilled + self._sender_count("spilled")
+
+    def _sender_count(self, name: str) -> int:
+        return int(self.relay.stats.get(name, 0)) if self.relay is not None else 0
 
     # -- attaching to a loop ---------------------------------------------------------------------
 
-    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Start the worker on ``loop``; must be called from that loop's thread."""
+    def attach(self, loop: asyncio.AbstractEventLoop, leftovers: bool = True) -> None:
+        """Start the worker on ``loop`` (and the sender process, if there is one); must be called
+        from that loop's thread. ``leftovers``: look for what earlier processes left too."""
         st = self.state
         st.loop = loop
         st.signals = signals = Signals()
@@ -109,7 +135,17 @@ class Engine:
             loop.create_task(self._taker.run(), name="tracklane-taker"),
             loop.create_task(self._sender.run(), name="tracklane-sender"),
         ]
-        self.resume_leftovers()
+        relay = self.relay
+        if relay is not None:
+            relay.on_gone = self._take_back
+            if relay.start(loop, getattr(self.backend, "workspace_id", None)):
+                self.buffer.relay_notify = relay.wake
+                self.buffer.relay_failed = self._retire_relay_threadsafe
+                self.buffer.relayed = True
+            else:
+                self.relay = None
+        if leftovers:
+            self.resume_leftovers()
         if isinstance(self.backend, JournalBackend):
             # Offline, what processes that died left in their event logs joins their runs here;
             # shutdown waits for it (``resumes``), so it is never cut off half done.
@@ -131,6 +167,11 @@ class Engine:
         """In a child made by ``os.fork``: forget the parent's queue, loop, tasks, mode, waits,
         counters and connections (the parent sends its own events); the child starts afresh on a new
         loop. Complete by construction: the state is made anew by the constructor's factory."""
+        if self.relay is not None:  # the parent's sender is the parent's: the child sends its own
+            self.relay.detach()
+            self.relay = None
+        self._retiring = None
+        self._sender_enqueued = 0
         self.buffer.reset_after_fork()
         spool = self.state.spool
         if spool is not None:  # the parent's journal thread, connection and lock are not ours
@@ -148,6 +189,17 @@ class Engine:
         DeliveryError for refused events (only ``run_id``'s, if given: a run's end reports its own)
         and AuthenticationError once delivery has stopped.
         """
+        if not await self._wait_retired(deadline):
+            return False
+        if self.relay is not None:
+            try:
+                if not await self.relay.flush(deadline, run_id):
+                    return False
+            except SenderGone:
+                self._take_back()
+            except AuthenticationError as exc:
+                self._blocked_by_sender(exc)
+                raise
         flushed = await self._waiter.flush(deadline, run_id)
         if flushed and self.state.held_ends:  # runs ended while their events were only in memory
             await self._apply_held_ends(flushed=True, final=False)
@@ -169,11 +221,106 @@ class Engine:
     async def keep_run_end(self, end: RunEnd) -> bool:
         """After giving up on the server: the run's events and its end go to the journal. False if
         the journal cannot be written."""
+        relay = self.relay
+        if relay is not None and not self.buffer.events():  # its events are the sender's to keep
+            try:
+                return await relay.keep_run_end(end)
+            except SenderGone:
+                self._take_back()
         return await self._waiter.keep_run_end(end)
+
+    # -- the sender process ----------------------------------------------------------------------
+
+    def _take_back(self, relay: Relay | None = None, upto: int | None = None) -> None:
+        """The sender process is gone: this process delivers its log itself from now on. Every
+        record it had not acknowledged (below ordinal ``upto``, if given: what the sender was
+        given) is read back from the log into the buffer, ahead of what is there (only events the
+        log could not take, all later), so nothing it held is lost."""
+        if relay is None:
+            relay = self.relay
+        if relay is self.relay:
+            self.relay = None
+        buffer, log = self.buffer, self.buffer.log
+        if relay is None or log is None:
+            return
+        self._count_sender(relay, settled_only=True)
+        with log.lock:
+            tail = LogTail(log.directory, log.token, log.acked)
+            items = tail.read((log.ordinal if upto is None else upto) - log.acked)
+            tail.close()
+            events = [e for e in items if e is not None]
+            exact = upto is None and len(events) == len(items) and not len(buffer)
+            buffer.take_back(events, exact=exact, first=log.acked)
+        logger.warning(
+            "tracklane: the sender process exited; this process delivers its events itself from now "
+            "on (%d taken back from the event log).",
+            len(events),
+        )
+        if self.state.signals is not None:
+            self.state.signals.wake.set()
+
+    def _retire_relay(self) -> None:
+        """The log cannot follow the events any more (``Buffer._relay_cannot_follow``): the sender
+        stops, and this process takes back what it had not acknowledged, ahead of what came after
+        (in memory already), and delivers all of it itself, in order; flushes wait for the switch
+        (``_retiring``)."""
+        relay = self.relay
+        if relay is None or self.state.loop is None:
+            return
+        self.relay = None
+        logger.warning(
+            "tracklane: the event log cannot take more events here (see above); this process "
+            "delivers them itself from now on, and the sender process finishes what the log holds."
+        )
+
+        async def retire() -> None:
+            await relay.stop()
+            self._take_back(relay, upto=self.buffer.relayed_until)
+
+        self._retiring = self.state.loop.create_task(retire(), name="tracklane-retire-sender")
+
+    def _retire_relay_threadsafe(self) -> None:
+        loop = self.state.loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._retire_relay)
+
+    async def _wait_retired(self, deadline: float | None) -> bool:
+        task = self._retiring
+        if task is None:
+            return True
+        await asyncio.wait({task}, timeout=_remaining(deadline, 3600.0))
+        if task.done():
+            self._retiring = None
+            return True
+        return False
+
+    def _count_sender(self, relay: Relay, settled_only: bool = False) -> None:
+        """A sender that is gone: its counters join this engine's own, so stats() keeps them.
+        ``settled_only``: it died, and what it had not settled is taken back (and counted) here."""
+        st, theirs = self.state, relay.stats
+        counts = {k: int(theirs.get(k, 0)) for k in ("delivered", "spilled", "rejected", "enqueued")}
+        st.delivered += counts["delivered"]
+        st.spilled += counts["spilled"]
+        st.rejected_total += counts["rejected"]
+        settled = counts["delivered"] + counts["spilled"] + counts["rejected"]
+        self._sender_enqueued += settled if settled_only else counts["enqueued"]
+
+    def _blocked_by_sender(self, exc: AuthenticationError) -> None:
+        """The sender met refused credentials (and said so): this process stops sending too."""
+        st = self.state
+        if st.blocked is None:
+            st.blocked = exc
+            st.mode = Mode.BLOCKED
 
     def undelivered(self, run_id: str) -> int:
         """Events of run ``run_id`` neither on the server nor in the journal (held in memory)."""
-        return sum(1 for e in self.leftovers() if e[1] == run_id)
+        mine = sum(1 for e in self.leftovers() if e[1] == run_id)
+        return mine + (self._unacknowledged() if self.relay is not None else 0)
+
+    def _unacknowledged(self) -> int:
+        """Records of the log the sender process has not acknowledged (any run's)."""
+        log = self.buffer.log
+        return 0 if log is None else max(0, log.ordinal - log.acked)
 
     def hold_run_end(self, end: RunEnd) -> None:
         """The journal cannot keep ``end`` and the run's events are in memory: end the run only once
@@ -210,6 +357,8 @@ class Engine:
 
     def give_up(self) -> None:
         """Stop waiting for the server in a running flush or shutdown (Ctrl-C at exit). Loop thread only."""
+        if self.relay is not None:
+            self.relay.give_up()
         self._waiter.give_up()
 
     def artifact_kept(self) -> None:
@@ -219,6 +368,8 @@ class Engine:
     def resume_leftovers(self) -> None:
         """Look (again) for what earlier processes left for this destination, and deliver it in the
         background; called at start, and when the destination changes (an OICM workspace)."""
+        if self.relay is not None:
+            self.relay.set_workspace(getattr(self.backend, "workspace_id", None))
         self._uploader.resume_leftovers()
 
     async def journal_notice(self, when: str) -> None:
@@ -229,7 +380,8 @@ class Engine:
 
     def pending(self) -> int:
         """Events accepted but not yet settled: in the buffer, or taken by the worker."""
-        return len(self.buffer) + self.state.taken()
+        relayed = self._unacknowledged() if self.relay is not None else 0
+        return len(self.buffer) + self.state.taken() + relayed
 
     def stats(self) -> dict[str, float]:
         """Counters of the client's own work, for dashboards and for tests of loss.
@@ -248,8 +400,8 @@ class Engine:
         head = self.buffer.oldest_timestamp()
         if head is not None:
             stamps.append(head)
-        return {
-            "enqueued": self.buffer.taken + buffered,
+        own = {
+            "enqueued": self.buffer.taken + buffered + self._sender_enqueued,
             "delivered": st.delivered,
             "spilled": st.spilled,
             "dropped": self.buffer.dropped + st.lost,
@@ -261,6 +413,20 @@ class Engine:
             "buffer_depth": buffered,
             "oldest_undelivered_age_s": max(0.0, (now_ms() - min(stamps)) / 1000) if stamps else 0.0,
         }
+        if self.relay is None:
+            return own
+        # The sender's counters as of its last reply, and the records it has not read yet (in the
+        # log: this process's buffer, as far as a caller can tell).
+        theirs = self.relay.stats
+        log = self.buffer.log
+        unread = max(0, (log.ordinal if log is not None else 0) - int(theirs.get("read", 0)))
+        out = {k: v + theirs.get(k, 0) for k, v in own.items() if k != "oldest_undelivered_age_s"}
+        out["enqueued"] += unread
+        out["buffer_depth"] += unread
+        out["oldest_undelivered_age_s"] = max(
+            own["oldest_undelivered_age_s"], theirs.get("oldest_undelivered_age_s", 0.0)
+        )
+        return out
 
     # -- shutdown --------------------------------------------------------------------------------
 
@@ -273,6 +439,18 @@ class Engine:
         done = False
         with contextlib.suppress(TrackingError):  # the run model has reported these already
             done = await self.flush(deadline)
+        relay = self.relay
+        if relay is not None:  # the sender delivers or keeps the rest, then exits
+            relay_lost = await relay.close(deadline)
+            if relay_lost is None:  # it was gone: this process sends what it had not acknowledged
+                self._take_back(relay)
+                with contextlib.suppress(TrackingError):
+                    done = await self.flush(deadline)
+            else:
+                self.relay = None
+                self._count_sender(relay)
+                st.lost += relay_lost
+        with contextlib.suppress(TrackingError):
             if done and st.resumes:  # a look for earlier leftovers may still be starting the uploader
                 await asyncio.wait(st.resumes, timeout=_remaining(deadline, 10.0))
             if done:
@@ -339,6 +517,10 @@ class Engine:
     def keep_now(self, ends: list[RunEnd]) -> int:
         """Blocking, with no event loop (interpreter exit after an async client's loop is gone):
         keep every leftover event, and ``ends``, in the journal. Returns how many were lost."""
+        if self.relay is not None and self.relay.alive:
+            # The sender outlives this process: it reads the log to its end and delivers or keeps
+            # it (its lock keeps recovery off the files meanwhile); the files are its to remove.
+            self.buffer.log_left_to_sender()
         events = self.leftovers()
         lost = self.backend.keep_now(events, ends)
         if lost is None:

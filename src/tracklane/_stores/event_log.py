@@ -71,7 +71,7 @@ import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from .._wire.batching import METRIC, PARAM, TAG, Event
 
@@ -225,29 +225,31 @@ class EventLog:
         timestamp: int,
         step: int,
         _pack_into: Callable[..., None] = _METRIC_RECORD.pack_into,
-    ) -> None:
+    ) -> bool:
         """The hot path: one record for a plain metric. Caller holds ``lock``. (The default binds
         the packer as a fast local: this runs once per logged point.) A full group, a full
-        segment, a string not yet written: ``write`` does the rest."""
+        segment, a string not yet written: ``write`` does the rest. True: the record is in the log."""
         off = self._off
         ids = self._ids
         rid = ids.get(run_id)
         kid = ids.get(key)
         if off + _METRIC_SIZE > self._limit or rid is None or kid is None:
-            self.write((METRIC, run_id, key, value, timestamp, step))
-            return
+            return self.write((METRIC, run_id, key, value, timestamp, step))
         # One store, the seal (its offset) last: no checksum per record (see the module docstring).
         _pack_into(self._mm, off, _METRIC_WORD, rid, kid, value, timestamp, step, off)
         self._off = off + _METRIC_SIZE
         self.ordinal += 1
+        return True
 
-    def write(self, event: Event) -> None:
+    def write(self, event: Event) -> bool:
         """Any event (a text, a metric with a model link, one that needs a string or a new
-        segment). Caller holds ``lock``."""
+        segment). Caller holds ``lock``. True: the record is in the log; False: the event has its
+        ordinal but no record (the log is off for now, or the value cannot be packed), so only
+        the caller's memory holds it."""
         ordinal = self.ordinal
         self.ordinal = ordinal + 1
         if self._mm is None and (self.closed or ordinal < self._retry_at):
-            return  # off for now: the event is in the buffer only
+            return False  # off for now: the event is in the buffer only
         if self._mm is not None and self._off + _METRIC_SIZE > self._check_at:
             self._check()  # the group is full (what sends one fast-path metric in a group here)
         self._missing = 0
@@ -257,16 +259,17 @@ class EventLog:
             # A gap record keeps the ordinal: a reader numbers events by counting records.
             if self._mm is not None and self._off + _RECORD.size <= self._end:
                 self._put(_GAP, b"")
-            return
+            return False
         need = _RECORD.size + len(body)
         if self._missing or self._off + need > self._end or self._mm is None:
             # A string it refers to did not fit in this segment (``_id``), or the record does not:
             # both go into a new one, whose size is at least what they need.
             if not self._roll(ordinal, need + _strings_size(event)):
-                return
+                return False
             self._missing = 0
             body, kind = self._body(event)  # string ids are per segment
         self._put(kind, body)
+        return True
 
     def _body(self, event: Event) -> tuple[bytes, int]:
         kind, run_id, key = event[0], event[1], event[2]
@@ -410,6 +413,14 @@ class EventLog:
             acked = self._done.pop(acked)
         self.acked = acked
         self._forget_acked()
+
+    def acknowledge_to(self, watermark: int) -> None:
+        """Every ordinal below ``watermark`` reached its final outcome: what a sender process
+        reports (it acknowledges in order, so a watermark says it all)."""
+        with self.lock:
+            if watermark > self.acked:
+                self.acked = watermark
+                self._forget_acked()
 
     def _forget_acked(self) -> None:
         keep = []
@@ -586,6 +597,150 @@ def read_segment(path: Path) -> SegmentRead | None:
     return out
 
 
+class LogTail:
+    """One live writer's segments (``token``), read as they are written: the sender process's side
+    of the log.
+
+    ``read`` returns the events the writer has finished since the last call, in ordinal order,
+    with None for an ordinal that has no event in the log (a gap record, or events the writer
+    took while its log was off, seen as a jump in the next segment's first ordinal): the caller
+    owns those ordinals' outcome (the writer keeps such events in its own memory). It trusts what
+    ``read_segment`` trusts at a tail, a sealed metric or a record whose crc32 holds, and stops at
+    the first record not finished yet (the writer may be storing it now: the next ``read`` sees
+    it); CHECK records are skipped, since damage at rest is recovery's concern, not a live
+    reader's. A segment is left for the next one only once the next one exists: the writer rolls
+    under its lock after the last record of the old one, so the old one is complete by then.
+    """
+
+    def __init__(self, directory: Path, token: str, ordinal: int = 0) -> None:
+        self.directory = directory
+        self.token = token
+        #: The ordinal of the next event to read.
+        self.ordinal = ordinal
+        self.server = ""
+        self._n = 0
+        self._mm: mmap.mmap | None = None
+        self._pos = 0
+        self._strings: dict[int, str] = {}
+        #: Ordinals before the current segment's first that the log has no record of.
+        self._gaps = 0
+        #: A sealed record whose seal is wrong was met: nothing after it is read.
+        self.damaged = False
+
+    def read(self, limit: int) -> list[Event | None]:
+        """At most ``limit`` events (and gaps) the writer has finished, oldest first."""
+        out: list[Event | None] = []
+        while len(out) < limit:
+            if self._mm is None and not self._open_next():
+                break
+            self._read_from(out, limit)
+            if len(out) >= limit:
+                break
+            # The segment's end for now: move on only once the writer has rolled to the next.
+            if not (self.directory / segment_name(self.token, self._n + 1)).exists():
+                break
+            self._read_from(out, limit)  # what it wrote before rolling
+            if len(out) >= limit:
+                break
+            self._close()
+        return out
+
+    def _open_next(self) -> bool:
+        n = self._n + 1
+        if self._n == 0:  # the first read: the writer's oldest segment still there
+            found = sorted(
+                int(m["n"])
+                for name in _listdir(self.directory)
+                if (m := _NAME.match(name)) is not None and m["token"] == self.token
+            )
+            if not found:
+                return False
+            n = found[0]
+        path = self.directory / segment_name(self.token, n)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError):
+            os.close(fd)
+            return False
+        os.close(fd)  # the mapping keeps the file
+        magic, _v, header, first, _acked, _pid, slen = _HEADER.unpack_from(mm, 0)
+        if magic != MAGIC:
+            mm.close()
+            return False
+        self.server = bytes(mm[_HEADER.size : _HEADER.size + slen]).decode("utf-8", "replace")
+        self._n, self._mm, self._pos, self._strings = n, mm, header, {}
+        self._gaps = max(0, first - self.ordinal)  # events the writer took while its log was off
+        return True
+
+    def _close(self) -> None:
+        if self._mm is not None:
+            with contextlib.suppress(Exception):
+                self._mm.close()
+        self._mm = None
+
+    def _read_from(self, out: list[Event | None], limit: int) -> None:
+        while self._gaps and len(out) < limit:
+            out.append(None)
+            self.ordinal += 1
+            self._gaps -= 1
+        if self._gaps:
+            return
+        mm, pos, strings = self._mm, self._pos, self._strings
+        assert mm is not None
+        size = len(mm)
+        unpack, metric = _METRIC_RECORD.unpack_from, _METRIC_WORD
+        while len(out) < limit and pos + _RECORD.size <= size:
+            word = _ID.unpack_from(mm, pos)[0]
+            if word == 0:
+                break  # not written yet
+            if word == metric:
+                if pos + _METRIC_SIZE > size:
+                    break
+                _w, rid, kid, value, ts, step, seal = unpack(mm, pos)
+                if seal != pos:
+                    self.damaged = seal != 0
+                    break  # being stored now (or damaged: nothing after it is believed)
+                try:
+                    out.append((METRIC, strings[rid], strings[kid], value, ts, step))
+                except KeyError:
+                    out.append(None)
+                self.ordinal += 1
+                pos += _METRIC_SIZE
+                continue
+            length, kind = word & 0xFFFFFF, word >> 24
+            end = pos + _RECORD.size + length
+            if end > size:
+                break
+            crc = _ID.unpack_from(mm, pos + 4)[0]
+            body = bytes(mm[pos + _RECORD.size : end])
+            if _crc32(body, _crc32(_ID.pack(word))) != crc:
+                break  # its body is being stored now
+            pos = end
+            if kind == _STRING:
+                strings[_ID.unpack_from(body)[0]] = body[4:].decode("utf-8", "surrogatepass")
+            elif kind in _EVENT_KIND:
+                out.append(_event(kind, body, strings))
+                self.ordinal += 1
+            elif kind == _GAP:
+                out.append(None)
+                self.ordinal += 1
+        self._pos = pos
+
+    def close(self) -> None:
+        self._close()
+
+
+def _listdir(directory: Path) -> list[str]:
+    try:
+        return os.listdir(directory)
+    except OSError:
+        return []
+
+
 def _free_bytes(directory: Path) -> int | None:
     """Bytes free to unprivileged writers on ``directory``'s disk (its nearest existing parent's
     if it is not made yet); None if that cannot be asked."""
@@ -610,6 +765,10 @@ def _event(kind: int, body: bytes, strings: dict[int, str]) -> Event | None:
     try:
         if kind in (_METRIC, _LINKED):
             rid, kid, value, ts, step = _METRIC_BODY.unpack_from(body)
+            if kind == _LINKED:  # the MLflow 3 LoggedModel / dataset of the point: its 7th field
+                ids = _LINK.unpack_from(body, _METRIC_BODY.size)
+                link = tuple(None if i == 0 else strings[i] for i in ids)
+                return cast(Event, (METRIC, strings[rid], strings[kid], value, ts, step, link))
             return (METRIC, strings[rid], strings[kid], value, ts, step)
         if kind in (_PARAM, _TAG):
             rid, kid = _TEXT_HEAD.unpack_from(body)
@@ -677,6 +836,8 @@ def _dead_segments(directory: Path, own: frozenset[str]) -> dict[Path, int]:
         token = match["token"]
         if token in own and token.split("-")[0] == str(os.getpid()):
             continue
+        if _sender_holds(directory, token):
+            continue  # its writer is gone, but its sender is still delivering it
         # The lock is the authority: a live writer holds it from creating the file to deleting
         # it, and the kernel drops it when the writer dies. Our own logs look alive to us too
         # (a second open file description conflicts even within one process). The pid in the
@@ -685,6 +846,50 @@ def _dead_segments(directory: Path, own: frozenset[str]) -> dict[Path, int]:
         if fd is not None:
             logs[path] = fd
     return logs
+
+
+def set_watermark(path: Path, watermark: int) -> None:
+    """Store ``watermark`` in a segment's header (a sender leaving a dead writer's log to recovery:
+    what is below it is delivered)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            head = os.pread(fd, len(MAGIC), 0)
+            if head == MAGIC:
+                os.pwrite(fd, _WATERMARK.pack(watermark), _WATERMARK_AT)
+        finally:
+            os.close(fd)
+
+
+def _sender_lock_path(directory: Path, token: str) -> Path:
+    return directory / f".sender-{token}.lock"
+
+
+def hold_for_sender(directory: Path, token: str) -> int:
+    """The sender process's claim on a writer's log (a descriptor holding a lock, kept for the
+    sender's life): while it is held, recovery leaves the log to the sender even once the writer
+    is dead, so a record is never delivered by both."""
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(_sender_lock_path(directory, token), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def release_for_sender(directory: Path, token: str, fd: int) -> None:
+    with contextlib.suppress(OSError):
+        _sender_lock_path(directory, token).unlink()
+    os.close(fd)
+
+
+def _sender_holds(directory: Path, token: str) -> bool:
+    path = _sender_lock_path(directory, token)
+    if not path.exists():
+        return False
+    fd = _take_if_dead(path)
+    if fd is None:
+        return path.exists()
+    os.close(fd)
+    return False
 
 
 class RecoveryJournal(Protocol):

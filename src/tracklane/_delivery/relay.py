@@ -1,0 +1,295 @@
+"""The relay: the training process's side of a sender process (``TRACKLANE_SENDER=process``).
+
+It starts the sender (``sender_process``) when the engine attaches, hands it the configuration
+through its stdin, and then only talks: a wake-up per batch of records written to the log (from
+the logging call's thread, a two-byte write that never blocks), and the waits the run models make
+(``flush``, a run's end kept for later, shutdown), each answered with how far the sender has
+acknowledged the log. The log's files go as the acknowledgements pass them, as they do in-process.
+
+If the sender cannot start or dies, the relay says so once and the engine takes the log back
+(``Engine._take_back``): every record not acknowledged is read from this process's own log into
+its buffer and the in-process worker delivers it, so a dead sender costs speed, never events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import fcntl
+import itertools
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from .._exceptions import AuthenticationError, CertificateError, DeliveryError, RejectedEvent
+from .._settings import EngineConfig, ServerConfig
+from .._stores.event_log import EventLog
+from .._wire.run_end import RunEnd
+
+logger = logging.getLogger("tracklane")
+
+#: How long the sender may take to start and read its configuration before it is taken for dead.
+START_WAIT = 30.0
+
+
+class SenderGone(Exception):
+    """The sender process is not there (it did not start, or it died)."""
+
+
+class Relay:
+    """One sender process for one engine's event log."""
+
+    def __init__(
+        self, log: EventLog, server: ServerConfig, config: EngineConfig, storage: str | None
+    ) -> None:
+        self.log = log
+        self.server = server
+        self.config = config
+        self.storage = storage
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._ids = itertools.count(1)
+        self._replies: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._in = -1
+        self.alive = False
+        #: The sender's last counters (``Engine.stats`` adds them to this process's).
+        self.stats: dict[str, float] = {}
+        self.started_at = 0.0
+        self.first_ack_at: float | None = None
+        #: Called on the loop when the sender dies unasked (the engine takes the log back).
+        self.on_gone: Callable[[], None] | None = None
+        self._closing = False
+
+    def start(self, loop: asyncio.AbstractEventLoop, workspace_id: str | None) -> bool:
+        """Start the sender; False (said at WARNING) if it cannot start here."""
+        self.loop = loop
+        self.started_at = time.monotonic()
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "tracklane._delivery.sender_process"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                close_fds=True,
+            )
+        except OSError as exc:
+            logger.warning(
+                "tracklane: cannot start the sender process (%s); this process delivers its events "
+                "itself (TRACKLANE_SENDER=thread).",
+                exc,
+            )
+            return False
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self._in = self.proc.stdin.fileno()
+        self.alive = True
+        self._write(orjson.dumps(self._configuration(workspace_id)) + b"\n", block=True)
+        # The wake-ups come from logging calls: they must never wait on a pipe.
+        flags = fcntl.fcntl(self._in, fcntl.F_GETFL)
+        fcntl.fcntl(self._in, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+        threading.Thread(
+            target=self._read, args=(self.proc.stdout,), name="tracklane-relay", daemon=True
+        ).start()
+        return True
+
+    def _configuration(self, workspace_id: str | None) -> dict[str, Any]:
+        server = {f.name: getattr(self.server, f.name) for f in dataclasses.fields(self.server)}
+        for secret in ("api_key", "password"):  # through the pipe only: never a file or argv
+            value = server[secret]
+            server[secret] = value.reveal() if value is not None else None
+        return {
+            "server": server,
+            "engine": dataclasses.asdict(self.config),
+            "storage": self.storage,
+            "log_dir": str(self.log.directory),
+            "token": self.log.token,
+            "ordinal": self.log.acked,
+            "workspace_id": workspace_id,
+        }
+
+    # -- the pipes -------------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        """Any thread (a logging call, holding the log's lock): records wait. Never blocks; a full
+        pipe already holds wake-ups the sender has not read."""
+        if self.alive:
+            with contextlib.suppress(BlockingIOError, BrokenPipeError, OSError):
+                os.write(self._in, b"w\n")
+
+    def _write(self, data: bytes, block: bool = False) -> None:
+        view = memoryview(data)
+        ends = time.monotonic() + START_WAIT
+        while view:
+            try:
+                view = view[os.write(self._in, view) :]
+            except BlockingIOError:
+                if time.monotonic() > ends:
+                    raise SenderGone("the sender process does not read its commands") from None
+                time.sleep(0.001)
+            except OSError as exc:
+                raise SenderGone(str(exc)) from None
+
+    def _read(self, stdout: Any) -> None:
+        for line in stdout:
+            try:
+                message = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            loop = self.loop
+            if loop is None or loop.is_closed():
+                return
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._received, message)
+        loop = self.loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._gone)
+
+    def _received(self, message: dict[str, Any]) -> None:
+        said = message.get("log")
+        if said is not None:  # the sender's own log line, said here where the user's handlers are
+            level, text = said
+            logger.log(int(level), "%s", text)
+            return
+        acked = message.get("acked")
+        if isinstance(acked, int):
+            if self.first_ack_at is None and acked > 0:
+                self.first_ack_at = time.monotonic()
+            self.log.acknowledge_to(acked)
+        if "stats" in message:
+            self.stats.update(message["stats"])
+        future = self._replies.pop(message.get("id", -1), None)
+        if future is not None and not future.done():
+            future.set_result(message)
+
+    def _gone(self) -> None:
+        if not self.alive:
+            return
+        self.alive = False
+        for future in self._replies.values():
+            if not future.done():
+                future.set_exception(SenderGone("the sender process exited"))
+        self._replies.clear()
+        if not self._closing and self.on_gone is not None:
+            self.on_gone()
+
+    async def ask(self, message: dict[str, Any], timeout: float | None) -> dict[str, Any]:
+        """Send a command and wait for its reply (SenderGone if the sender dies meanwhile)."""
+        if not self.alive or self.loop is None:
+            raise SenderGone("the sender process is not running")
+        number = next(self._ids)
+        future: asyncio.Future[dict[str, Any]] = self.loop.create_future()
+        self._replies[number] = future
+        self._write(orjson.dumps({**message, "id": number}) + b"\n")
+        # The sender bounds its own waits by ``timeout`` and its retry window; this bound only
+        # covers a sender that stops answering without exiting.
+        bound = None if timeout is None else timeout + self.config.retry_window + START_WAIT
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), bound)
+        except asyncio.TimeoutError:
+            self._replies.pop(number, None)
+            raise SenderGone("the sender process did not answer") from None
+
+    # -- what the engine asks --------------------------------------------------------------------
+
+    async def flush(self, deadline: float | None, run_id: str | None) -> bool:
+        """Every record logged before the call has its outcome (True), as ``Engine.flush`` says;
+        raises the refusals and the stop the sender met, as this process's own errors."""
+        with self.log.lock:
+            upto = self.log.ordinal
+        reply = await self.ask(
+            {"op": "flush", "upto": upto, "run": run_id, "timeout": _left(deadline)}, _left(deadline)
+        )
+        _raise(reply)
+        return bool(reply.get("ok"))
+
+    async def keep_run_end(self, end: RunEnd) -> bool:
+        with self.log.lock:
+            upto = self.log.ordinal
+        reply = await self.ask(
+            {
+                "op": "keep_end",
+                "upto": upto,
+                "run": end.run_id,
+                "status": end.status,
+                "end_time": end.end_time,
+                "name": end.run_name,
+            },
+            None,
+        )
+        return bool(reply.get("ok"))
+
+    def give_up(self) -> None:
+        """Ctrl-C at exit: the sender stops waiting for the server too (what is left goes to the
+        journal at once)."""
+        if self.alive:
+            with contextlib.suppress(SenderGone):
+                self._write(b'{"op":"give_up"}\n')
+
+    def set_workspace(self, workspace_id: str | None) -> None:
+        if self.alive:
+            with contextlib.suppress(SenderGone):
+                self._write(orjson.dumps({"op": "workspace", "value": workspace_id}) + b"\n")
+
+    async def close(self, deadline: float | None) -> int | None:
+        """Let the sender deliver or keep the rest and exit: the events it lost, None if it was gone."""
+        self._closing = True  # its exit after the reply is expected
+        try:
+            reply = await self.ask({"op": "close", "timeout": _left(deadline)}, _left(deadline))
+        except SenderGone:
+            reply = None
+        finally:
+            self._stop()
+        return None if reply is None else int(reply.get("lost", 0))
+
+    async def stop(self) -> None:
+        """Make the sender exit at once, delivering nothing more (the engine takes back what it
+        has not acknowledged)."""
+        self._closing = True
+        try:
+            await self.ask({"op": "stop"}, 0.0)
+        except SenderGone:
+            pass
+        finally:
+            self._stop()
+
+    def _stop(self) -> None:
+        self.alive = False
+        proc = self.proc
+        if proc is None:
+            return
+        with contextlib.suppress(OSError):
+            assert proc.stdin is not None
+            proc.stdin.close()
+        try:
+            proc.wait(5.0)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5.0)
+
+    def detach(self) -> None:
+        """In a forked child: the parent's sender is the parent's (its pipes stay open for it)."""
+        self.alive = False
+        self.proc = None
+        self.loop = None
+
+
+def _left(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def _raise(reply: dict[str, Any]) -> None:
+    blocked = reply.get("blocked")
+    if blocked:
+        kind, text, status, code = blocked
+        cls = CertificateError if kind == "CertificateError" else AuthenticationError
+        raise cls(text, status=status, error_code=code)
+    rejected = reply.get("rejected")
+    if rejected:
+        raise DeliveryError([RejectedEvent(*r) for r in rejected])

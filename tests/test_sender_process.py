@@ -1,0 +1,144 @@
+"""``TRACKLANE_SENDER=process``: a sender process delivers the event log, off the trainer's GIL.
+
+What the server stores is what the in-process worker stores; ``end_run`` still delivers the run's
+events before it ends the run; a sender that dies mid-run costs nothing (this process takes its log
+back and delivers it itself); and the counters stay true.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tracklane import TrackingClient
+
+from servers import Reader
+
+
+@pytest.fixture
+def process_sender(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRACKLANE_SENDER", "process")
+
+
+def _senders() -> list[psutil.Process]:
+    return [
+        p
+        for p in psutil.Process().children()
+        if "tracklane._delivery.sender_process" in " ".join(p.cmdline())
+    ]
+
+
+def _log_a_run(tc: TrackingClient, steps: int, name: str) -> str:
+    with tc.start_run(run_name=name, log_system_metrics=False) as run:
+        tc.log_params({"lr": 0.1, "layers": [64, 32]})
+        tc.set_tag("phase", "warmup")
+        for step in range(steps):
+            tc.log_metric("loss", 1.0 / (step + 1), step=step)
+            if step % 100 == 0:
+                tc.log_metrics({"acc": step / steps, "lr": 0.1}, step=step)
+        tc.set_tag("phase", "done")
+    return run.info.run_id
+
+
+def _stored(reader: Reader, run_id: str) -> dict[str, object]:
+    return {
+        "loss": [(v, s) for v, s, _ in reader.history(run_id, "loss")],
+        "acc": [(v, s) for v, s, _ in reader.history(run_id, "acc")],
+        "params": reader.params(run_id),
+        "phase": reader.tags(run_id)["phase"],
+        "status": reader.run(run_id)["info"]["status"],
+    }
+
+
+@pytest.fixture
+def two_clients(server_url: str, experiment_name: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[TrackingClient]]:
+    made = []
+    for sender in ("thread", "process"):
+        monkeypatch.setenv("TRACKLANE_SENDER", sender)
+        tc = TrackingClient(api_host=server_url, exit_timeout=30)
+        tc.set_experiment(experiment_name)
+        made.append(tc)
+    yield made
+    for tc in made:
+        tc.close()
+
+
+def test_the_server_stores_the_same_run_from_either_sender(two_clients: list[TrackingClient], reader: Reader) -> None:
+    thread, process = two_clients
+    assert len(_senders()) == 1  # the process client's, started with it
+    by_thread = _stored(reader, _log_a_run(thread, 20_000, "by-thread"))
+    by_process = _stored(reader, _log_a_run(process, 20_000, "by-process"))
+    assert by_process == by_thread
+    assert len(by_process["loss"]) == 20_000  # type: ignore[arg-type]
+    assert by_process["phase"] == "done" and by_process["status"] == "FINISHED"
+
+
+def test_end_run_delivers_the_runs_events_before_it_ends_it(
+    process_sender: None, server_url: str, experiment_name: str, reader: Reader
+) -> None:
+    tc = TrackingClient(api_host=server_url, exit_timeout=30)
+    tc.set_experiment(experiment_name)
+    try:
+        for n in range(3):
+            run_id = _log_a_run(tc, 3_000, f"run-{n}")
+            # Read at once, with nothing waited for after end_run: everything is there already.
+            assert len(reader.history(run_id, "loss")) == 3_000
+            assert reader.run(run_id)["info"]["status"] == "FINISHED"
+        stats = tc.stats()
+        assert stats["enqueued"] == stats["delivered"] == 3 * (3_000 + 30 * 2 + 4)
+        assert stats["buffer_depth"] == stats["in_flight_events"] == stats["dropped"] == 0
+    finally:
+        tc.close()
+    assert not _senders()  # close ends the sender, once it has delivered
+    assert not list(Path("ml_runs").glob("events-*.tll"))  # delivered: the log's files are gone
+
+
+def test_a_sender_killed_mid_run_loses_nothing_this_process_takes_its_log_back(
+    process_sender: None, server_url: str, experiment_name: str, reader: Reader, caplog: pytest.LogCaptureFixture
+) -> None:
+    tc = TrackingClient(api_host=server_url, exit_timeout=30)
+    tc.set_experiment(experiment_name)
+    try:
+        with caplog.at_level(logging.WARNING, logger="tracklane"), tc.start_run(log_system_metrics=False) as run:
+            for step in range(30_000):
+                tc.log_metric("loss", step * 0.5, step=step)
+                if step == 15_000:
+                    [sender] = _senders()
+                    sender.send_signal(signal.SIGKILL)
+                    sender.wait(10)
+        run_id = run.info.run_id
+        steps = [s for _, s, _ in reader.history(run_id, "loss")]
+        assert sorted(steps) == list(range(30_000))
+        assert reader.run(run_id)["info"]["status"] == "FINISHED"
+        assert "the sender process exited" in caplog.text
+        # From now on this process delivers by itself.
+        with tc.start_run(log_system_metrics=False) as second:
+            tc.log_metric("loss", 1.0)
+        assert len(reader.history(second.info.run_id, "loss")) == 1
+    finally:
+        tc.close()
+
+
+def test_flush_waits_for_the_senders_acknowledgement(
+    process_sender: None, server_url: str, experiment_name: str, reader: Reader
+) -> None:
+    tc = TrackingClient(api_host=server_url, exit_timeout=30)
+    tc.set_experiment(experiment_name)
+    try:
+        run = tc.start_run(log_system_metrics=False)
+        for step in range(5_000):
+            tc.log_metric("loss", 0.5, step=step)
+        began = time.monotonic()
+        assert tc.flush(timeout=60)
+        assert len(reader.history(run.info.run_id, "loss")) == 5_000
+        assert time.monotonic() - began < 60
+        assert tc.stats()["delivered"] == 5_000
+        tc.end_run()
+    finally:
+        tc.close()
