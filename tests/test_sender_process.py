@@ -34,6 +34,14 @@ def _senders() -> list[psutil.Process]:
     ]
 
 
+def _wait_for_the_sender(tc: TrackingClient) -> None:
+    """Bounded: the sender process has started and taken the log over."""
+    deadline = time.monotonic() + 60
+    while tc.stats().get("sender_process") != 1.0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert tc.stats().get("sender_process") == 1.0, tc.stats()
+
+
 def _log_a_run(tc: TrackingClient, steps: int, name: str) -> str:
     with tc.start_run(run_name=name, log_system_metrics=False) as run:
         tc.log_params({"lr": 0.1, "layers": [64, 32]})
@@ -72,6 +80,7 @@ def two_clients(server_url: str, experiment_name: str, monkeypatch: pytest.Monke
 def test_the_server_stores_the_same_run_from_either_sender(two_clients: list[TrackingClient], reader: Reader) -> None:
     thread, process = two_clients
     assert len(_senders()) == 1  # the process client's, started with it
+    _wait_for_the_sender(process)
     by_thread = _stored(reader, _log_a_run(thread, 20_000, "by-thread"))
     by_process = _stored(reader, _log_a_run(process, 20_000, "by-process"))
     assert by_process == by_thread
@@ -106,9 +115,12 @@ def test_a_sender_killed_mid_run_loses_nothing_this_process_takes_its_log_back(
     tc.set_experiment(experiment_name)
     try:
         with caplog.at_level(logging.WARNING, logger="tracklane"), tc.start_run(log_system_metrics=False) as run:
-            for step in range(30_000):
+            for step in range(15_000):  # some before the sender takes over, delivered in-process
                 tc.log_metric("loss", step * 0.5, step=step)
-                if step == 15_000:
+            _wait_for_the_sender(tc)
+            for step in range(15_000, 30_000):
+                tc.log_metric("loss", step * 0.5, step=step)
+                if step == 20_000:
                     [sender] = _senders()
                     sender.send_signal(signal.SIGKILL)
                     sender.wait(10)

@@ -183,3 +183,17 @@ def test_a_log_its_sender_holds_is_not_recovered_after_its_writer_dies(tmp_path:
     assert len(found) == 1
     for fd in found.values():
         os.close(fd)
+
+
+def test_a_tail_started_mid_segment_returns_only_what_comes_from_its_start(tmp_path: Path) -> None:
+    log = _log(tmp_path, segment_bytes=16 << 10)
+    _write_metrics(log, 0, 1000)  # several segments
+    tail = LogTail(log.directory, log.token, 650)
+    got = tail.read(10_000)
+    assert [e[5] for e in got] == list(range(650, 1000))  # type: ignore[index]
+    assert tail.ordinal == 1000
+    for s in log._segments[:1]:  # the oldest segment acknowledged and gone: start past it
+        s.close(delete=True)
+    log._segments = log._segments[1:]
+    later = LogTail(log.directory, log.token, 990)
+    assert [e[5] for e in later.read(100)] == list(range(990, 1000))  # type: ignore[index]

@@ -38,6 +38,7 @@ FIGURES: dict[str, str] = {
     "10_lightning_logger": "lightning_logger",
     "11_run_edges": "run_edges",
     "12_kill": "kill",
+    "13_sender": "sender",
 }
 SCALES = ("smoke", "quick", "full")
 #: The longest one figure may run before it is stopped, by scale (seconds).

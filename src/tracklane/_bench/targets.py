@@ -230,6 +230,22 @@ TARGETS = (
         True,
         _fixed(0),
     ),
+    Target(
+        "log_metric caller cost, sender process (issue 20)",
+        "13_sender",
+        "process_log_metric_us",
+        "<= 2x the floor (nothing else running)",
+        True,
+        _scaled("13_sender", "deque_floor_us", 2.0),
+    ),
+    Target(
+        "training process CPU per event, sender process (issue 20)",
+        "13_sender",
+        "process_training_process_per_event_us",
+        "<= 2x the floor (nothing else running)",
+        True,
+        _scaled("13_sender", "deque_floor_us", 2.0),
+    ),
 )
 
 

@@ -147,19 +147,26 @@ class Buffer:
             self.log.close(keep=True)
             self.log = None
 
-    def take_back(self, events: list[Event], exact: bool, first: int) -> None:
-        """The sender process is gone: its unacknowledged ``events`` (read back from the log, the
-        first at ordinal ``first``) go ahead of what memory holds, and the worker delivers them.
-        ``exact``: they are every ordinal from ``first`` on, so acknowledgements by ordinal work
-        again; otherwise nothing is acknowledged any more (the files stay till the log closes).
-        Caller holds the log's lock."""
+    def take_back(self, events: list[Event], own_before: int) -> None:
+        """The sender process is gone: its unacknowledged ``events`` (read back from the log) join
+        memory behind the ``own_before`` oldest events here (this process's own, logged before the
+        sender took over) and ahead of the rest (logged after the log stopped following), and the
+        worker delivers them. From here nothing is acknowledged by ordinal (the log's files stay
+        until it closes). Caller holds the log's lock."""
         self.relayed = False
-        self.relay_notify = _nothing
-        self._buf.extendleft(reversed(events))
-        if exact:
-            self.popped = first
-        else:
-            self.unticketed = True
+        self.unticketed = True
+        self.relay_notify = self.relay_failed = _nothing
+        if not events:
+            return
+        items = list(self._buf)
+        at = own = 0
+        while at < len(items) and own < own_before:  # past own_before events (markers stay put)
+            own += type(items[at]) is tuple
+            at += 1
+        self._buf.clear()
+        self._buf.extend(items[:at])
+        self._buf.extend(events)
+        self._buf.extend(items[at:])
 
     # -- the hot path: any thread, no I/O, no lock, no logging -----------------------------------
 

@@ -138,11 +138,8 @@ class Engine:
         relay = self.relay
         if relay is not None:
             relay.on_gone = self._take_back
-            if relay.start(loop, getattr(self.backend, "workspace_id", None)):
-                self.buffer.relay_notify = relay.wake
-                self.buffer.relay_failed = self._retire_relay_threadsafe
-                self.buffer.relayed = True
-            else:
+            relay.on_ready = self._hand_over
+            if not relay.start(loop, getattr(self.backend, "workspace_id", None)):
                 self.relay = None
         if leftovers:
             self.resume_leftovers()
@@ -191,7 +188,7 @@ class Engine:
         """
         if not await self._wait_retired(deadline):
             return False
-        if self.relay is not None:
+        if self.relay is not None and self.relay.handed_over:
             try:
                 if not await self.relay.flush(deadline, run_id):
                     return False
@@ -222,14 +219,37 @@ class Engine:
         """After giving up on the server: the run's events and its end go to the journal. False if
         the journal cannot be written."""
         relay = self.relay
-        if relay is not None and not self.buffer.events():  # its events are the sender's to keep
+        if relay is not None and relay.handed_over:  # the sender's records first, then ours and the end
             try:
-                return await relay.keep_run_end(end)
+                if not await relay.keep_events():
+                    return False
             except SenderGone:
                 self._take_back()
         return await self._waiter.keep_run_end(end)
 
     # -- the sender process ----------------------------------------------------------------------
+
+    def _hand_over(self) -> None:
+        """The sender is up: it takes the log from the next ordinal on, and logging calls write
+        only the log from then (the worker here still delivers what came before)."""
+        relay, buffer, log = self.relay, self.buffer, self.buffer.log
+        if relay is None or log is None or self.state.closing:
+            return
+        with log.lock:
+            if not log.taking:  # the log is off (a full disk): it cannot carry the events
+                relay.abandon()
+                self.relay = None
+                return
+            try:
+                relay.hand_over(log.ordinal)
+            except SenderGone:
+                relay.abandon()
+                self.relay = None
+                return
+            buffer.relay_notify = relay.wake
+            buffer.relay_failed = self._retire_relay_threadsafe
+            buffer.relay_wake_at = log.ordinal + buffer.batch_wake_at
+            buffer.relayed = True
 
     def _take_back(self, relay: Relay | None = None, upto: int | None = None) -> None:
         """The sender process is gone: this process delivers its log itself from now on. Every
@@ -244,13 +264,16 @@ class Engine:
         if relay is None or log is None:
             return
         self._count_sender(relay, settled_only=True)
+        if not relay.handed_over:
+            return  # it never had the log: the worker here has every event
         with log.lock:
-            tail = LogTail(log.directory, log.token, log.acked)
-            items = tail.read((log.ordinal if upto is None else upto) - log.acked)
+            start = relay.acked_to
+            tail = LogTail(log.directory, log.token, start)
+            items = tail.read((log.ordinal if upto is None else upto) - start)
             tail.close()
             events = [e for e in items if e is not None]
-            exact = upto is None and len(events) == len(items) and not len(buffer)
-            buffer.take_back(events, exact=exact, first=log.acked)
+            # This process's own events still in memory are those logged before the hand-over.
+            buffer.take_back(events, own_before=max(0, relay.sender_from - buffer.popped))
         logger.warning(
             "tracklane: the sender process exited; this process delivers its events itself from now "
             "on (%d taken back from the event log).",
@@ -319,8 +342,15 @@ class Engine:
 
     def _unacknowledged(self) -> int:
         """Records of the log the sender process has not acknowledged (any run's)."""
-        log = self.buffer.log
-        return 0 if log is None else max(0, log.ordinal - log.acked)
+        log, relay = self.buffer.log, self.relay
+        if log is None or relay is None or not relay.handed_over:
+            return 0
+        return max(0, log.ordinal - relay.acked_to)
+
+    async def keep_events(self) -> bool:
+        """After giving up on the server: every event held goes to the journal (a sender process's
+        part of a run's end, kept by its parent). False if the journal cannot be written."""
+        return await self._waiter.keep_events()
 
     def hold_run_end(self, end: RunEnd) -> None:
         """The journal cannot keep ``end`` and the run's events are in memory: end the run only once
@@ -392,6 +422,9 @@ class Engine:
         the buffer (``buffer_depth``) or with the worker (``in_flight_events``): so ``enqueued`` equals
         the sum of those at any quiet moment. ``dropped`` events were never accepted, or were lost
         at shutdown: neither delivered nor kept in the journal (each loss is logged at ERROR).
+        With ``TRACKLANE_SENDER=process`` the counts include the sender process's (as of its last
+        acknowledgement), and ``sender_process`` is 1 once it has taken the log over (0 while it
+        starts; the key is absent with the thread sender).
         """
         st = self.state
         buffered, taken = len(self.buffer), st.taken()
@@ -415,6 +448,8 @@ class Engine:
         }
         if self.relay is None:
             return own
+        if not self.relay.handed_over:
+            return {**own, "sender_process": 0.0}
         # The sender's counters as of its last reply, and the records it has not read yet (in the
         # log: this process's buffer, as far as a caller can tell).
         theirs = self.relay.stats
@@ -423,6 +458,7 @@ class Engine:
         out = {k: v + theirs.get(k, 0) for k, v in own.items() if k != "oldest_undelivered_age_s"}
         out["enqueued"] += unread
         out["buffer_depth"] += unread
+        out["sender_process"] = 1.0  # a sender process has the log (TRACKLANE_SENDER=process)
         out["oldest_undelivered_age_s"] = max(
             own["oldest_undelivered_age_s"], theirs.get("oldest_undelivered_age_s", 0.0)
         )
@@ -440,6 +476,10 @@ class Engine:
         with contextlib.suppress(TrackingError):  # the run model has reported these already
             done = await self.flush(deadline)
         relay = self.relay
+        if relay is not None and not relay.handed_over:  # still starting: it holds nothing
+            relay.abandon()
+            self.relay = None
+            relay = None
         if relay is not None:  # the sender delivers or keeps the rest, then exits
             relay_lost = await relay.close(deadline)
             if relay_lost is None:  # it was gone: this process sends what it had not acknowledged
@@ -517,7 +557,7 @@ class Engine:
     def keep_now(self, ends: list[RunEnd]) -> int:
         """Blocking, with no event loop (interpreter exit after an async client's loop is gone):
         keep every leftover event, and ``ends``, in the journal. Returns how many were lost."""
-        if self.relay is not None and self.relay.alive:
+        if self.relay is not None and self.relay.alive and self.relay.handed_over:
             # The sender outlives this process: it reads the log to its end and delivers or keeps
             # it (its lock keeps recovery off the files meanwhile); the files are its to remove.
             self.buffer.log_left_to_sender()

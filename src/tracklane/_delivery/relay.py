@@ -1,10 +1,14 @@
 """The relay: the training process's side of a sender process (``TRACKLANE_SENDER=process``).
 
-It starts the sender (``sender_process``) when the engine attaches, hands it the configuration
-through its stdin, and then only talks: a wake-up per batch of records written to the log (from
-the logging call's thread, a two-byte write that never blocks), and the waits the run models make
-(``flush``, a run's end kept for later, shutdown), each answered with how far the sender has
-acknowledged the log. The log's files go as the acknowledgements pass them, as they do in-process.
+It starts the sender (``sender_process``) when the engine attaches and hands it the configuration
+through its stdin. Until the sender is up (~0.5 s: an interpreter, aiohttp) the in-process worker
+delivers as it always does, so a short script never waits for a process to start; once the sender
+says it is ready, the engine hands it the log from the next ordinal on (``hand_over``) and the
+worker keeps only what came before. From then on the relay only talks: a wake-up per batch of
+records written to the log (from the logging call's thread, a two-byte write that never blocks),
+and the waits the run models make (``flush``, a run's events kept for later, shutdown), each
+answered with how far the sender has acknowledged the log. The log's files go as the
+acknowledgements pass them, as they do in-process.
 
 If the sender cannot start or dies, the relay says so once and the engine takes the log back
 (``Engine._take_back``): every record not acknowledged is read from this process's own log into
@@ -32,7 +36,6 @@ import orjson
 from .._exceptions import AuthenticationError, CertificateError, DeliveryError, RejectedEvent
 from .._settings import EngineConfig, ServerConfig
 from .._stores.event_log import EventLog
-from .._wire.run_end import RunEnd
 
 logger = logging.getLogger("tracklane")
 
@@ -63,7 +66,13 @@ class Relay:
         #: The sender's last counters (``Engine.stats`` adds them to this process's).
         self.stats: dict[str, float] = {}
         self.started_at = 0.0
-        self.first_ack_at: float | None = None
+        self.ready_at: float | None = None
+        #: The sender has the log from ordinal ``sender_from`` on, and has acknowledged up to
+        #: ``acked_to`` (the ordinals before ``sender_from`` are this process's worker's).
+        self.handed_over = False
+        self.sender_from = self.acked_to = 0
+        #: Called on the loop when the sender says it is ready (the engine hands it the log).
+        self.on_ready: Callable[[], None] | None = None
         #: Called on the loop when the sender dies unasked (the engine takes the log back).
         self.on_gone: Callable[[], None] | None = None
         self._closing = False
@@ -157,11 +166,15 @@ class Relay:
             level, text = said
             logger.log(int(level), "%s", text)
             return
+        if "ready" in message:
+            self.ready_at = time.monotonic()
+            if self.on_ready is not None:
+                self.on_ready()
+            return
         acked = message.get("acked")
-        if isinstance(acked, int):
-            if self.first_ack_at is None and acked > 0:
-                self.first_ack_at = time.monotonic()
-            self.log.acknowledge_to(acked)
+        if isinstance(acked, int) and acked > self.acked_to:
+            self.log.done(self.acked_to, acked)  # beside the worker's own ranges below sender_from
+            self.acked_to = acked
         if "stats" in message:
             self.stats.update(message["stats"])
         future = self._replies.pop(message.get("id", -1), None)
@@ -198,6 +211,24 @@ class Relay:
 
     # -- what the engine asks --------------------------------------------------------------------
 
+    def hand_over(self, ordinal: int) -> None:
+        """The sender takes the log from ``ordinal`` on. Caller holds the log's lock, so no record
+        is written meanwhile."""
+        self.sender_from = self.acked_to = ordinal
+        self._write(orjson.dumps({"op": "from", "ordinal": ordinal}) + b"\n")
+        self.handed_over = True
+
+    def abandon(self) -> None:
+        """The sender never took the log (it was still starting): end it, it holds nothing."""
+        self._closing = True
+        self.alive = False
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(OSError):
+                proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5.0)
+
     async def flush(self, deadline: float | None, run_id: str | None) -> bool:
         """Every record logged before the call has its outcome (True), as ``Engine.flush`` says;
         raises the refusals and the stop the sender met, as this process's own errors."""
@@ -209,20 +240,12 @@ class Relay:
         _raise(reply)
         return bool(reply.get("ok"))
 
-    async def keep_run_end(self, end: RunEnd) -> bool:
+    async def keep_events(self) -> bool:
+        """After giving up on the server: every record the sender holds goes to the journal (a
+        run's end is recorded after them, by the engine). False if the journal cannot be written."""
         with self.log.lock:
             upto = self.log.ordinal
-        reply = await self.ask(
-            {
-                "op": "keep_end",
-                "upto": upto,
-                "run": end.run_id,
-                "status": end.status,
-                "end_time": end.end_time,
-                "name": end.run_name,
-            },
-            None,
-        )
+        reply = await self.ask({"op": "keep_events", "upto": upto}, None)
         return bool(reply.get("ok"))
 
     def give_up(self) -> None:
@@ -274,10 +297,20 @@ class Relay:
             proc.wait(5.0)
 
     def detach(self) -> None:
-        """In a forked child: the parent's sender is the parent's (its pipes stay open for it)."""
+        """In a forked child: the parent's sender is the parent's. The child's copies of the
+        pipes are closed: a child holding the sender's stdin open would keep it from ever seeing
+        its parent's end."""
         self.alive = False
-        self.proc = None
-        self.loop = None
+        proc, self.proc, self.loop = self.proc, None, None
+        if proc is not None:
+            # Each descriptor now points at /dev/null: the pipe is let go, and the file objects,
+            # which close their descriptor when collected, close nothing of the child's.
+            for pipe in (proc.stdin, proc.stdout):
+                if pipe is not None:
+                    with contextlib.suppress(OSError, ValueError):
+                        null = os.open(os.devnull, os.O_RDWR)
+                        os.dup2(null, pipe.fileno())
+                        os.close(null)
 
 
 def _left(deadline: float | None) -> float | None:

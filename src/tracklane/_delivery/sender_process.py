@@ -46,12 +46,11 @@ from .._stores.event_log import (
     EventLog,
     LogTail,
     hold_for_sender,
+    log_watermark,
     release_for_sender,
-    set_watermark,
 )
 from .._stores.rest import RestBackend
 from .._wire.batching import Event
-from .._wire.run_end import RunEnd
 from .engine import Engine
 from .spool import Spool
 
@@ -116,11 +115,16 @@ class SenderProcess:
         self.rest = RestBackend(self.server, retry_window=self.config.retry_window)
         self.rest.workspace_id = config.get("workspace_id")
         self.engine = Engine(self.rest, self.config, Spool(config.get("storage"), self.rest), event_log=False)
-        self.ordinals = ForwardedOrdinals(self.directory, config.get("ordinal", 0), self._report)
-        self.engine.buffer.log = self.ordinals
-        self.tail = LogTail(self.directory, self.token, config.get("ordinal", 0))
+        self.ordinals = ForwardedOrdinals(self.directory, 0, self._report)
+        self.tail = LogTail(self.directory, self.token, 0)
         self._reported = -1
         self._more = asyncio.Event()
+
+    def begin(self, ordinal: int) -> None:
+        """The parent hands over its log from ``ordinal`` on (what came before is its worker's)."""
+        self.ordinals = ForwardedOrdinals(self.directory, ordinal, self._report)
+        self.engine.buffer.log = self.ordinals
+        self.tail = LogTail(self.directory, self.token, ordinal)
 
     # -- talking to the parent -------------------------------------------------------------------
 
@@ -187,12 +191,9 @@ class SenderProcess:
                 await self._read_to(int(message["upto"]))
                 deadline = _deadline(message.get("timeout"))
                 reply["ok"] = await self.engine.flush(deadline, message.get("run"))
-            elif op == "keep_end":
-                end = RunEnd(
-                    message["run"], message["status"], int(message["end_time"]), message.get("name") or ""
-                )
+            elif op == "keep_events":
                 await self._read_to(int(message["upto"]))
-                reply["ok"] = await self.engine.keep_run_end(end)
+                reply["ok"] = await self.engine.keep_events()
             elif op == "stats":
                 pass
             elif op == "workspace":
@@ -217,32 +218,55 @@ class SenderProcess:
     async def finish(self, deadline: float) -> int:
         """Deliver or keep every record the log holds (by ``deadline``), then stop: lost events."""
         await self._read_to(1 << 62)
-        lost = await self.engine.shutdown(deadline)
-        return lost
+        return await self.engine.shutdown(deadline)
 
-    def release_log(self, parent_alive: bool) -> None:
-        """After the last delivery: a dead parent's fully acknowledged segments go; otherwise their
-        headers carry the watermark, for recovery to start there."""
+    async def finish_orphaned(self, deadline: float) -> int:
+        """The parent is gone: what its own worker had not settled (records below the hand-over,
+        above the watermark it last stored) is delivered here too, ahead of the rest; then as
+        ``finish``. A record it had delivered without storing the watermark goes again, which the
+        server takes as a no-op (see ``event_log.recover``)."""
+        await self._read_to(1 << 62)
+        start = self.ordinals.base
+        floor = log_watermark(self.directory, self.token)
+        if floor is not None and floor < start:
+            tail = LogTail(self.directory, self.token, floor)
+            own = [e for e in tail.read(start - floor) if e is not None]
+            tail.close()
+            self.engine.buffer.take_back(own, own_before=0)
+            if self.engine.state.signals is not None:
+                self.engine.state.signals.wake.set()
+        return await self.engine.shutdown(deadline)
+
+    def release_log(self, lost: int) -> None:
+        """A dead parent's log, once everything in it is delivered or in the journal (``lost`` 0):
+        its files go. Otherwise they stay as they are, for recovery (from the parent's own
+        watermark: what went twice is a no-op on the server)."""
         self.tail.close()
-        if parent_alive:
+        if lost or self.tail.damaged:
             return
-        watermark = self.ordinals.watermark()
         for name in sorted(os.listdir(self.directory)):
-            if not name.startswith(f"events-{self.token}-"):
-                continue
-            path = self.directory / name
-            if watermark >= self.tail.ordinal and not self.tail.damaged:
+            if name.startswith(f"events-{self.token}-"):
                 with contextlib.suppress(OSError):
-                    path.unlink()
-            else:
-                set_watermark(path, watermark)
+                    (self.directory / name).unlink()
 
 
 async def serve(config: dict[str, Any], lines: asyncio.Queue[bytes | None]) -> int:
     sender = SenderProcess(config)
     loop = asyncio.get_running_loop()
-    lock = hold_for_sender(sender.directory, sender.token)
     sender.engine.attach(loop)
+    sender._send({"ready": os.getpid()})
+    while True:  # until the parent hands the log over (or finishes before it needs us)
+        line = await lines.get()
+        if line is None:
+            return 0
+        message = orjson.loads(line) if line.strip() != b"w" else {}
+        if message.get("op") == "from":
+            break
+        if message.get("op") in ("stop", "close"):
+            sender._send({"id": message.get("id"), "lost": 0, "acked": 0})
+            return 0
+    sender.begin(int(message["ordinal"]))
+    lock = hold_for_sender(sender.directory, sender.token)
     pump = loop.create_task(sender.pump(), name="tracklane-sender-pump")
     handling: set[asyncio.Task[None]] = set()
     parent_alive = True
@@ -252,7 +276,7 @@ async def serve(config: dict[str, Any], lines: asyncio.Queue[bytes | None]) -> i
             line = await lines.get()
             if line is None:  # EOF: the parent is gone (kill -9, os._exit, or an exit with no close)
                 parent_alive = False
-                lost = await sender.finish(time.monotonic() + sender.config.exit_timeout)
+                lost = await sender.finish_orphaned(time.monotonic() + sender.config.exit_timeout)
                 break
             if line.strip() == b"w":
                 sender._more.set()
@@ -283,7 +307,10 @@ async def serve(config: dict[str, Any], lines: asyncio.Queue[bytes | None]) -> i
             task.add_done_callback(handling.discard)
     finally:
         pump.cancel()
-        sender.release_log(parent_alive)
+        if parent_alive:
+            sender.tail.close()
+        else:
+            sender.release_log(lost)
         release_for_sender(sender.directory, sender.token, lock)
     return lost
 

@@ -134,6 +134,15 @@ class Waiter:
         is recorded there, for this engine's uploader or a later ``tracklane sync``. False if the
         journal cannot be written."""
         st = self.state
+        if not await self.keep_events():
+            return False
+        assert st.spool is not None
+        return await st.spool.record_end(end)
+
+    async def keep_events(self) -> bool:
+        """After giving up on the server: every event held goes to the journal (a run's end is
+        recorded after them). False if the journal cannot be written."""
+        st = self.state
         if not st.may_spool("failure"):
             return False
         assert st.spool is not None
@@ -147,7 +156,7 @@ class Waiter:
                 break
             st.signals.hand_moved.clear()
             await wait_event(st.signals.hand_moved, left)
-        return await st.spool.record_end(end)
+        return not st.spool.broken
 
     async def uploader_done(self, deadline: float | None) -> None:
         """At shutdown: let the uploader finish (leftovers of earlier processes too), by progress."""

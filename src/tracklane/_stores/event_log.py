@@ -472,6 +472,11 @@ class EventLog:
                         d.rmdir()  # only if empty: nothing else was written there
             self._made_dirs = []
 
+    @property
+    def taking(self) -> bool:
+        """Whether the next record would be written (not closed, not off for now)."""
+        return not self.closed and (self._mm is not None or self.ordinal >= self._retry_at)
+
     def holds_files(self) -> bool:
         """Whether any segment is on disk now (what ``close(keep=True)`` would leave)."""
         return bool(self._segments)
@@ -615,7 +620,7 @@ class LogTail:
     def __init__(self, directory: Path, token: str, ordinal: int = 0) -> None:
         self.directory = directory
         self.token = token
-        #: The ordinal of the next event to read.
+        #: The ordinal of the next event to read: records before it are skipped (another reader's).
         self.ordinal = ordinal
         self.server = ""
         self._n = 0
@@ -624,6 +629,9 @@ class LogTail:
         self._strings: dict[int, str] = {}
         #: Ordinals before the current segment's first that the log has no record of.
         self._gaps = 0
+        #: Records still to pass over before the start ordinal (read, not returned).
+        self._skip = 0
+        self._n_opened = 0
         #: A sealed record whose seal is wrong was met: nothing after it is read.
         self.damaged = False
 
@@ -673,6 +681,9 @@ class LogTail:
             return False
         self.server = bytes(mm[_HEADER.size : _HEADER.size + slen]).decode("utf-8", "replace")
         self._n, self._mm, self._pos, self._strings = n, mm, header, {}
+        if self._n_opened == 0 and first < self.ordinal:  # the first segment begins before our start
+            self._skip, self.ordinal = self.ordinal - first, first
+        self._n_opened += 1
         self._gaps = max(0, first - self.ordinal)  # events the writer took while its log was off
         return True
 
@@ -684,9 +695,12 @@ class LogTail:
 
     def _read_from(self, out: list[Event | None], limit: int) -> None:
         while self._gaps and len(out) < limit:
-            out.append(None)
             self.ordinal += 1
             self._gaps -= 1
+            if self._skip:
+                self._skip -= 1
+            else:
+                out.append(None)
         if self._gaps:
             return
         mm, pos, strings = self._mm, self._pos, self._strings
@@ -704,12 +718,15 @@ class LogTail:
                 if seal != pos:
                     self.damaged = seal != 0
                     break  # being stored now (or damaged: nothing after it is believed)
+                self.ordinal += 1
+                pos += _METRIC_SIZE
+                if self._skip:
+                    self._skip -= 1
+                    continue
                 try:
                     out.append((METRIC, strings[rid], strings[kid], value, ts, step))
                 except KeyError:
                     out.append(None)
-                self.ordinal += 1
-                pos += _METRIC_SIZE
                 continue
             length, kind = word & 0xFFFFFF, word >> 24
             end = pos + _RECORD.size + length
@@ -722,12 +739,12 @@ class LogTail:
             pos = end
             if kind == _STRING:
                 strings[_ID.unpack_from(body)[0]] = body[4:].decode("utf-8", "surrogatepass")
-            elif kind in _EVENT_KIND:
-                out.append(_event(kind, body, strings))
+            elif kind in _EVENT_KIND or kind == _GAP:
                 self.ordinal += 1
-            elif kind == _GAP:
-                out.append(None)
-                self.ordinal += 1
+                if self._skip:
+                    self._skip -= 1
+                else:
+                    out.append(_event(kind, body, strings) if kind != _GAP else None)
         self._pos = pos
 
     def close(self) -> None:
@@ -848,17 +865,20 @@ def _dead_segments(directory: Path, own: frozenset[str]) -> dict[Path, int]:
     return logs
 
 
-def set_watermark(path: Path, watermark: int) -> None:
-    """Store ``watermark`` in a segment's header (a sender leaving a dead writer's log to recovery:
-    what is below it is delivered)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        try:
-            head = os.pread(fd, len(MAGIC), 0)
-            if head == MAGIC:
-                os.pwrite(fd, _WATERMARK.pack(watermark), _WATERMARK_AT)
-        finally:
-            os.close(fd)
+def log_watermark(directory: Path, token: str) -> int | None:
+    """The acknowledged watermark a writer last stored in its segments' headers (the least of
+    them); None if it has no segment."""
+    found = []
+    for name in _listdir(directory):
+        match = _NAME.match(name)
+        if match is None or match["token"] != token:
+            continue
+        with contextlib.suppress(OSError, struct.error):
+            with (directory / name).open("rb") as f:
+                head = f.read(_HEADER.size)
+            if head[: len(MAGIC)] == MAGIC:
+                found.append(_HEADER.unpack(head)[4])
+    return min(found) if found else None
 
 
 def _sender_lock_path(directory: Path, token: str) -> Path:
