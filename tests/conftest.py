@@ -10,6 +10,7 @@ no tier at all, or marked ``unit`` while it uses a server, stops the collection 
 from __future__ import annotations
 
 import itertools
+import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -103,6 +104,49 @@ def _unit_starts_no_server(request: pytest.FixtureRequest, monkeypatch: pytest.M
 
     monkeypatch.setattr(MlflowServer, "start", refuse)
     monkeypatch.setattr(PostgresServer, "start", refuse)
+
+
+#: Modules whose every test runs with both senders (issue 20): the delivery behaviours, once with
+#: the in-process worker and once with the sender process. Elsewhere the sender is the shell's
+#: ``TRACKLANE_SENDER`` (default thread): ``TRACKLANE_SENDER=process python3 -m pytest`` runs the
+#: whole suite with the sender process.
+BOTH_SENDERS = frozenset(
+    {
+        "test_promise_delivery",
+        "test_promise_journal",
+        "test_outages",
+        "test_spill",
+        "test_exit_paths",
+        "test_exit_flush",
+        "test_delivery_errors",
+        "test_full_disk",
+        "test_counts_are_true",
+        "test_fork_signals_threads",
+        "test_overflow_and_stats",
+        "test_logging_end_to_end",
+        "test_wait_progress",
+        "test_hostile_servers",
+    }
+)
+_SHELL_SENDER = os.environ.get("TRACKLANE_SENDER", "thread")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "sender" in metafunc.fixturenames and metafunc.module.__name__.rsplit(".", 1)[-1] in BOTH_SENDERS:
+        metafunc.parametrize("sender", ["thread", "process"], indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def sender(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, _clean_env: None) -> str:
+    """Who delivers the event log in this test (``TRACKLANE_SENDER``, for the test's own clients
+    and the processes it starts). A test marked ``thread_sender`` pins the in-process worker's own
+    mechanics (the memory buffer's bound and overflow policies, the journal taking the overflow,
+    recovery of a dead writer's log with no sender): it is skipped with the sender process."""
+    which = str(getattr(request, "param", _SHELL_SENDER))
+    if which == "process" and request.node.get_closest_marker("thread_sender") is not None:
+        pytest.skip("pins the in-process worker's mechanics (TRACKLANE_SENDER=thread)")
+    monkeypatch.setenv("TRACKLANE_SENDER", which)
+    return which
 
 
 @pytest.fixture(autouse=True)

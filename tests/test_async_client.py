@@ -122,6 +122,7 @@ async def test_the_loop_keeps_serving_while_a_hundred_thousand_events_drain(
     assert len(reader.history(run.info.run_id, "drain")) == 100_000
 
 
+@pytest.mark.thread_sender
 async def test_awaited_logging_calls_keep_the_buffer_within_its_bound(
     server_url: str, experiment_name: str, reader: Reader
 ) -> None:
@@ -142,6 +143,7 @@ def test_overflow_block_is_refused_because_it_would_stop_the_loop(server_url: st
         AsyncTrackingClient(api_host=server_url, overflow="block")
 
 
+@pytest.mark.thread_sender
 def test_an_unclosed_client_at_loop_shutdown_warns_once_instead_of_hanging(
     server_url: str, experiment_name: str
 ) -> None:

@@ -18,6 +18,7 @@ def _flood(tc: TrackingClient, n: int) -> None:
         tc.log_metric("flood", step, step=step)
 
 
+@pytest.mark.thread_sender
 @pytest.mark.parametrize("policy", ["drop_newest", "drop_oldest"])
 def test_drop_policies_count_every_dropped_event_and_warn_once(
     fault_proxy: FaultProxy,
@@ -61,6 +62,7 @@ def test_block_policy_waits_for_room_and_loses_nothing(
     assert [p[1] for p in reader.history(run.info.run_id, "flood")] == list(range(2000))
 
 
+@pytest.mark.thread_sender
 def test_block_policy_with_a_max_wait_drops_and_counts_after_it(
     fault_proxy: FaultProxy, experiment_name: str, reader: Reader
 ) -> None:

@@ -45,6 +45,7 @@ def _run(command: str) -> subprocess.CompletedProcess[str]:
 # -- a. the loop is not throttled to the server ----------------------------------------------------
 
 
+@pytest.mark.thread_sender
 @pytest.mark.timeout(600)
 def test_a_burst_of_300k_points_does_not_wait_for_the_server_and_all_arrive_once(
     server_url: str, experiment_name: str, reader: Reader, tmp_path: Path

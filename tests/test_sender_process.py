@@ -65,7 +65,9 @@ def _stored(reader: Reader, run_id: str) -> dict[str, object]:
 
 
 @pytest.fixture
-def two_clients(server_url: str, experiment_name: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[TrackingClient]]:
+def two_clients(
+    server_url: str, experiment_name: str, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[list[TrackingClient]]:
     made = []
     for sender in ("thread", "process"):
         monkeypatch.setenv("TRACKLANE_SENDER", sender)
@@ -77,7 +79,9 @@ def two_clients(server_url: str, experiment_name: str, monkeypatch: pytest.Monke
         tc.close()
 
 
-def test_the_server_stores_the_same_run_from_either_sender(two_clients: list[TrackingClient], reader: Reader) -> None:
+def test_the_server_stores_the_same_run_from_either_sender(
+    two_clients: list[TrackingClient], reader: Reader
+) -> None:
     thread, process = two_clients
     assert len(_senders()) == 1  # the process client's, started with it
     _wait_for_the_sender(process)
@@ -109,12 +113,19 @@ def test_end_run_delivers_the_runs_events_before_it_ends_it(
 
 
 def test_a_sender_killed_mid_run_loses_nothing_this_process_takes_its_log_back(
-    process_sender: None, server_url: str, experiment_name: str, reader: Reader, caplog: pytest.LogCaptureFixture
+    process_sender: None,
+    server_url: str,
+    experiment_name: str,
+    reader: Reader,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     tc = TrackingClient(api_host=server_url, exit_timeout=30)
     tc.set_experiment(experiment_name)
     try:
-        with caplog.at_level(logging.WARNING, logger="tracklane"), tc.start_run(log_system_metrics=False) as run:
+        with (
+            caplog.at_level(logging.WARNING, logger="tracklane"),
+            tc.start_run(log_system_metrics=False) as run,
+        ):
             for step in range(15_000):  # some before the sender takes over, delivered in-process
                 tc.log_metric("loss", step * 0.5, step=step)
             _wait_for_the_sender(tc)

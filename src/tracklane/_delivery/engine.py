@@ -17,9 +17,9 @@ It is four parts with one job each, on one event loop (a background thread's for
 - the **waiter** (``waiting``) holds the waits callers make: flushes, a run's artifacts, a run's
   end kept for later. Each wakes on the event it waits for, never on a poll.
 
-With ``TRACKLANE_SENDER=process`` a fifth part, the **relay** (``relay``), hands the event log to a
-sender process that runs these same parts on its own GIL: logging calls then only write the log,
-and the waits here ask the sender (see ``relay`` and ``sender_process``).
+With ``TRACKLANE_SENDER=process`` a fifth part, **relaying** (``relaying``), hands the event log to
+a sender process that runs these same parts on its own GIL: logging calls then only write the log,
+and the waits here ask the sender too (see ``relaying``, ``relay`` and ``sender_process``).
 
 Where new events go (SENDING, SPOOLING, BLOCKED) is one explicit mode (``state.Mode``). The state
 is built by one factory (``state.fresh_state``) that the constructor and the after-fork path both
@@ -33,19 +33,20 @@ import contextlib
 import logging
 import time
 
-from .._exceptions import AuthenticationError, TrackingError
+from .._exceptions import AuthenticationError, DeliveryError, TrackingError
 from .._settings import EngineConfig, event_log_max_bytes, sender_setting
-from .._stores.event_log import OFFLINE, EventLog, LogTail
+from .._stores.event_log import OFFLINE, EventLog
 from .._stores.offline import JournalBackend
 from .._stores.rest import RestBackend
 from .._wire.batching import Batch, Event, pack
 from .._wire.run_end import RunEnd
 from .buffer import Buffer, now_ms
-from .relay import Relay, SenderGone
+from .relay import Relay
+from .relaying import Relaying
 from .sending import Sender
 from .spilling import Spiller
 from .spool import Spool
-from .state import Backend, Mode, Signals, State, fresh_state
+from .state import Backend, Signals, State, fresh_state
 from .taking import Taker
 from .uploading import JournalUploader
 from .waiting import Waiter
@@ -64,12 +65,8 @@ class Engine:
         self.backend = backend
         self.config = config
         self.buffer = Buffer(config)
-        #: The sender process's side here (``TRACKLANE_SENDER=process``), once it is started.
-        self.relay: Relay | None = None
-        #: The sender finishing what the log holds, after the log stopped following the events.
-        self._retiring: asyncio.Task[None] | None = None
-        #: Events a sender that is gone had accepted (its stats are folded into ours).
-        self._sender_enqueued = 0
+        #: The sender process's part here (``TRACKLANE_SENDER=process``).
+        self.relaying: Relaying | None = None
         if event_log and (max_bytes := event_log_max_bytes()) > 0:
             # Absolute: the process may change directory before the log's files are made or go.
             if spool is not None:
@@ -85,8 +82,12 @@ class Engine:
             and isinstance(backend, RestBackend)
             and sender_setting() == "process"
         ):
-            self.relay = Relay(log, backend.config, config, spool.storage)
+            relay = Relay(log, backend.config, config, spool.storage)
+        else:
+            relay = None
         self._build(spool)
+        if relay is not None and log is not None:
+            self.relaying = Relaying(self.state, self.buffer, log, relay)
 
     def _build(self, spool: Spool | None) -> None:
         """The state and the parts over it: at construction, and again after a fork."""
@@ -115,7 +116,7 @@ class Engine:
         return self.state.spilled + self._sender_count("spilled")
 
     def _sender_count(self, name: str) -> int:
-        return int(self.relay.stats.get(name, 0)) if self.relay is not None else 0
+        return self.relaying.count(name) if self.relaying is not None else 0
 
     # -- attaching to a loop ---------------------------------------------------------------------
 
@@ -135,12 +136,8 @@ class Engine:
             loop.create_task(self._taker.run(), name="tracklane-taker"),
             loop.create_task(self._sender.run(), name="tracklane-sender"),
         ]
-        relay = self.relay
-        if relay is not None:
-            relay.on_gone = self._take_back
-            relay.on_ready = self._hand_over
-            if not relay.start(loop, getattr(self.backend, "workspace_id", None)):
-                self.relay = None
+        if self.relaying is not None:
+            self.relaying.start(loop, getattr(self.backend, "workspace_id", None))
         if leftovers:
             self.resume_leftovers()
         if isinstance(self.backend, JournalBackend):
@@ -164,11 +161,9 @@ class Engine:
         """In a child made by ``os.fork``: forget the parent's queue, loop, tasks, mode, waits,
         counters and connections (the parent sends its own events); the child starts afresh on a new
         loop. Complete by construction: the state is made anew by the constructor's factory."""
-        if self.relay is not None:  # the parent's sender is the parent's: the child sends its own
-            self.relay.detach()
-            self.relay = None
-        self._retiring = None
-        self._sender_enqueued = 0
+        if self.relaying is not None:  # the parent's sender is the parent's: the child sends its own
+            self.relaying.detach()
+            self.relaying = None
         self.buffer.reset_after_fork()
         spool = self.state.spool
         if spool is not None:  # the parent's journal thread, connection and lock are not ours
@@ -186,18 +181,27 @@ class Engine:
         DeliveryError for refused events (only ``run_id``'s, if given: a run's end reports its own)
         and AuthenticationError once delivery has stopped.
         """
-        if not await self._wait_retired(deadline):
+        relaying = self.relaying
+        if relaying is not None and not await relaying.retired(deadline):
             return False
-        if self.relay is not None and self.relay.handed_over:
+        refused: DeliveryError | None = None
+        try:
+            flushed = await self._waiter.flush(deadline, run_id)
+        except DeliveryError as exc:  # reported after the sender's part is waited for too
+            refused, flushed = exc, True
+        if flushed and relaying is not None:
+            # The sender's part after this process's own: it sends only once the events logged
+            # before the hand-over are settled here (``Relay.hand_over``).
+            theirs: bool | None = True
             try:
-                if not await self.relay.flush(deadline, run_id):
-                    return False
-            except SenderGone:
-                self._take_back()
-            except AuthenticationError as exc:
-                self._blocked_by_sender(exc)
-                raise
-        flushed = await self._waiter.flush(deadline, run_id)
+                theirs = await relaying.flush(deadline, run_id)
+            except DeliveryError as exc:
+                refused = DeliveryError([*refused.rejected, *exc.rejected]) if refused else exc
+            if theirs is None:  # the sender was gone: its records are this process's now
+                theirs = await self._waiter.flush(deadline, run_id)
+            flushed = theirs
+        if refused is not None:
+            raise refused
         if flushed and self.state.held_ends:  # runs ended while their events were only in memory
             await self._apply_held_ends(flushed=True, final=False)
         return flushed
@@ -218,134 +222,18 @@ class Engine:
     async def keep_run_end(self, end: RunEnd) -> bool:
         """After giving up on the server: the run's events and its end go to the journal. False if
         the journal cannot be written."""
-        relay = self.relay
-        if relay is not None and relay.handed_over:  # the sender's records first, then ours and the end
-            try:
-                if not await relay.keep_events():
-                    return False
-            except SenderGone:
-                self._take_back()
+        if self.relaying is not None and not await self.relaying.keep_events():
+            return False  # (the sender's records first, then ours and the end)
         return await self._waiter.keep_run_end(end)
-
-    # -- the sender process ----------------------------------------------------------------------
-
-    def _hand_over(self) -> None:
-        """The sender is up: it takes the log from the next ordinal on, and logging calls write
-        only the log from then (the worker here still delivers what came before)."""
-        relay, buffer, log = self.relay, self.buffer, self.buffer.log
-        if relay is None or log is None or self.state.closing:
-            return
-        with log.lock:
-            if not log.taking:  # the log is off (a full disk): it cannot carry the events
-                relay.abandon()
-                self.relay = None
-                return
-            try:
-                relay.hand_over(log.ordinal)
-            except SenderGone:
-                relay.abandon()
-                self.relay = None
-                return
-            buffer.relay_notify = relay.wake
-            buffer.relay_failed = self._retire_relay_threadsafe
-            buffer.relay_wake_at = log.ordinal + buffer.batch_wake_at
-            buffer.relayed = True
-
-    def _take_back(self, relay: Relay | None = None, upto: int | None = None) -> None:
-        """The sender process is gone: this process delivers its log itself from now on. Every
-        record it had not acknowledged (below ordinal ``upto``, if given: what the sender was
-        given) is read back from the log into the buffer, ahead of what is there (only events the
-        log could not take, all later), so nothing it held is lost."""
-        if relay is None:
-            relay = self.relay
-        if relay is self.relay:
-            self.relay = None
-        buffer, log = self.buffer, self.buffer.log
-        if relay is None or log is None:
-            return
-        self._count_sender(relay, settled_only=True)
-        if not relay.handed_over:
-            return  # it never had the log: the worker here has every event
-        with log.lock:
-            start = relay.acked_to
-            tail = LogTail(log.directory, log.token, start)
-            items = tail.read((log.ordinal if upto is None else upto) - start)
-            tail.close()
-            events = [e for e in items if e is not None]
-            # This process's own events still in memory are those logged before the hand-over.
-            buffer.take_back(events, own_before=max(0, relay.sender_from - buffer.popped))
-        logger.warning(
-            "tracklane: the sender process exited; this process delivers its events itself from now "
-            "on (%d taken back from the event log).",
-            len(events),
-        )
-        if self.state.signals is not None:
-            self.state.signals.wake.set()
-
-    def _retire_relay(self) -> None:
-        """The log cannot follow the events any more (``Buffer._relay_cannot_follow``): the sender
-        stops, and this process takes back what it had not acknowledged, ahead of what came after
-        (in memory already), and delivers all of it itself, in order; flushes wait for the switch
-        (``_retiring``)."""
-        relay = self.relay
-        if relay is None or self.state.loop is None:
-            return
-        self.relay = None
-        logger.warning(
-            "tracklane: the event log cannot take more events here (see above); this process "
-            "delivers them itself from now on, and the sender process finishes what the log holds."
-        )
-
-        async def retire() -> None:
-            await relay.stop()
-            self._take_back(relay, upto=self.buffer.relayed_until)
-
-        self._retiring = self.state.loop.create_task(retire(), name="tracklane-retire-sender")
-
-    def _retire_relay_threadsafe(self) -> None:
-        loop = self.state.loop
-        if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self._retire_relay)
-
-    async def _wait_retired(self, deadline: float | None) -> bool:
-        task = self._retiring
-        if task is None:
-            return True
-        await asyncio.wait({task}, timeout=_remaining(deadline, 3600.0))
-        if task.done():
-            self._retiring = None
-            return True
-        return False
-
-    def _count_sender(self, relay: Relay, settled_only: bool = False) -> None:
-        """A sender that is gone: its counters join this engine's own, so stats() keeps them.
-        ``settled_only``: it died, and what it had not settled is taken back (and counted) here."""
-        st, theirs = self.state, relay.stats
-        counts = {k: int(theirs.get(k, 0)) for k in ("delivered", "spilled", "rejected", "enqueued")}
-        st.delivered += counts["delivered"]
-        st.spilled += counts["spilled"]
-        st.rejected_total += counts["rejected"]
-        settled = counts["delivered"] + counts["spilled"] + counts["rejected"]
-        self._sender_enqueued += settled if settled_only else counts["enqueued"]
-
-    def _blocked_by_sender(self, exc: AuthenticationError) -> None:
-        """The sender met refused credentials (and said so): this process stops sending too."""
-        st = self.state
-        if st.blocked is None:
-            st.blocked = exc
-            st.mode = Mode.BLOCKED
 
     def undelivered(self, run_id: str) -> int:
         """Events of run ``run_id`` neither on the server nor in the journal (held in memory)."""
         mine = sum(1 for e in self.leftovers() if e[1] == run_id)
-        return mine + (self._unacknowledged() if self.relay is not None else 0)
+        return mine + self._relayed()
 
-    def _unacknowledged(self) -> int:
-        """Records of the log the sender process has not acknowledged (any run's)."""
-        log, relay = self.buffer.log, self.relay
-        if log is None or relay is None or not relay.handed_over:
-            return 0
-        return max(0, log.ordinal - relay.acked_to)
+    def _relayed(self) -> int:
+        """Records the sender process has not acknowledged (any run's: it does not say whose)."""
+        return self.relaying.unacknowledged() if self.relaying is not None else 0
 
     async def keep_events(self) -> bool:
         """After giving up on the server: every event held goes to the journal (a sender process's
@@ -387,8 +275,8 @@ class Engine:
 
     def give_up(self) -> None:
         """Stop waiting for the server in a running flush or shutdown (Ctrl-C at exit). Loop thread only."""
-        if self.relay is not None:
-            self.relay.give_up()
+        if self.relaying is not None:
+            self.relaying.give_up()
         self._waiter.give_up()
 
     def artifact_kept(self) -> None:
@@ -398,8 +286,8 @@ class Engine:
     def resume_leftovers(self) -> None:
         """Look (again) for what earlier processes left for this destination, and deliver it in the
         background; called at start, and when the destination changes (an OICM workspace)."""
-        if self.relay is not None:
-            self.relay.set_workspace(getattr(self.backend, "workspace_id", None))
+        if self.relaying is not None:
+            self.relaying.set_workspace(getattr(self.backend, "workspace_id", None))
         self._uploader.resume_leftovers()
 
     async def journal_notice(self, when: str) -> None:
@@ -410,8 +298,7 @@ class Engine:
 
     def pending(self) -> int:
         """Events accepted but not yet settled: in the buffer, or taken by the worker."""
-        relayed = self._unacknowledged() if self.relay is not None else 0
-        return len(self.buffer) + self.state.taken() + relayed
+        return len(self.buffer) + self.state.taken() + self._relayed()
 
     def stats(self) -> dict[str, float]:
         """Counters of the client's own work, for dashboards and for tests of loss.
@@ -434,7 +321,7 @@ class Engine:
         if head is not None:
             stamps.append(head)
         own = {
-            "enqueued": self.buffer.taken + buffered + self._sender_enqueued,
+            "enqueued": self.buffer.taken + buffered,
             "delivered": st.delivered,
             "spilled": st.spilled,
             "dropped": self.buffer.dropped + st.lost,
@@ -446,50 +333,27 @@ class Engine:
             "buffer_depth": buffered,
             "oldest_undelivered_age_s": max(0.0, (now_ms() - min(stamps)) / 1000) if stamps else 0.0,
         }
-        if self.relay is None:
-            return own
-        if not self.relay.handed_over:
-            return {**own, "sender_process": 0.0}
-        # The sender's counters as of its last reply, and the records it has not read yet (in the
-        # log: this process's buffer, as far as a caller can tell).
-        theirs = self.relay.stats
-        log = self.buffer.log
-        unread = max(0, (log.ordinal if log is not None else 0) - int(theirs.get("read", 0)))
-        out = {k: v + theirs.get(k, 0) for k, v in own.items() if k != "oldest_undelivered_age_s"}
-        out["enqueued"] += unread
-        out["buffer_depth"] += unread
-        out["sender_process"] = 1.0  # a sender process has the log (TRACKLANE_SENDER=process)
-        out["oldest_undelivered_age_s"] = max(
-            own["oldest_undelivered_age_s"], theirs.get("oldest_undelivered_age_s", 0.0)
-        )
-        return out
+        return own if self.relaying is None else self.relaying.stats(own)
 
     # -- shutdown --------------------------------------------------------------------------------
 
-    async def shutdown(self, deadline: float | None) -> int:
+    async def shutdown(self, deadline: float | None, notice: bool = True) -> int:
         """Deliver what is left (by progress, never past ``deadline``), then keep the rest in the
         journal, stop the tasks and close I/O. Returns how many events could be neither delivered
-        nor kept (0 normally)."""
+        nor kept (0 normally). ``notice``: say what the journal keeps (a sender process leaves
+        that to its parent, which says it once for both)."""
         st = self.state
         st.closing = True
         done = False
         with contextlib.suppress(TrackingError):  # the run model has reported these already
             done = await self.flush(deadline)
-        relay = self.relay
-        if relay is not None and not relay.handed_over:  # still starting: it holds nothing
-            relay.abandon()
-            self.relay = None
-            relay = None
-        if relay is not None:  # the sender delivers or keeps the rest, then exits
-            relay_lost = await relay.close(deadline)
-            if relay_lost is None:  # it was gone: this process sends what it had not acknowledged
-                self._take_back(relay)
+        if self.relaying is not None and self.relaying.relay is not None:
+            # The sender delivers or keeps the rest, then exits; one that was gone left its
+            # records to this process's worker, which delivers them now.
+            st.lost += await self.relaying.close(deadline)
+            if self.state.taken() or len(self.buffer):
                 with contextlib.suppress(TrackingError):
                     done = await self.flush(deadline)
-            else:
-                self.relay = None
-                self._count_sender(relay)
-                st.lost += relay_lost
         with contextlib.suppress(TrackingError):
             if done and st.resumes:  # a look for earlier leftovers may still be starting the uploader
                 await asyncio.wait(st.resumes, timeout=_remaining(deadline, 10.0))
@@ -506,7 +370,7 @@ class Engine:
             await asyncio.wait(tasks, timeout=20.0)
         lost = await self._keep_leftovers()
         self.buffer.close_log(lost)  # the files stay if some events are only in the log
-        if st.blocked is None:  # blocked: the error already gave the command
+        if st.blocked is None and notice:  # blocked: the error already gave the command
             await self.journal_notice("before exit")
         with contextlib.suppress(Exception):
             await self.backend.aclose()
@@ -557,10 +421,10 @@ class Engine:
     def keep_now(self, ends: list[RunEnd]) -> int:
         """Blocking, with no event loop (interpreter exit after an async client's loop is gone):
         keep every leftover event, and ``ends``, in the journal. Returns how many were lost."""
-        if self.relay is not None and self.relay.alive and self.relay.handed_over:
-            # The sender outlives this process: it reads the log to its end and delivers or keeps
+        if self.relaying is not None:
+            # A sender outlives this process: it reads the log to its end and delivers or keeps
             # it (its lock keeps recovery off the files meanwhile); the files are its to remove.
-            self.buffer.log_left_to_sender()
+            self.relaying.leave_to_sender()
         events = self.leftovers()
         lost = self.backend.keep_now(events, ends)
         if lost is None:

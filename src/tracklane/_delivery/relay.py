@@ -213,10 +213,21 @@ class Relay:
 
     def hand_over(self, ordinal: int) -> None:
         """The sender takes the log from ``ordinal`` on. Caller holds the log's lock, so no record
-        is written meanwhile."""
+        is written meanwhile. It sends nothing until every event before ``ordinal`` is settled
+        here (``go``), so no newer event overtakes an older one (a tag's last value stays last)."""
         self.sender_from = self.acked_to = ordinal
+        self.stats["read"] = ordinal  # (what came before is the worker's, not unread)
         self._write(orjson.dumps({"op": "from", "ordinal": ordinal}) + b"\n")
         self.handed_over = True
+        self.log.on_acked = self._settled_before
+        self._settled_before(self.log.acked)
+
+    def _settled_before(self, acked: int) -> None:
+        """The log's watermark moved (under its lock): once it reaches the hand-over, go."""
+        if acked >= self.sender_from and self.log.on_acked is not None:
+            self.log.on_acked = None
+            with contextlib.suppress(SenderGone):
+                self._write(b'{"op":"go"}\n')
 
     def abandon(self) -> None:
         """The sender never took the log (it was still starting): end it, it holds nothing."""
@@ -260,8 +271,9 @@ class Relay:
             with contextlib.suppress(SenderGone):
                 self._write(orjson.dumps({"op": "workspace", "value": workspace_id}) + b"\n")
 
-    async def close(self, deadline: float | None) -> int | None:
-        """Let the sender deliver or keep the rest and exit: the events it lost, None if it was gone."""
+    async def close(self, deadline: float | None) -> tuple[int, list[str]] | None:
+        """Let the sender deliver or keep the rest and exit: the events it lost and the runs it
+        left in the journal (for the engine's one notice); None if it was gone."""
         self._closing = True  # its exit after the reply is expected
         try:
             reply = await self.ask({"op": "close", "timeout": _left(deadline)}, _left(deadline))
@@ -269,7 +281,9 @@ class Relay:
             reply = None
         finally:
             self._stop()
-        return None if reply is None else int(reply.get("lost", 0))
+        if reply is None:
+            return None
+        return int(reply.get("lost", 0)), [str(r) for r in reply.get("journal_runs", ())]
 
     async def stop(self) -> None:
         """Make the sender exit at once, delivering nothing more (the engine takes back what it

@@ -119,6 +119,8 @@ class SenderProcess:
         self.tail = LogTail(self.directory, self.token, 0)
         self._reported = -1
         self._more = asyncio.Event()
+        #: Set by the parent's ``go``: every event before the hand-over is settled there.
+        self.go = asyncio.Event()
 
     def begin(self, ordinal: int) -> None:
         """The parent hands over its log from ``ordinal`` on (what came before is its worker's)."""
@@ -158,6 +160,22 @@ class SenderProcess:
                 buffer.put(item)
         return len(items)
 
+    async def _gone_ahead(self) -> bool:
+        """Wait for ``go`` (bounded by the retry window: the parent's own flush gives up on the
+        same clock); False if it did not come."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.go.wait(), self.config.retry_window)
+        return self.go.is_set()
+
+    async def start_sending(self) -> None:
+        """``go``: if the journal holds rows for this server (the parent's, from an outage before
+        the hand-over), new events queue behind them there, as in-process, so none overtakes."""
+        spool = self.engine.spool
+        if spool is not None and await spool.pending(None):
+            self.engine.state.start_spooling()
+            self.engine.resume_leftovers()
+        self.go.set()
+
     async def _read_to(self, upto: int) -> None:
         """Every record below ``upto`` is in the engine (the buffer makes room as it delivers)."""
         while self.tail.ordinal < upto:
@@ -170,7 +188,9 @@ class SenderProcess:
 
     async def pump(self) -> None:
         """Read as records arrive: woken by the parent per batch of records, and at
-        ``flush_interval`` for a partial batch (the in-process taker's own interval)."""
+        ``flush_interval`` for a partial batch (the in-process taker's own interval). Nothing is
+        read before ``go``: until then the parent's worker is still settling older events."""
+        await self.go.wait()
         while True:
             self._more.clear()
             while self._pull() >= READ_CHUNK:
@@ -187,7 +207,9 @@ class SenderProcess:
         op = message.get("op")
         reply: dict[str, Any] = {"id": message.get("id")}
         try:
-            if op == "flush":
+            if op in ("flush", "keep_events") and not await self._gone_ahead():
+                reply["ok"] = False  # the parent's older events are not settled yet
+            elif op == "flush":
                 await self._read_to(int(message["upto"]))
                 deadline = _deadline(message.get("timeout"))
                 reply["ok"] = await self.engine.flush(deadline, message.get("run"))
@@ -216,9 +238,10 @@ class SenderProcess:
         self._send(reply)
 
     async def finish(self, deadline: float) -> int:
-        """Deliver or keep every record the log holds (by ``deadline``), then stop: lost events."""
+        """Deliver or keep every record the log holds (by ``deadline``), then stop: lost events.
+        The parent says what the journal keeps, for both (``journal_runs`` in the reply)."""
         await self._read_to(1 << 62)
-        return await self.engine.shutdown(deadline)
+        return await self.engine.shutdown(deadline, notice=False)
 
     async def finish_orphaned(self, deadline: float) -> int:
         """The parent is gone: what its own worker had not settled (records below the hand-over,
@@ -253,7 +276,9 @@ class SenderProcess:
 async def serve(config: dict[str, Any], lines: asyncio.Queue[bytes | None]) -> int:
     sender = SenderProcess(config)
     loop = asyncio.get_running_loop()
-    sender.engine.attach(loop)
+    # Leftovers of earlier processes, and logs of dead ones, are the parent's to look for: its
+    # engine does at its start. This one's uploader starts when it spills.
+    sender.engine.attach(loop, leftovers=False)
     sender._send({"ready": os.getpid()})
     while True:  # until the parent hands the log over (or finishes before it needs us)
         line = await lines.get()
@@ -282,6 +307,9 @@ async def serve(config: dict[str, Any], lines: asyncio.Queue[bytes | None]) -> i
                 sender._more.set()
                 continue
             message = orjson.loads(line)
+            if message.get("op") == "go":
+                await sender.start_sending()
+                continue
             if message.get("op") == "stop":
                 # The parent takes back what is not acknowledged (its log cannot follow the events
                 # any more): stop at once, delivering and keeping nothing more.
@@ -299,6 +327,7 @@ async def serve(config: dict[str, Any], lines: asyncio.Queue[bytes | None]) -> i
                         "lost": lost,
                         "acked": sender.ordinals.watermark(),
                         "stats": {**sender.engine.stats(), "read": sender.tail.ordinal},
+                        "journal_runs": sorted(spool.runs) if (spool := sender.engine.spool) else [],
                     }
                 )
                 break

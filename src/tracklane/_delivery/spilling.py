@@ -76,7 +76,10 @@ class Spiller:
         st = self.state
         st.spilled += sum(len(b) for b in batches[:kept])
         settle(batches[:kept])  # in the journal: the event log need not keep them
-        if kept:
+        if kept or (st.spool is not None and st.spool.broken):
+            # Broken on this write: the uploader finds nothing to deliver and turns the engine
+            # back to sending from memory (else it would wait in SPOOLING for an uploader that
+            # nothing starts, when no look for leftovers opened the journal first).
             self._kick_uploader()
         if kept < len(batches):
             st.hand.extendleft(reversed(batches[kept:]))

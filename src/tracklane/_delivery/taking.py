@@ -119,8 +119,8 @@ class Taker:
         """Each request of this chunk settles its share of the event log's record range; the
         range is acknowledged once they all have (a tag set twice in the chunk is one entry)."""
         log = self.buffer.log
-        if log is None or not events or self.buffer.relayed or self.buffer.unticketed:
-            return  # (relayed: the sender process acknowledges the log; these are memory's only)
+        if log is None or not events or self.buffer.unticketed:
+            return  # (unticketed: what memory holds is no longer in ordinal order: see Buffer)
         start, end = self.buffer.last_take
         settled = log.ticket(start, end, len(batches))
         if settled is None or not batches:

@@ -172,6 +172,7 @@ class EventLog:
         "lineage",
         "lock",
         "max_bytes",
+        "on_acked",
         "ordinal",
         "segment_bytes",
         "server",
@@ -214,6 +215,9 @@ class EventLog:
         self._retry_at = 0  # while off: the ordinal at which to try allocating again
         self.closed = False
         self.warned = False
+        #: Told each new watermark (under ``lock``): the relay lets the sender start sending once
+        #: everything before the hand-over is settled.
+        self.on_acked: Callable[[int], None] | None = None
 
     # -- writing (callers hold ``lock``) ---------------------------------------------------------
 
@@ -413,14 +417,8 @@ class EventLog:
             acked = self._done.pop(acked)
         self.acked = acked
         self._forget_acked()
-
-    def acknowledge_to(self, watermark: int) -> None:
-        """Every ordinal below ``watermark`` reached its final outcome: what a sender process
-        reports (it acknowledges in order, so a watermark says it all)."""
-        with self.lock:
-            if watermark > self.acked:
-                self.acked = watermark
-                self._forget_acked()
+        if self.on_acked is not None:
+            self.on_acked(acked)
 
     def _forget_acked(self) -> None:
         keep = []
