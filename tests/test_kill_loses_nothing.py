@@ -35,7 +35,7 @@ TRIALS = 5
 KEYS = ("loss", "acc")
 
 CHILD = """
-import sys
+import os, sys, time
 from tracklane import TrackingClient
 
 if sys.argv[1] == "offline":
@@ -46,6 +46,10 @@ tc.set_experiment(sys.argv[3])
 run = tc.start_run(log_system_metrics=False)
 tc.log_params({"lr": "0.1"})
 tc.set_tags({"phase": "train"})
+if os.environ.get("TRACKLANE_SENDER") == "process":  # killed once the sender process has the log
+    deadline = time.monotonic() + 60
+    while tc.stats().get("sender_process") != 1.0 and time.monotonic() < deadline:
+        time.sleep(0.01)
 print("run", run.info.run_id, flush=True)
 for step in range(10_000_000):
     tc.log_metric("loss", step * 0.5, step=step)

@@ -155,12 +155,11 @@ def test_flush_waits_for_the_senders_acknowledgement(
     tc.set_experiment(experiment_name)
     try:
         run = tc.start_run(log_system_metrics=False)
+        _wait_for_the_sender(tc)  # every event below is the sender process's to deliver
         for step in range(5_000):
             tc.log_metric("loss", 0.5, step=step)
-        began = time.monotonic()
         assert tc.flush(timeout=60)
-        assert len(reader.history(run.info.run_id, "loss")) == 5_000
-        assert time.monotonic() - began < 60
+        assert len(reader.history(run.info.run_id, "loss")) == 5_000  # there when flush returned
         assert tc.stats()["delivered"] == 5_000
         tc.end_run()
     finally:

@@ -197,3 +197,35 @@ def test_a_tail_started_mid_segment_returns_only_what_comes_from_its_start(tmp_p
     log._segments = log._segments[1:]
     later = LogTail(log.directory, log.token, 990)
     assert [e[5] for e in later.read(100)] == list(range(990, 1000))  # type: ignore[index]
+
+
+def test_a_missing_segment_number_does_not_stop_the_tail(tmp_path: Path) -> None:
+    log = _log(tmp_path, segment_bytes=16 << 10)
+    _write_metrics(log, 0, 1000)
+    tail = _tail(log)
+    assert len(tail.read(100)) == 100
+    # A later segment whose number is not the next one (an older writer's failed allocation).
+    newest = log._segments[-1]
+    renamed = newest.path.with_name(event_log.segment_name(log.token, newest.n + 5))
+    os.rename(newest.path, renamed)
+    assert [e[5] for e in tail.read(10_000)] == list(range(100, 1000))  # type: ignore[index]
+
+
+def test_a_failed_allocation_leaves_no_hole_in_the_segment_numbers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = _log(tmp_path, segment_bytes=16 << 10)
+    _write_metrics(log, 0, 10)
+    real = event_log._reserve
+
+    def full(fd: int, size: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(event_log, "_reserve", full)
+    with log.lock:
+        log._roll(log.ordinal, 64)  # fails: the log is off for now
+    monkeypatch.setattr(event_log, "_reserve", real)
+    with log.lock:
+        log._retry_at = 0
+        assert log._roll(log.ordinal, 64)
+    assert [s.n for s in log._segments] == [1, 2]

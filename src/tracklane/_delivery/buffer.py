@@ -95,6 +95,9 @@ class Buffer:
         self.relay_failed: Callable[[], None] = _nothing
         #: The ordinal from which the sender was no longer given the events (``_relay_cannot_follow``).
         self.relayed_until = 0
+        #: The worker takes nothing while the sender's records are being taken back (they go
+        #: ahead of what is here, so nothing newer may leave first).
+        self.held = False
 
     def bind(self, loop: asyncio.AbstractEventLoop, notify: Callable[[], None]) -> None:
         """Wake the worker on ``loop`` through ``notify``; called once the worker runs there."""
@@ -116,7 +119,7 @@ class Buffer:
         self.dropped = self.taken = 0
         self.popped = 0
         self.last_take = (0, 0)
-        self.relayed = self.unticketed = False
+        self.relayed = self.unticketed = self.held = False
         self.relay_notify = self.relay_failed = _nothing
         self.relay_wake_at = 0
         if self.log is not None:
@@ -351,6 +354,7 @@ class Buffer:
         this process holds is acknowledged by ordinal any more. Caller holds the log's lock."""
         self.relayed = False
         self.unticketed = True
+        self.held = True  # until the sender's records are taken back (``Relaying``)
         self.relayed_until = self.log.ordinal - 1 if self.log is not None else 0  # (this one is in memory)
         self.relay_notify = _nothing
         self.relay_failed()
@@ -396,7 +400,7 @@ class Buffer:
                 if isinstance(oldest, tuple):
                     self.popped += 1
                     if log is not None:  # its record is settled: dropped, counted, reported
-                        if not self.relayed:  # (relayed: memory holds no ordinals of the log's)
+                        if not self.unticketed:  # (memory's ordinals are in order)
                             log.done_locked(self.popped - 1, self.popped)
                         self._log_or_keep(log, event)
                     else:

@@ -87,7 +87,7 @@ class Engine:
             relay = None
         self._build(spool)
         if relay is not None and log is not None:
-            self.relaying = Relaying(self.state, self.buffer, log, relay)
+            self.relaying = Relaying(self.state, self.buffer, log, relay, self._uploader.kick)
 
     def _build(self, spool: Spool | None) -> None:
         """The state and the parts over it: at construction, and again after a fork."""
@@ -222,8 +222,11 @@ class Engine:
     async def keep_run_end(self, end: RunEnd) -> bool:
         """After giving up on the server: the run's events and its end go to the journal. False if
         the journal cannot be written."""
+        # Oldest first: this process's own events, then the sender's behind them, then the end.
+        if not await self._waiter.keep_events():
+            return False
         if self.relaying is not None and not await self.relaying.keep_events():
-            return False  # (the sender's records first, then ours and the end)
+            return False
         return await self._waiter.keep_run_end(end)
 
     def undelivered(self, run_id: str) -> int:
@@ -348,6 +351,9 @@ class Engine:
         with contextlib.suppress(TrackingError):  # the run model has reported these already
             done = await self.flush(deadline)
         if self.relaying is not None and self.relaying.relay is not None:
+            if not done:  # this process's own (older) events go to the journal before the sender's
+                with contextlib.suppress(TrackingError):
+                    await self._waiter.keep_events()
             # The sender delivers or keeps the rest, then exits; one that was gone left its
             # records to this process's worker, which delivers them now.
             st.lost += await self.relaying.close(deadline)

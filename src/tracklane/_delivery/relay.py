@@ -70,6 +70,7 @@ class Relay:
         #: The sender has the log from ordinal ``sender_from`` on, and has acknowledged up to
         #: ``acked_to`` (the ordinals before ``sender_from`` are this process's worker's).
         self.handed_over = False
+        self.went = False
         self.sender_from = self.acked_to = 0
         #: Called on the loop when the sender says it is ready (the engine hands it the log).
         self.on_ready: Callable[[], None] | None = None
@@ -131,9 +132,9 @@ class Relay:
             with contextlib.suppress(BlockingIOError, BrokenPipeError, OSError):
                 os.write(self._in, b"w\n")
 
-    def _write(self, data: bytes, block: bool = False) -> None:
+    def _write(self, data: bytes, block: bool = False, bound: float = START_WAIT) -> None:
         view = memoryview(data)
-        ends = time.monotonic() + START_WAIT
+        ends = time.monotonic() + bound
         while view:
             try:
                 view = view[os.write(self._in, view) :]
@@ -207,27 +208,29 @@ class Relay:
             return await asyncio.wait_for(asyncio.shield(future), bound)
         except asyncio.TimeoutError:
             self._replies.pop(number, None)
+            # Ended before anyone takes its log back: a sender left running would deliver the
+            # same records again (and an old tag value after a new one).
+            self.abandon()
             raise SenderGone("the sender process did not answer") from None
 
     # -- what the engine asks --------------------------------------------------------------------
 
     def hand_over(self, ordinal: int) -> None:
         """The sender takes the log from ``ordinal`` on. Caller holds the log's lock, so no record
-        is written meanwhile. It sends nothing until every event before ``ordinal`` is settled
-        here (``go``), so no newer event overtakes an older one (a tag's last value stays last)."""
+        is written meanwhile. It reads nothing until ``go``."""
         self.sender_from = self.acked_to = ordinal
         self.stats["read"] = ordinal  # (what came before is the worker's, not unread)
         self._write(orjson.dumps({"op": "from", "ordinal": ordinal}) + b"\n")
         self.handed_over = True
-        self.log.on_acked = self._settled_before
-        self._settled_before(self.log.acked)
 
-    def _settled_before(self, acked: int) -> None:
-        """The log's watermark moved (under its lock): once it reaches the hand-over, go."""
-        if acked >= self.sender_from and self.log.on_acked is not None:
-            self.log.on_acked = None
-            with contextlib.suppress(SenderGone):
-                self._write(b'{"op":"go"}\n')
+    def go(self) -> None:
+        """Every event before the hand-over is delivered here: the sender may send (any thread;
+        under the log's lock, so briefly)."""
+        if self.went:
+            return
+        self.went = True
+        with contextlib.suppress(SenderGone):  # (a sender that reads nothing: its flush says so)
+            self._write(b'{"op":"go"}\n', bound=1.0)
 
     def abandon(self) -> None:
         """The sender never took the log (it was still starting): end it, it holds nothing."""
@@ -249,14 +252,16 @@ class Relay:
             {"op": "flush", "upto": upto, "run": run_id, "timeout": _left(deadline)}, _left(deadline)
         )
         _raise(reply)
-        return bool(reply.get("ok"))
+        # Records it could not read (a damaged one stops its reading) are not flushed, whatever
+        # it delivered: the log keeps them for recovery.
+        return bool(reply.get("ok")) and int(reply.get("acked", 0)) >= upto
 
     async def keep_events(self) -> bool:
         """After giving up on the server: every record the sender holds goes to the journal (a
         run's end is recorded after them, by the engine). False if the journal cannot be written."""
         with self.log.lock:
             upto = self.log.ordinal
-        reply = await self.ask({"op": "keep_events", "upto": upto}, None)
+        reply = await self.ask({"op": "keep_events", "upto": upto}, 2 * self.config.retry_window)
         return bool(reply.get("ok"))
 
     def give_up(self) -> None:

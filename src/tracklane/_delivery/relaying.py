@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 from .._exceptions import AuthenticationError
 from .._stores.event_log import EventLog, LogTail
@@ -39,11 +40,14 @@ _COUNTED = ("delivered", "spilled", "rejected", "enqueued")
 class Relaying:
     """Who delivers the log, and the waits on the sender process. See the module docstring."""
 
-    def __init__(self, state: State, buffer: Buffer, log: EventLog, relay: Relay) -> None:
+    def __init__(
+        self, state: State, buffer: Buffer, log: EventLog, relay: Relay, kick_uploader: Callable[[], None]
+    ) -> None:
         self.state = state
         self.buffer = buffer
         self.log = log
         self.relay: Relay | None = relay
+        self.kick_uploader = kick_uploader
         #: The sender stopping and its records being taken back, after the log stopped following.
         self.retiring: asyncio.Task[None] | None = None
         #: Events a sender that is gone had accepted (its counts are folded into the engine's).
@@ -83,6 +87,24 @@ class Relaying:
             buffer.relay_failed = self._retire_threadsafe
             buffer.relay_wake_at = log.ordinal + buffer.batch_wake_at
             buffer.relayed = True
+            log.on_acked = self._settled
+            self.state.on_all_delivered = self._may_go
+            self._may_go()
+
+    def _settled(self, acked: int) -> None:
+        self._may_go()
+
+    def _may_go(self) -> None:
+        """The sender sends only once everything logged before the hand-over is delivered here
+        (acknowledged, and none of it left in the journal): no newer event overtakes an older
+        one, a tag's last value stays last, and the journal's rows are this process's to count."""
+        relay, st = self.relay, self.state
+        if relay is None or not relay.handed_over or relay.went:
+            return
+        if self.log.acked >= relay.sender_from and st.mode is Mode.SENDING and st.spilled == 0:
+            self.log.on_acked = None
+            st.on_all_delivered = None
+            relay.go()
 
     def _abandon(self) -> None:
         if self.relay is not None:
@@ -104,6 +126,7 @@ class Relaying:
         if not relay.handed_over:
             return  # it never had the log: the worker here has every event
         log, buffer = self.log, self.buffer
+        buffer.held = True  # until ``_behind_the_journal``: nothing newer leaves first
         with log.lock:
             start = relay.acked_to
             tail = LogTail(log.directory, log.token, start)
@@ -117,8 +140,25 @@ class Relaying:
             "on (%d taken back from the event log).",
             len(events),
         )
-        if self.state.signals is not None:
-            self.state.signals.wake.set()
+        loop = self.state.loop
+        if loop is not None and not loop.is_closed():
+            loop.create_task(self._behind_the_journal(), name="tracklane-took-back")
+        else:
+            buffer.held = False
+
+    async def _behind_the_journal(self) -> None:
+        """After a take back: if the journal holds rows for this server (the sender's, from an
+        outage), what memory holds queues behind them there, as in-process; then the worker goes."""
+        st = self.state
+        try:
+            spool = st.spool
+            if spool is not None and await spool.pending(None):
+                st.start_spooling()
+                self.kick_uploader()
+        finally:
+            self.buffer.held = False
+            if st.signals is not None:
+                st.signals.wake.set()
 
     def _retire(self) -> None:
         relay = self.relay
@@ -133,8 +173,12 @@ class Relaying:
         )
 
         async def retire() -> None:
-            await relay.stop()
-            self.take_back(relay, upto=self.buffer.relayed_until)
+            try:
+                await relay.stop()
+                self.take_back(relay, upto=self.buffer.relayed_until)
+            except BaseException:
+                self.buffer.held = False  # never leave the worker held
+                raise
 
         self.retiring = loop.create_task(retire(), name="tracklane-retire-sender")
 
@@ -214,6 +258,9 @@ class Relaying:
         lost, journal_runs = closed
         self.relay = None
         self._fold_counts(relay)
+        # Records it never settled (it could not read them: a damaged record stops its reading)
+        # are not delivered: counted as such, so the log's files stay for recovery.
+        lost = max(lost, self.log.ordinal - relay.acked_to)
         spool = self.state.spool
         if spool is not None and journal_runs:  # the engine's notice says what the journal keeps, once
             spool.runs.update(journal_runs)

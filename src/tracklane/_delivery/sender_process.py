@@ -168,21 +168,21 @@ class SenderProcess:
         return self.go.is_set()
 
     async def start_sending(self) -> None:
-        """``go``: if the journal holds rows for this server (the parent's, from an outage before
-        the hand-over), new events queue behind them there, as in-process, so none overtakes."""
-        spool = self.engine.spool
-        if spool is not None and await spool.pending(None):
-            self.engine.state.start_spooling()
-            self.engine.resume_leftovers()
+        """``go``: the parent has delivered everything logged before the hand-over."""
         self.go.set()
 
-    async def _read_to(self, upto: int) -> None:
-        """Every record below ``upto`` is in the engine (the buffer makes room as it delivers)."""
+    async def _read_to(self, upto: int, deadline: float | None = None) -> None:
+        """Every record below ``upto`` is in the engine (the buffer makes room as it delivers),
+        or ``deadline`` has passed (what is not read stays in the log)."""
         while self.tail.ordinal < upto:
             if self._pull(upto):
                 continue
             if len(self.engine.buffer) >= self.config.max_buffer:
-                await self.engine.buffer.wait_for_room()
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.engine.buffer.wait_for_room(), left)
             else:  # the parent said it wrote them: they are there; a torn tail of a dead writer is not
                 return
 
@@ -207,13 +207,17 @@ class SenderProcess:
         op = message.get("op")
         reply: dict[str, Any] = {"id": message.get("id")}
         try:
-            if op in ("flush", "keep_events") and not await self._gone_ahead():
-                reply["ok"] = False  # the parent's older events are not settled yet
+            if op == "flush" and not await self._gone_ahead():
+                reply["ok"] = False  # the parent's older events are not delivered yet
             elif op == "flush":
-                await self._read_to(int(message["upto"]))
                 deadline = _deadline(message.get("timeout"))
+                await self._read_to(int(message["upto"]), deadline)
                 reply["ok"] = await self.engine.flush(deadline, message.get("run"))
             elif op == "keep_events":
+                # The parent has kept its own (older) events in the journal first: these go
+                # behind them there, go or no go.
+                self.engine.state.start_spooling()
+                self.go.set()
                 await self._read_to(int(message["upto"]))
                 reply["ok"] = await self.engine.keep_events()
             elif op == "stats":
@@ -240,25 +244,24 @@ class SenderProcess:
     async def finish(self, deadline: float) -> int:
         """Deliver or keep every record the log holds (by ``deadline``), then stop: lost events.
         The parent says what the journal keeps, for both (``journal_runs`` in the reply)."""
-        await self._read_to(1 << 62)
+        await self._read_to(1 << 62, deadline)
         return await self.engine.shutdown(deadline, notice=False)
 
     async def finish_orphaned(self, deadline: float) -> int:
         """The parent is gone: what its own worker had not settled (records below the hand-over,
-        above the watermark it last stored) is delivered here too, ahead of the rest; then as
+        above the watermark it last stored) goes first, then the rest of the log; then as
         ``finish``. A record it had delivered without storing the watermark goes again, which the
         server takes as a no-op (see ``event_log.recover``)."""
-        await self._read_to(1 << 62)
         start = self.ordinals.base
         floor = log_watermark(self.directory, self.token)
         if floor is not None and floor < start:
             tail = LogTail(self.directory, self.token, floor)
             own = [e for e in tail.read(start - floor) if e is not None]
             tail.close()
-            self.engine.buffer.take_back(own, own_before=0)
-            if self.engine.state.signals is not None:
-                self.engine.state.signals.wake.set()
-        return await self.engine.shutdown(deadline)
+            self.engine.buffer.take_back(own, own_before=0)  # ahead of anything read from the log
+        self.go.set()  # nothing older is left to wait for
+        await self._read_to(1 << 62, deadline)
+        return await self.engine.shutdown(deadline, notice=False)
 
     def release_log(self, lost: int) -> None:
         """A dead parent's log, once everything in it is delivered or in the journal (``lost`` 0):

@@ -31,7 +31,7 @@ import enum
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -125,6 +125,9 @@ class State:
     #: Ends of runs whose events are still in memory only (the journal cannot be written): applied
     #: once those events are delivered, never before (a run is not FINISHED while events are missing).
     held_ends: list[RunEnd] = field(default_factory=list)
+    #: Told when the uploader has delivered every journal row of this engine's (``relaying``
+    #: lets a sender process start sending then).
+    on_all_delivered: Callable[[], None] | None = None
 
     # -- the mode ----------------------------------------------------------------------------------
 

@@ -62,6 +62,8 @@ class Taker:
 
     async def take(self) -> None:
         st, buffer = self.state, self.buffer
+        if buffer.held:  # a sender's records are being taken back, to go first (``relaying``)
+            return
         # A partial request may go now if the interval has passed since the last take. Once a
         # take has taken anything, what is left arrived after it (the buffer is in order), so
         # the interval starts again; and a partial remainder behind a full request is that fresh.

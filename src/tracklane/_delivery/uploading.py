@@ -178,6 +178,8 @@ class JournalUploader:
             logger.warning(
                 "tracklane: %s answers again; every event kept in the journal is delivered.", spool.api_host
             )
+        if st.on_all_delivered is not None:
+            st.on_all_delivered()
 
     def _sent_from_journal(self, run_id: str, n: int) -> None:
         st = self.state

@@ -360,8 +360,8 @@ class EventLog:
             missing = [p for p in [self.directory, *self.directory.parents] if not p.exists()]
             self.directory.mkdir(parents=True, exist_ok=True)
             self._made_dirs = missing + self._made_dirs  # deepest first, to remove at close
-        self._n += 1
-        path = self.directory / segment_name(self.token, self._n)
+        n = self._n + 1  # taken only once the file is there: segment numbers have no holes
+        path = self.directory / segment_name(self.token, n)
         # Made under a name no reader looks at, and renamed once locked and allocated: a file
         # with a segment's name is locked from its first moment, so no reader takes it for dead.
         making = path.with_name(f".{path.name}.new")
@@ -382,7 +382,8 @@ class EventLog:
             with contextlib.suppress(OSError):
                 making.unlink()
             raise
-        return _Segment(path, fd, mm, self._n, ordinal)
+        self._n = n
+        return _Segment(path, fd, mm, n, ordinal)
 
     def _off_for_now(self, ordinal: int, why: str) -> bool:
         # Try again a segment's worth of events later (or as soon as acknowledgements free one).
@@ -630,6 +631,7 @@ class LogTail:
         #: Records still to pass over before the start ordinal (read, not returned).
         self._skip = 0
         self._n_opened = 0
+        self._next: int | None = None  # the segment to open next (None: the oldest there)
         #: A sealed record whose seal is wrong was met: nothing after it is read.
         self.damaged = False
 
@@ -642,23 +644,36 @@ class LogTail:
             self._read_from(out, limit)
             if len(out) >= limit:
                 break
-            # The segment's end for now: move on only once the writer has rolled to the next.
-            if not (self.directory / segment_name(self.token, self._n + 1)).exists():
+            # The segment's end for now: move on only once the writer has rolled to a later one.
+            later = self._later_segment()
+            if later is None:
                 break
             self._read_from(out, limit)  # what it wrote before rolling
             if len(out) >= limit:
                 break
             self._close()
+            self._next = later
         return out
 
+    def _numbers(self) -> list[int]:
+        return sorted(
+            int(m["n"])
+            for name in _listdir(self.directory)
+            if (m := _NAME.match(name)) is not None and m["token"] == self.token
+        )
+
+    def _later_segment(self) -> int | None:
+        """The writer's next segment after the current one, if it has one (the next number,
+        or a later one should a number be missing)."""
+        if (self.directory / segment_name(self.token, self._n + 1)).exists():
+            return self._n + 1
+        later = [n for n in self._numbers() if n > self._n]
+        return later[0] if later else None
+
     def _open_next(self) -> bool:
-        n = self._n + 1
-        if self._n == 0:  # the first read: the writer's oldest segment still there
-            found = sorted(
-                int(m["n"])
-                for name in _listdir(self.directory)
-                if (m := _NAME.match(name)) is not None and m["token"] == self.token
-            )
+        n = self._next
+        if n is None:  # the first read: the writer's oldest segment still there
+            found = self._numbers()
             if not found:
                 return False
             n = found[0]
