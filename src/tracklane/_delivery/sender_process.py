@@ -133,6 +133,21 @@ class SenderProcess:
     def _send(self, message: dict[str, Any]) -> None:
         _to_parent(orjson.dumps(message) + b"\n")
 
+    async def report_progress(self) -> None:
+        """The counters, whenever the journal's rows move (the uploader delivering what this
+        sender spilled: the watermark does not move then, yet the parent's progress lines and
+        stats() must), at most four times a second."""
+        signals = self.engine.state.signals
+        assert signals is not None
+        while True:
+            await signals.journal_moved.wait()
+            signals.journal_moved.clear()
+            st = self.engine.state
+            self._send(
+                {"stats": {"delivered": st.delivered, "spilled": st.spilled, "read": self.tail.ordinal}}
+            )
+            await asyncio.sleep(0.25)
+
     def _report(self, watermark: int) -> None:
         if watermark > self._reported:
             self._reported = watermark
@@ -296,6 +311,7 @@ async def serve(config: dict[str, Any], lines: asyncio.Queue[bytes | None]) -> i
     sender.begin(int(message["ordinal"]))
     lock = hold_for_sender(sender.directory, sender.token)
     pump = loop.create_task(sender.pump(), name="tracklane-sender-pump")
+    reporter = loop.create_task(sender.report_progress(), name="tracklane-sender-progress")
     handling: set[asyncio.Task[None]] = set()
     parent_alive = True
     lost = 0
@@ -339,6 +355,7 @@ async def serve(config: dict[str, Any], lines: asyncio.Queue[bytes | None]) -> i
             task.add_done_callback(handling.discard)
     finally:
         pump.cancel()
+        reporter.cancel()
         if parent_alive:
             sender.tail.close()
         else:
