@@ -120,11 +120,10 @@ class Relaying:
             relay = self.relay
         if relay is self.relay:
             self.relay = None
-        if relay is None:
+        if relay is None or not relay.handed_over:  # (it never had the log: the worker has it all)
+            self._release()
             return
         self._fold_counts(relay, settled_only=True)
-        if not relay.handed_over:
-            return  # it never had the log: the worker here has every event
         log, buffer = self.log, self.buffer
         buffer.held = True  # until ``_behind_the_journal``: nothing newer leaves first
         with log.lock:
@@ -144,7 +143,7 @@ class Relaying:
         if loop is not None and not loop.is_closed():
             loop.create_task(self._behind_the_journal(), name="tracklane-took-back")
         else:
-            buffer.held = False
+            self._release()
 
     async def _behind_the_journal(self) -> None:
         """After a take back: if the journal holds rows for this server (the sender's, from an
@@ -156,14 +155,20 @@ class Relaying:
                 st.start_spooling()
                 self.kick_uploader()
         finally:
+            self._release()
+
+    def _release(self) -> None:
+        """The worker may take again (a take back is done, or there was nothing to take back)."""
+        if self.buffer.held:
             self.buffer.held = False
-            if st.signals is not None:
-                st.signals.wake.set()
+            if self.state.signals is not None:
+                self.state.signals.wake.set()
 
     def _retire(self) -> None:
         relay = self.relay
         loop = self.state.loop
-        if relay is None or loop is None:
+        if relay is None or loop is None:  # it is gone already (and taken back, or never had it)
+            self._release()
             return
         self.relay = None
         logger.warning(
@@ -177,7 +182,7 @@ class Relaying:
                 await relay.stop()
                 self.take_back(relay, upto=self.buffer.relayed_until)
             except BaseException:
-                self.buffer.held = False  # never leave the worker held
+                self._release()  # never leave the worker held
                 raise
 
         self.retiring = loop.create_task(retire(), name="tracklane-retire-sender")
