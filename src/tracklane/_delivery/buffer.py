@@ -156,9 +156,7 @@ class Buffer:
         sender took over) and ahead of the rest (logged after the log stopped following), and the
         worker delivers them. From here nothing is acknowledged by ordinal (the log's files stay
         until it closes). Caller holds the log's lock."""
-        self.relayed = False
-        self.unticketed = True
-        self.relay_notify = self.relay_failed = _nothing
+        self._stop_relaying()
         if not events:
             return
         items = list(self._buf)
@@ -352,12 +350,18 @@ class Buffer:
         never see it, so from here this process delivers by itself, from memory, as without a
         sender; the engine lets the sender finish what the log holds (``relay_failed``). Nothing
         this process holds is acknowledged by ordinal any more. Caller holds the log's lock."""
-        self.relayed = False
-        self.unticketed = True
         self.held = True  # until the sender's records are taken back (``Relaying``)
         self.relayed_until = self.log.ordinal - 1 if self.log is not None else 0  # (this one is in memory)
-        self.relay_notify = _nothing
-        self.relay_failed()
+        relay_failed = self.relay_failed
+        self._stop_relaying()
+        relay_failed()
+
+    def _stop_relaying(self) -> None:
+        """From here this process delivers from memory, and what memory holds is no longer in
+        ordinal order, so nothing is acknowledged by ordinal."""
+        self.relayed = False
+        self.unticketed = True
+        self.relay_notify = self.relay_failed = _nothing
 
     def _put_all(self, events: list[Event], errors: list[str]) -> None:
         # A bad entry must not cost the good ones of the same call: enqueue those, then raise.

@@ -46,7 +46,7 @@ from .relaying import Relaying
 from .sending import Sender
 from .spilling import Spiller
 from .spool import Spool
-from .state import Backend, Signals, State, fresh_state
+from .state import Backend, Signals, State, fresh_state, time_left_at_most
 from .taking import Taker
 from .uploading import JournalUploader
 from .waiting import Waiter
@@ -227,7 +227,7 @@ class Engine:
             return False
         if self.relaying is not None and not await self.relaying.keep_events():
             return False
-        return await self._waiter.keep_run_end(end)
+        return await self._waiter.record_end(end)
 
     def undelivered(self, run_id: str) -> int:
         """Events of run ``run_id`` neither on the server nor in the journal (held in memory)."""
@@ -362,7 +362,7 @@ class Engine:
                     done = await self.flush(deadline)
         with contextlib.suppress(TrackingError):
             if done and st.resumes:  # a look for earlier leftovers may still be starting the uploader
-                await asyncio.wait(st.resumes, timeout=_remaining(deadline, 10.0))
+                await asyncio.wait(st.resumes, timeout=time_left_at_most(deadline, 10.0))
             if done:
                 await self._waiter.uploader_done(deadline)  # leftovers of earlier processes too
         if st.held_ends:
@@ -440,7 +440,3 @@ class Engine:
             self._clear_leftovers()
         self.buffer.close_log(lost)
         return lost
-
-
-def _remaining(deadline: float | None, cap: float) -> float:
-    return cap if deadline is None else max(0.0, min(cap, deadline - time.monotonic()))

@@ -36,6 +36,7 @@ import orjson
 from .._exceptions import AuthenticationError, CertificateError, DeliveryError, RejectedEvent
 from .._settings import EngineConfig, ServerConfig
 from .._stores.event_log import EventLog
+from .state import time_left
 
 logger = logging.getLogger("tracklane")
 
@@ -65,8 +66,6 @@ class Relay:
         self.alive = False
         #: The sender's last counters (``Engine.stats`` adds them to this process's).
         self.stats: dict[str, float] = {}
-        self.started_at = 0.0
-        self.ready_at: float | None = None
         #: The sender has the log from ordinal ``sender_from`` on, and has acknowledged up to
         #: ``acked_to`` (the ordinals before ``sender_from`` are this process's worker's).
         self.handed_over = False
@@ -81,7 +80,6 @@ class Relay:
     def start(self, loop: asyncio.AbstractEventLoop, workspace_id: str | None) -> bool:
         """Start the sender; False (said at WARNING) if it cannot start here."""
         self.loop = loop
-        self.started_at = time.monotonic()
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "tracklane._delivery.sender_process"],
@@ -99,7 +97,7 @@ class Relay:
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self._in = self.proc.stdin.fileno()
         self.alive = True
-        self._write(orjson.dumps(self._configuration(workspace_id)) + b"\n", block=True)
+        self._write(orjson.dumps(self._configuration(workspace_id)) + b"\n")
         # The wake-ups come from logging calls: they must never wait on a pipe.
         flags = fcntl.fcntl(self._in, fcntl.F_GETFL)
         fcntl.fcntl(self._in, fcntl.F_SETFL, flags | os.O_NONBLOCK)
@@ -132,7 +130,7 @@ class Relay:
             with contextlib.suppress(BlockingIOError, BrokenPipeError, OSError):
                 os.write(self._in, b"w\n")
 
-    def _write(self, data: bytes, block: bool = False, bound: float = START_WAIT) -> None:
+    def _write(self, data: bytes, bound: float = START_WAIT) -> None:
         view = memoryview(data)
         ends = time.monotonic() + bound
         while view:
@@ -168,7 +166,6 @@ class Relay:
             logger.log(int(level), "%s", text)
             return
         if "ready" in message:
-            self.ready_at = time.monotonic()
             if self.on_ready is not None:
                 self.on_ready()
             return
@@ -249,7 +246,7 @@ class Relay:
         with self.log.lock:
             upto = self.log.ordinal
         reply = await self.ask(
-            {"op": "flush", "upto": upto, "run": run_id, "timeout": _left(deadline)}, _left(deadline)
+            {"op": "flush", "upto": upto, "run": run_id, "timeout": time_left(deadline)}, time_left(deadline)
         )
         _raise(reply)
         # Records it could not read (a damaged one stops its reading) are not flushed, whatever
@@ -281,7 +278,7 @@ class Relay:
         left in the journal (for the engine's one notice); None if it was gone."""
         self._closing = True  # its exit after the reply is expected
         try:
-            reply = await self.ask({"op": "close", "timeout": _left(deadline)}, _left(deadline))
+            reply = await self.ask({"op": "close", "timeout": time_left(deadline)}, time_left(deadline))
         except SenderGone:
             reply = None
         finally:
@@ -330,10 +327,6 @@ class Relay:
                         null = os.open(os.devnull, os.O_RDWR)
                         os.dup2(null, pipe.fileno())
                         os.close(null)
-
-
-def _left(deadline: float | None) -> float | None:
-    return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 def _raise(reply: dict[str, Any]) -> None:

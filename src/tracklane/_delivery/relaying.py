@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable
 
 from .._exceptions import AuthenticationError
 from .._stores.event_log import EventLog, LogTail
 from .buffer import Buffer
 from .relay import Relay, SenderGone
-from .state import Mode, State
+from .state import Mode, State, time_left_at_most
 
 logger = logging.getLogger("tracklane")
 
@@ -211,7 +210,7 @@ class Relaying:
         ``deadline``."""
         task = self.retiring
         if task is not None:
-            await asyncio.wait({task}, timeout=_remaining(deadline, 3600.0))
+            await asyncio.wait({task}, timeout=time_left_at_most(deadline, 3600.0))
             if not task.done():
                 return False
             self.retiring = None
@@ -323,7 +322,3 @@ class Relaying:
         if self.relay is not None:
             self.relay.detach()
             self.relay = None
-
-
-def _remaining(deadline: float | None, cap: float) -> float:
-    return cap if deadline is None else max(0.0, min(cap, deadline - time.monotonic()))

@@ -53,6 +53,7 @@ from .._stores.rest import RestBackend
 from .._wire.batching import Event
 from .engine import Engine
 from .spool import Spool
+from .state import time_left
 
 logger = logging.getLogger("tracklane")
 
@@ -142,19 +143,23 @@ class SenderProcess:
         while True:
             await signals.journal_moved.wait()
             signals.journal_moved.clear()
-            st = self.engine.state
-            self._send(
-                {"stats": {"delivered": st.delivered, "spilled": st.spilled, "read": self.tail.ordinal}}
-            )
+            self._send({"stats": self._counts()})
             await asyncio.sleep(0.25)
 
     def _report(self, watermark: int) -> None:
         if watermark > self._reported:
             self._reported = watermark
-            st = self.engine.state
             # The counters the parent's progress lines and stats() read, with each acknowledgement.
-            counts = {"delivered": st.delivered, "spilled": st.spilled, "read": self.tail.ordinal}
-            self._send({"acked": watermark, "stats": counts})
+            self._send({"acked": watermark, "stats": self._counts()})
+
+    def _counts(self) -> dict[str, int]:
+        """What the parent's progress lines read: delivered, spilled, and how far the log is read."""
+        st = self.engine.state
+        return {"delivered": st.delivered, "spilled": st.spilled, "read": self.tail.ordinal}
+
+    def stats(self) -> dict[str, float]:
+        """The engine's ``stats()`` for the parent's, with how far the log is read."""
+        return {**self.engine.stats(), "read": self.tail.ordinal}
 
     # -- reading the log -------------------------------------------------------------------------
 
@@ -235,8 +240,6 @@ class SenderProcess:
                 self.go.set()
                 await self._read_to(int(message["upto"]))
                 reply["ok"] = await self.engine.keep_events()
-            elif op == "stats":
-                pass
             elif op == "workspace":
                 self.rest.workspace_id = message.get("value")
                 return
@@ -252,7 +255,7 @@ class SenderProcess:
         except TrackingError as exc:
             reply["ok"] = False
             reply["error"] = str(exc)
-        reply["stats"] = {**self.engine.stats(), "read": self.tail.ordinal}
+        reply["stats"] = self.stats()
         reply["acked"] = self.ordinals.watermark()
         self._send(reply)
 
@@ -338,14 +341,14 @@ async def serve(config: dict[str, Any], lines: asyncio.Queue[bytes | None]) -> i
                 os._exit(0)
             if message.get("op") == "close":
                 if handling:
-                    await asyncio.wait(handling, timeout=_left(_deadline(message.get("timeout"))))
+                    await asyncio.wait(handling, timeout=time_left(_deadline(message.get("timeout"))))
                 lost = await sender.finish(_deadline(message.get("timeout")) or time.monotonic() + 3600)
                 sender._send(
                     {
                         "id": message.get("id"),
                         "lost": lost,
                         "acked": sender.ordinals.watermark(),
-                        "stats": {**sender.engine.stats(), "read": sender.tail.ordinal},
+                        "stats": sender.stats(),
                         "journal_runs": sorted(spool.runs) if (spool := sender.engine.spool) else [],
                     }
                 )
@@ -378,10 +381,6 @@ def _read_lines(loop: asyncio.AbstractEventLoop, lines: asyncio.Queue[bytes | No
 
 def _deadline(timeout: object) -> float | None:
     return None if timeout is None else time.monotonic() + float(timeout)  # type: ignore[arg-type]
-
-
-def _left(deadline: float | None) -> float | None:
-    return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 def _plain(value: object) -> object:

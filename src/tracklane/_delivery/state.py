@@ -236,6 +236,17 @@ def fresh_state(config: EngineConfig, spool: Spool | None) -> State:
     )
 
 
+def time_left(deadline: float | None) -> float | None:
+    """Seconds until the monotonic ``deadline`` (never below 0); None without one."""
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def time_left_at_most(deadline: float | None, cap: float) -> float:
+    """``time_left``, at most ``cap`` (and ``cap`` without a deadline): a bounded wait's timeout."""
+    left = time_left(deadline)
+    return cap if left is None else min(cap, left)
+
+
 def resolve(marker: Marker) -> None:
     if not marker.done():
         marker.set_result(None)

@@ -19,7 +19,7 @@ from .buffer import Buffer
 from .state import Marker, State, wait_event
 from .uploading import PEER_LOOK_CAP, PEER_LOOK_FIRST, JournalUploader
 
-#: The longest ``keep_run_end`` waits for the sender to move the hand into the journal.
+#: The longest ``keep_events`` waits for the sender to move the hand into the journal.
 HAND_TO_JOURNAL_WAIT = 5.0
 
 
@@ -129,15 +129,12 @@ class Waiter:
         self.raise_problems(run_id)
         return True
 
-    async def keep_run_end(self, end: RunEnd) -> bool:
-        """After giving up on the server: the run's events go to the journal (not memory) and its end
-        is recorded there, for this engine's uploader or a later ``tracklane sync``. False if the
-        journal cannot be written."""
-        st = self.state
-        if not await self.keep_events():
-            return False
-        assert st.spool is not None
-        return await st.spool.record_end(end)
+    async def record_end(self, end: RunEnd) -> bool:
+        """A run's end, recorded in the journal behind its events (``keep_events`` put them there),
+        for this engine's uploader or a later ``tracklane sync``. False if the journal cannot be
+        written."""
+        assert self.state.spool is not None
+        return await self.state.spool.record_end(end)
 
     async def keep_events(self) -> bool:
         """After giving up on the server: every event held goes to the journal (a run's end is

@@ -630,7 +630,6 @@ class LogTail:
         self._gaps = 0
         #: Records still to pass over before the start ordinal (read, not returned).
         self._skip = 0
-        self._n_opened = 0
         self._next: int | None = None  # the segment to open next (None: the oldest there)
         #: A sealed record whose seal is wrong was met: nothing after it is read.
         self.damaged = False
@@ -651,7 +650,7 @@ class LogTail:
             self._read_from(out, limit)  # what it wrote before rolling
             if len(out) >= limit:
                 break
-            self._close()
+            self.close()
             self._next = later
         return out
 
@@ -693,14 +692,13 @@ class LogTail:
             mm.close()
             return False
         self.server = bytes(mm[_HEADER.size : _HEADER.size + slen]).decode("utf-8", "replace")
-        self._n, self._mm, self._pos, self._strings = n, mm, header, {}
-        if self._n_opened == 0 and first < self.ordinal:  # the first segment begins before our start
+        if self._n == 0 and first < self.ordinal:  # the first segment begins before our start
             self._skip, self.ordinal = self.ordinal - first, first
-        self._n_opened += 1
+        self._n, self._mm, self._pos, self._strings = n, mm, header, {}
         self._gaps = max(0, first - self.ordinal)  # events the writer took while its log was off
         return True
 
-    def _close(self) -> None:
+    def close(self) -> None:
         if self._mm is not None:
             with contextlib.suppress(Exception):
                 self._mm.close()
@@ -759,9 +757,6 @@ class LogTail:
                 else:
                     out.append(_event(kind, body, strings) if kind != _GAP else None)
         self._pos = pos
-
-    def close(self) -> None:
-        self._close()
 
 
 def _listdir(directory: Path) -> list[str]:
