@@ -22,8 +22,15 @@ from servers import Reader
 
 
 @pytest.fixture
-def process_sender(monkeypatch: pytest.MonkeyPatch) -> None:
+def process_client(
+    server_url: str, experiment_name: str, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[TrackingClient]:
+    """A TrackingClient on the session server whose events a sender process delivers."""
     monkeypatch.setenv("TRACKLANE_SENDER", "process")
+    tc = TrackingClient(api_host=server_url, exit_timeout=30)
+    tc.set_experiment(experiment_name)
+    yield tc
+    tc.close()
 
 
 def _senders() -> list[psutil.Process]:
@@ -93,74 +100,54 @@ def test_the_server_stores_the_same_run_from_either_sender(
 
 
 def test_end_run_delivers_the_runs_events_before_it_ends_it(
-    process_sender: None, server_url: str, experiment_name: str, reader: Reader
+    process_client: TrackingClient, reader: Reader
 ) -> None:
-    tc = TrackingClient(api_host=server_url, exit_timeout=30)
-    tc.set_experiment(experiment_name)
-    try:
-        for n in range(3):
-            run_id = _log_a_run(tc, 3_000, f"run-{n}")
-            # Read at once, with nothing waited for after end_run: everything is there already.
-            assert len(reader.history(run_id, "loss")) == 3_000
-            assert reader.run(run_id)["info"]["status"] == "FINISHED"
-        stats = tc.stats()
-        assert stats["enqueued"] == stats["delivered"] == 3 * (3_000 + 30 * 2 + 4)
-        assert stats["buffer_depth"] == stats["in_flight_events"] == stats["dropped"] == 0
-    finally:
-        tc.close()
+    tc = process_client
+    for n in range(3):
+        run_id = _log_a_run(tc, 3_000, f"run-{n}")
+        # Read at once, with nothing waited for after end_run: everything is there already.
+        assert len(reader.history(run_id, "loss")) == 3_000
+        assert reader.run(run_id)["info"]["status"] == "FINISHED"
+    stats = tc.stats()
+    assert stats["enqueued"] == stats["delivered"] == 3 * (3_000 + 30 * 2 + 4)
+    assert stats["buffer_depth"] == stats["in_flight_events"] == stats["dropped"] == 0
+    tc.close()
     assert not _senders()  # close ends the sender, once it has delivered
     assert not list(Path("ml_runs").glob("events-*.tll"))  # delivered: the log's files are gone
 
 
 def test_a_sender_killed_mid_run_loses_nothing_this_process_takes_its_log_back(
-    process_sender: None,
-    server_url: str,
-    experiment_name: str,
-    reader: Reader,
-    caplog: pytest.LogCaptureFixture,
+    process_client: TrackingClient, reader: Reader, caplog: pytest.LogCaptureFixture
 ) -> None:
-    tc = TrackingClient(api_host=server_url, exit_timeout=30)
-    tc.set_experiment(experiment_name)
-    try:
-        with (
-            caplog.at_level(logging.WARNING, logger="tracklane"),
-            tc.start_run(log_system_metrics=False) as run,
-        ):
-            for step in range(15_000):  # some before the sender takes over, delivered in-process
-                tc.log_metric("loss", step * 0.5, step=step)
-            _wait_for_the_sender(tc)
-            for step in range(15_000, 30_000):
-                tc.log_metric("loss", step * 0.5, step=step)
-                if step == 20_000:
-                    [sender] = _senders()
-                    sender.send_signal(signal.SIGKILL)
-                    sender.wait(10)
-        run_id = run.info.run_id
-        steps = [s for _, s, _ in reader.history(run_id, "loss")]
-        assert sorted(steps) == list(range(30_000))
-        assert reader.run(run_id)["info"]["status"] == "FINISHED"
-        assert "the sender process exited" in caplog.text
-        # From now on this process delivers by itself.
-        with tc.start_run(log_system_metrics=False) as second:
-            tc.log_metric("loss", 1.0)
-        assert len(reader.history(second.info.run_id, "loss")) == 1
-    finally:
-        tc.close()
+    tc = process_client
+    with caplog.at_level(logging.WARNING, logger="tracklane"), tc.start_run(log_system_metrics=False) as run:
+        for step in range(15_000):  # some before the sender takes over, delivered in-process
+            tc.log_metric("loss", step * 0.5, step=step)
+        _wait_for_the_sender(tc)
+        for step in range(15_000, 30_000):
+            tc.log_metric("loss", step * 0.5, step=step)
+            if step == 20_000:
+                [sender] = _senders()
+                sender.send_signal(signal.SIGKILL)
+                sender.wait(10)
+    run_id = run.info.run_id
+    steps = [s for _, s, _ in reader.history(run_id, "loss")]
+    assert sorted(steps) == list(range(30_000))
+    assert reader.run(run_id)["info"]["status"] == "FINISHED"
+    assert "the sender process exited" in caplog.text
+    # From now on this process delivers by itself.
+    with tc.start_run(log_system_metrics=False) as second:
+        tc.log_metric("loss", 1.0)
+    assert len(reader.history(second.info.run_id, "loss")) == 1
 
 
-def test_flush_waits_for_the_senders_acknowledgement(
-    process_sender: None, server_url: str, experiment_name: str, reader: Reader
-) -> None:
-    tc = TrackingClient(api_host=server_url, exit_timeout=30)
-    tc.set_experiment(experiment_name)
-    try:
-        run = tc.start_run(log_system_metrics=False)
-        _wait_for_the_sender(tc)  # every event below is the sender process's to deliver
-        for step in range(5_000):
-            tc.log_metric("loss", 0.5, step=step)
-        assert tc.flush(timeout=60)
-        assert len(reader.history(run.info.run_id, "loss")) == 5_000  # there when flush returned
-        assert tc.stats()["delivered"] == 5_000
-        tc.end_run()
-    finally:
-        tc.close()
+def test_flush_waits_for_the_senders_acknowledgement(process_client: TrackingClient, reader: Reader) -> None:
+    tc = process_client
+    run = tc.start_run(log_system_metrics=False)
+    _wait_for_the_sender(tc)  # every event below is the sender process's to deliver
+    for step in range(5_000):
+        tc.log_metric("loss", 0.5, step=step)
+    assert tc.flush(timeout=60)
+    assert len(reader.history(run.info.run_id, "loss")) == 5_000  # there when flush returned
+    assert tc.stats()["delivered"] == 5_000
+    tc.end_run()
