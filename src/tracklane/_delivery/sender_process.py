@@ -143,19 +143,15 @@ class SenderProcess:
         while True:
             await signals.journal_moved.wait()
             signals.journal_moved.clear()
-            self._send({"stats": self._counts()})
+            self._send({"stats": self.stats()})
             await asyncio.sleep(0.25)
 
     def _report(self, watermark: int) -> None:
         if watermark > self._reported:
             self._reported = watermark
-            # The counters the parent's progress lines and stats() read, with each acknowledgement.
-            self._send({"acked": watermark, "stats": self._counts()})
-
-    def _counts(self) -> dict[str, int]:
-        """What the parent's progress lines read: delivered, spilled, and how far the log is read."""
-        st = self.engine.state
-        return {"delivered": st.delivered, "spilled": st.spilled, "read": self.tail.ordinal}
+            # All the counters, with each acknowledgement: a partial set would leave the parent's
+            # stats() mixing fresh counts with stale ones (in flight, say, after a spill).
+            self._send({"acked": watermark, "stats": self.stats()})
 
     def stats(self) -> dict[str, float]:
         """The engine's ``stats()`` for the parent's, with how far the log is read."""
