@@ -119,6 +119,9 @@ class SenderProcess:
         self.ordinals = ForwardedOrdinals(self.directory, 0, self._report)
         self.tail = LogTail(self.directory, self.token, 0)
         self._reported = -1
+        #: The counters last sent to the parent (the oldest event's age left out: it always moves).
+        self._sent_counts: dict[str, float] = {}
+        self._stats_due = asyncio.Event()
         self._more = asyncio.Event()
         #: Set by the parent's ``go``: every event before the hand-over is settled there.
         self.go = asyncio.Event()
@@ -132,19 +135,36 @@ class SenderProcess:
     # -- talking to the parent -------------------------------------------------------------------
 
     def _send(self, message: dict[str, Any]) -> None:
+        stats = message.get("stats")
+        if stats is not None:
+            self._sent_counts = _counts(stats)
+            self._stats_due.set()  # (``report_progress``: one more look, a little later)
         _to_parent(orjson.dumps(message) + b"\n")
 
     async def report_progress(self) -> None:
         """The counters, whenever the journal's rows move (the uploader delivering what this
         sender spilled: the watermark does not move then, yet the parent's progress lines and
-        stats() must), at most four times a second."""
+        stats() must), at most four times a second; and once more a quarter second after any
+        report, if they have moved since. Why the second: a request that joins the journal is
+        acknowledged (and reported) before it leaves the in-flight count, and nothing else may
+        follow to correct it (the server is down)."""
         signals = self.engine.state.signals
         assert signals is not None
+        moved = signals.journal_moved
         while True:
-            await signals.journal_moved.wait()
-            signals.journal_moved.clear()
-            self._send({"stats": self.stats()})
+            waits = [asyncio.ensure_future(e.wait()) for e in (moved, self._stats_due)]
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiting in waits:
+                    waiting.cancel()
+            self._stats_due.clear()
+            if moved.is_set():
+                moved.clear()
+                self._send({"stats": self.stats()})
             await asyncio.sleep(0.25)
+            if _counts(self.stats()) != self._sent_counts:
+                self._send({"stats": self.stats()})
 
     def _report(self, watermark: int) -> None:
         if watermark > self._reported:
@@ -377,6 +397,10 @@ def _read_lines(loop: asyncio.AbstractEventLoop, lines: asyncio.Queue[bytes | No
 
 def _deadline(timeout: object) -> float | None:
     return None if timeout is None else time.monotonic() + float(timeout)  # type: ignore[arg-type]
+
+
+def _counts(stats: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in stats.items() if k != "oldest_undelivered_age_s"}
 
 
 def _plain(value: object) -> object:

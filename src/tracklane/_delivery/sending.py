@@ -83,8 +83,17 @@ class Sender:
     async def _deliver(self, batch: Batch) -> None:
         """One request's life: delivered, refused in part (reported), or kept for later."""
         st = self.state
+        task = asyncio.current_task()
+        assert task is not None
+
+        def landed() -> None:
+            # Out of flight before it is acknowledged: the acknowledgement's counters (which a
+            # sender process reports to its parent) must not still count it in flight.
+            st.inflight.pop(task, None)
+
         try:
             await deliver(batch, self.backend, st.sent, st.reject)
+            landed()
             settle([batch])
             return
         except AuthenticationError as exc:
@@ -102,7 +111,7 @@ class Sender:
         if st.may_spool("failure"):
             st.start_spooling()
             try:
-                kept = await self.spiller.write([batch])
+                kept = await self.spiller.write([batch], leaving=landed)
             except asyncio.CancelledError:
                 return  # the write finished: the batch is in the journal, or back in the hand
             if kept == 1:

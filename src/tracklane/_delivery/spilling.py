@@ -56,24 +56,28 @@ class Spiller:
         self.state.hand_events -= sum(len(b) for b in batches)
         return await self.write(batches) == len(batches)
 
-    async def write(self, batches: list[Batch]) -> int:
+    async def write(self, batches: list[Batch], leaving: Callable[[], None] | None = None) -> int:
         """Write ``batches`` to the journal; how many (the first ones) it took. Those it did not
         take (the journal broke) go to the front of the hand, so every batch is always somewhere
         ``leftovers`` looks. Cancelling the caller (shutdown) lets the write finish first: the
-        batches are in no other place meanwhile."""
+        batches are in no other place meanwhile. ``leaving``: called once the write is done, just
+        before the batches are counted where they are now (an in-flight request leaves the
+        in-flight count then, so no counter sees it in two places)."""
         spool = self.state.spool
         assert spool is not None
         write = asyncio.ensure_future(spool.write(batches, self.state.reject))
         try:
             kept = await asyncio.shield(write)
         except asyncio.CancelledError:
-            self._placed(batches, await write)
+            self._placed(batches, await write, leaving)
             raise
-        self._placed(batches, kept)
+        self._placed(batches, kept, leaving)
         return kept
 
-    def _placed(self, batches: list[Batch], kept: int) -> None:
+    def _placed(self, batches: list[Batch], kept: int, leaving: Callable[[], None] | None) -> None:
         st = self.state
+        if leaving is not None:
+            leaving()
         st.spilled += sum(len(b) for b in batches[:kept])
         settle(batches[:kept])  # in the journal: the event log need not keep them
         if kept or (st.spool is not None and st.spool.broken):
