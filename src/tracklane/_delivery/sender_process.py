@@ -145,9 +145,8 @@ class SenderProcess:
         """The counters, whenever the journal's rows move (the uploader delivering what this
         sender spilled: the watermark does not move then, yet the parent's progress lines and
         stats() must), at most four times a second; and once more a quarter second after any
-        report, if they have moved since. Why the second: a request that joins the journal is
-        acknowledged (and reported) before it leaves the in-flight count, and nothing else may
-        follow to correct it (the server is down)."""
+        report, if they have moved since: with the server down, nothing else may come to correct
+        a report taken in the middle of a change."""
         signals = self.engine.state.signals
         assert signals is not None
         moved = signals.journal_moved
@@ -163,8 +162,9 @@ class SenderProcess:
                 moved.clear()
                 self._send({"stats": self.stats()})
             await asyncio.sleep(0.25)
-            if _counts(self.stats()) != self._sent_counts:
-                self._send({"stats": self.stats()})
+            stats = self.stats()
+            if _counts(stats) != self._sent_counts:
+                self._send({"stats": stats})
 
     def _report(self, watermark: int) -> None:
         if watermark > self._reported:
