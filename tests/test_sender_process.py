@@ -7,8 +7,13 @@ back and delivers it itself); and the counters stay true.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import signal
+import subprocess
+import sys
+import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -151,3 +156,67 @@ def test_flush_waits_for_the_senders_acknowledgement(process_client: TrackingCli
     assert len(reader.history(run.info.run_id, "loss")) == 5_000  # there when flush returned
     assert tc.stats()["delivered"] == 5_000
     tc.end_run()
+
+
+ASYNC_PARENT = """
+import asyncio, os, signal, sys, time
+import psutil
+from tracklane import AsyncTrackingClient
+
+async def main():
+    tc = AsyncTrackingClient(api_host=sys.argv[1], path_to_storage=sys.argv[2], exit_timeout=5)
+    await tc.set_experiment(sys.argv[3])
+    run = await tc.start_run(log_system_metrics=False)
+    deadline = time.monotonic() + 60
+    while tc.stats().get("sender_process") != 1.0 and time.monotonic() < deadline:
+        tc.log_metric("x", 0.0, step=0)
+        await asyncio.sleep(0.01)
+    for step in range(1, 2001):
+        tc.log_metric("x", float(step), step=step)
+    (sender,) = psutil.Process().children()
+    child = os.fork()
+    if child == 0:  # a child that outlives its parent (a data worker, say) and logs nothing
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # (the test reads the parent's stdout to its end)
+        time.sleep(120)
+        os._exit(0)
+    print(run.info.run_id, tc.stats().get("sender_process"), child, sender.pid, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+asyncio.run(main())
+"""
+
+
+def test_a_forked_child_of_an_async_client_does_not_keep_the_sender_from_its_parents_end(
+    server_url: str, experiment_name: str, reader: Reader, tmp_path: Path
+) -> None:
+    """The sender process learns that its trainer died when its stdin pipe closes. A forked child
+    holding a copy of that pipe would keep the sender waiting (and its log locked) for as long as
+    the child lives. Whichever face started the sender, a fork lets the child's copies go: the
+    trainer is SIGKILLed with its child still alive, and the sender delivers what the log holds
+    and exits within ``exit_timeout``."""
+    parent = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(ASYNC_PARENT), server_url, str(tmp_path), experiment_name],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "TRACKLANE_SENDER": "process"},
+    )
+    try:
+        out, _ = parent.communicate(timeout=120)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+    assert parent.returncode == -signal.SIGKILL, out
+    run_id, took_over, child_pid, sender_pid = out.split()
+    child, sender = psutil.Process(int(child_pid)), psutil.Process(int(sender_pid))
+    try:
+        assert took_over == "1.0", "the sender process never took the log over"
+        assert child.is_running(), "the forked child is not alive: the test proves nothing"
+        _gone, alive = psutil.wait_procs([sender], timeout=60)
+        assert not alive, "the sender process is still waiting for a parent that is gone"
+        assert child.is_running()
+        steps = sorted({s for _, s, _ in reader.history(run_id, "x")})
+        assert steps == list(range(2001))
+    finally:
+        for p in (child, sender):
+            with contextlib.suppress(psutil.Error):
+                p.kill()

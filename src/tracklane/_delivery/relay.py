@@ -28,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -97,6 +98,7 @@ class Relay:
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self._in = self.proc.stdin.fileno()
         self.alive = True
+        _STARTED.add(self)
         self._write(orjson.dumps(self._configuration(workspace_id)) + b"\n")
         # The wake-ups come from logging calls: they must never wait on a pipe.
         flags = fcntl.fcntl(self._in, fcntl.F_GETFL)
@@ -327,6 +329,23 @@ class Relay:
                         null = os.open(os.devnull, os.O_RDWR)
                         os.dup2(null, pipe.fileno())
                         os.close(null)
+
+
+#: Every relay with a sender process, for the fork hook below.
+_STARTED: weakref.WeakSet[Relay] = weakref.WeakSet()
+
+
+def _let_go_in_child() -> None:
+    """In a child made by ``os.fork`` (a DataLoader worker, ``multiprocessing``'s fork start):
+    every relay the parent had lets go of its pipes, whichever face holds it (``TrackingClient``
+    resets its engine after a fork; an ``AsyncTrackingClient``'s loop is the parent's and does
+    not), so a child that outlives its parent never keeps the sender from seeing the parent's end."""
+    for relay in list(_STARTED):
+        relay.detach()
+    _STARTED.clear()
+
+
+os.register_at_fork(after_in_child=_let_go_in_child)
 
 
 def _raise(reply: dict[str, Any]) -> None:
