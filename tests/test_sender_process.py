@@ -220,3 +220,25 @@ def test_a_forked_child_of_an_async_client_does_not_keep_the_sender_from_its_par
         for p in (child, sender):
             with contextlib.suppress(psutil.Error):
                 p.kill()
+
+
+def test_a_frozen_application_delivers_its_events_itself_and_starts_nothing(
+    server_url: str,
+    experiment_name: str,
+    reader: Reader,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """In a PyInstaller-style bundle ``sys.executable`` is the application: ``-m`` would start the
+    application again, not a sender. The client says so once and delivers with its own worker."""
+    monkeypatch.setenv("TRACKLANE_SENDER", "process")
+    monkeypatch.setattr(sys, "frozen", True, raising=False)
+    caplog.set_level(logging.WARNING, logger="tracklane")
+    with TrackingClient(api_host=server_url, exit_timeout=30) as tc:
+        tc.set_experiment(experiment_name)
+        run_id = _log_a_run(tc, 300, "frozen")
+        assert not _senders()
+        assert tc.stats().get("sender_process") == 0.0
+    assert "cannot start a sender process (a frozen application)" in caplog.text
+    assert len(reader.history(run_id, "loss")) == 300
+    assert reader.run(run_id)["info"]["status"] == "FINISHED"

@@ -81,6 +81,15 @@ class Relay:
     def start(self, loop: asyncio.AbstractEventLoop, workspace_id: str | None) -> bool:
         """Start the sender; False (said at WARNING) if it cannot start here."""
         self.loop = loop
+        if not sys.executable or getattr(sys, "frozen", False):
+            # No interpreter to start (embedded Python), or one that is the application itself
+            # (PyInstaller and the like: ``-m`` would start the application again).
+            logger.warning(
+                "tracklane: this interpreter cannot start a sender process (%s); this process "
+                "delivers its events itself. Set TRACKLANE_SENDER=thread to say so.",
+                "a frozen application" if getattr(sys, "frozen", False) else "no sys.executable",
+            )
+            return False
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "tracklane._delivery.sender_process"],
