@@ -46,6 +46,14 @@ def _senders() -> list[psutil.Process]:
     ]
 
 
+def _sender_up(tc: TrackingClient) -> None:
+    """The sender process starts with the client's first events: log a warm-up run, then wait
+    until it has taken the log over."""
+    with tc.start_run(run_name="warm-up", log_system_metrics=False):
+        tc.log_metric("warm", 0.0)
+    _wait_for_the_sender(tc)
+
+
 def _wait_for_the_sender(tc: TrackingClient) -> None:
     """Bounded: the sender process has started and taken the log over."""
     deadline = time.monotonic() + 60
@@ -95,8 +103,8 @@ def test_the_server_stores_the_same_run_from_either_sender(
     two_clients: list[TrackingClient], reader: Reader
 ) -> None:
     thread, process = two_clients
-    assert len(_senders()) == 1  # the process client's, started with it
-    _wait_for_the_sender(process)
+    _sender_up(process)
+    assert len(_senders()) == 1  # the process client's
     by_thread = _stored(reader, _log_a_run(thread, 20_000, "by-thread"))
     by_process = _stored(reader, _log_a_run(process, 20_000, "by-process"))
     assert by_process == by_thread
@@ -148,13 +156,14 @@ def test_a_sender_killed_mid_run_loses_nothing_this_process_takes_its_log_back(
 
 def test_flush_waits_for_the_senders_acknowledgement(process_client: TrackingClient, reader: Reader) -> None:
     tc = process_client
+    _sender_up(tc)  # every event below is the sender process's to deliver
+    delivered = tc.stats()["delivered"]
     run = tc.start_run(log_system_metrics=False)
-    _wait_for_the_sender(tc)  # every event below is the sender process's to deliver
     for step in range(5_000):
         tc.log_metric("loss", 0.5, step=step)
     assert tc.flush(timeout=60)
     assert len(reader.history(run.info.run_id, "loss")) == 5_000  # there when flush returned
-    assert tc.stats()["delivered"] == 5_000
+    assert tc.stats()["delivered"] - delivered == 5_000
     tc.end_run()
 
 
@@ -242,3 +251,22 @@ def test_a_frozen_application_delivers_its_events_itself_and_starts_nothing(
     assert "cannot start a sender process (a frozen application)" in caplog.text
     assert len(reader.history(run_id, "loss")) == 300
     assert reader.run(run_id)["info"]["status"] == "FINISHED"
+
+
+def test_a_client_that_only_reads_starts_no_sender_process(
+    server_url: str, experiment_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sender process costs an interpreter and ~40 MiB: it starts with the first events to
+    deliver, not with the client (a notebook's MlflowClient that searches runs never needs one)."""
+    monkeypatch.setenv("TRACKLANE_SENDER", "process")
+    with TrackingClient(api_host=server_url, exit_timeout=30) as tc:
+        tc.set_experiment(experiment_name)
+        with tc.start_run(run_name="read-only", log_system_metrics=False) as run:
+            pass
+        tc.get_run(run.info.run_id)
+        time.sleep(1.0)  # (a sender started with the client would be running by now)
+        assert not _senders()
+        with tc.start_run(run_name="logs", log_system_metrics=False):
+            tc.log_metric("loss", 0.5, step=0)
+        _wait_for_the_sender(tc)
+        assert len(_senders()) == 1

@@ -136,8 +136,9 @@ class Engine:
             loop.create_task(self._taker.run(), name="tracklane-taker"),
             loop.create_task(self._sender.run(), name="tracklane-sender"),
         ]
-        if self.relaying is not None:
-            self.relaying.start(loop, getattr(self.backend, "workspace_id", None))
+        relaying = self.relaying
+        if relaying is not None:  # the sender process starts with the first events to deliver
+            st.on_first_events = lambda: relaying.start(loop, getattr(self.backend, "workspace_id", None))
         if leftovers:
             self.resume_leftovers()
         if isinstance(self.backend, JournalBackend):

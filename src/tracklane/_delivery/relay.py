@@ -1,14 +1,14 @@
 """The relay: the training process's side of a sender process (``TRACKLANE_SENDER=process``).
 
-It starts the sender (``sender_process``) when the engine attaches and hands it the configuration
-through its stdin. Until the sender is up (~0.5 s: an interpreter, aiohttp) the in-process worker
-delivers as it always does, so a short script never waits for a process to start; once the sender
-says it is ready, the engine hands it the log from the next ordinal on (``hand_over``) and the
-worker keeps only what came before. From then on the relay only talks: a wake-up per batch of
-records written to the log (from the logging call's thread, a two-byte write that never blocks),
-and the waits the run models make (``flush``, a run's events kept for later, shutdown), each
-answered with how far the sender has acknowledged the log. The log's files go as the
-acknowledgements pass them, as they do in-process.
+It starts the sender (``sender_process``) when the worker first takes events (a client that only
+reads never starts one) and hands it the configuration through its stdin. Until the sender is up
+(~0.5 s: an interpreter, aiohttp) the in-process worker delivers as it always does, so a short
+script never waits for a process to start; once the sender says it is ready, the engine hands it
+the log from the next ordinal on (``hand_over``) and the worker keeps only what came before. From
+then on the relay only talks: a wake-up per batch of records written to the log (from the logging
+call's thread, a two-byte write that never blocks), and the waits the run models make (``flush``, a
+run's events kept for later, shutdown), each answered with how far the sender has acknowledged the
+log. The log's files go as the acknowledgements pass them, as they do in-process.
 
 If the sender cannot start or dies, the relay says so once and the engine takes the log back
 (``Engine._take_back``): every record not acknowledged is read from this process's own log into

@@ -128,6 +128,9 @@ class State:
     #: Told when the uploader has delivered every journal row of this engine's (``relaying``
     #: lets a sender process start sending then).
     on_all_delivered: Callable[[], None] | None = None
+    #: Told once, when the worker first takes events (``relaying`` starts the sender process
+    #: then: a client that only reads never starts one).
+    on_first_events: Callable[[], None] | None = None
 
     # -- the mode ----------------------------------------------------------------------------------
 

@@ -86,6 +86,9 @@ class Taker:
             events, marker = buffer.take(st.take_size)
             if not events and marker is None:
                 return
+            if events and st.on_first_events is not None:
+                first, st.on_first_events = st.on_first_events, None
+                first()
             self.partial_at = time.monotonic() + st.config.flush_interval
             partial = False
             batches = list(pack(events, time.time_ns()))
