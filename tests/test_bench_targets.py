@@ -45,6 +45,14 @@ def test_a_percent_target_is_missed_by_points_and_an_at_least_target_by_its_shor
     assert found["drain capacity"]["note"].startswith("MISSED by 75%")
 
 
+def test_a_loss_where_none_is_allowed_is_missed_without_a_ratio() -> None:
+    found = by_target(verdicts({"12_kill": figure(lost_points=18_000, duplicated_points=0)}))
+
+    assert found["kill -9: points lost (issue 20)"]["met"] is False
+    assert found["kill -9: points lost (issue 20)"]["note"] == "MISSED (18,000 vs at most 0.00)"
+    assert found["kill -9: points stored twice (issue 20)"]["met"] is True
+
+
 def test_a_target_whose_figures_were_not_measured_is_left_out() -> None:
     no_floor = by_target(verdicts({"1_caller_cost": figure(tracklane_log_metric_us=0.6)}))
 

@@ -264,6 +264,8 @@ def verdicts(figures: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
             note = f"met ({bound})"
         elif target.key.endswith("_pct"):  # a limit in percent: miss by points, not by a ratio
             note = f"MISSED by {abs(value - limit):.1f} points ({bound})"
+        elif limit == 0:  # (none lost, none twice): a ratio to zero means nothing
+            note = f"MISSED ({bound})"
         else:
             short = value / limit - 1 if target.at_most else 1 - value / limit
             note = f"MISSED by {short:.0%} ({bound})"

@@ -319,12 +319,14 @@ async def serve(config: dict[str, Any], lines: asyncio.Queue[bytes | None]) -> i
     sender._send({"ready": os.getpid()})
     while True:  # until the parent hands the log over (or finishes before it needs us)
         line = await lines.get()
-        if line is None:
+        if line is None:  # the parent is gone before it handed anything over: its log is its own
+            await sender.engine.shutdown(time.monotonic() + 1.0, notice=False)  # (holds nothing)
             return 0
         message = orjson.loads(line) if line.strip() != b"w" else {}
         if message.get("op") == "from":
             break
         if message.get("op") in ("stop", "close"):
+            await sender.engine.shutdown(time.monotonic() + 1.0, notice=False)
             sender._send({"id": message.get("id"), "lost": 0, "acked": 0})
             return 0
     sender.begin(int(message["ordinal"]))
