@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ import psutil
 import pytest
 
 from tracklane import TrackingClient
+from tracklane._delivery import relay as relay_module
 
 from servers import Reader
 
@@ -184,10 +186,14 @@ async def main():
         tc.log_metric("x", float(step), step=step)
     (sender,) = psutil.Process().children()
     child = os.fork()
-    if child == 0:  # a child that outlives its parent (a data worker, say) and logs nothing
+    if child == 0:  # a child (a data worker, say) that logs nothing
         os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # (the test reads the parent's stdout to its end)
-        time.sleep(120)
+        if sys.argv[4] == "exits":
+            sys.exit(0)  # a normal exit: the client's exit hooks run here too
+        time.sleep(120)  # outlives its parent
         os._exit(0)
+    if sys.argv[4] == "exits":
+        os.waitpid(child, 0)
     print(run.info.run_id, tc.stats().get("sender_process"), child, sender.pid, flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
 
@@ -195,16 +201,27 @@ asyncio.run(main())
 """
 
 
-def test_a_forked_child_of_an_async_client_does_not_keep_the_sender_from_its_parents_end(
-    server_url: str, experiment_name: str, reader: Reader, tmp_path: Path
+@pytest.mark.parametrize("child_exit", ["lingers", "exits"])
+def test_a_forked_child_of_an_async_client_leaves_its_parents_sender_and_log_alone(
+    server_url: str, experiment_name: str, reader: Reader, tmp_path: Path, child_exit: str
 ) -> None:
     """The sender process learns that its trainer died when its stdin pipe closes. A forked child
     holding a copy of that pipe would keep the sender waiting (and its log locked) for as long as
-    the child lives. Whichever face started the sender, a fork lets the child's copies go: the
-    trainer is SIGKILLed with its child still alive, and the sender delivers what the log holds
+    the child lives; a child that exits normally runs the client's exit hooks on its copy of the
+    parent's log, which must not close or delete the parent's files. Whichever face started the
+    sender, a fork leaves the parent's pipes and log to the parent: the trainer is SIGKILLed (its
+    child still alive, or gone after a normal exit), and the sender delivers what the log holds
     and exits within ``exit_timeout``."""
     parent = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(ASYNC_PARENT), server_url, str(tmp_path), experiment_name],
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(ASYNC_PARENT),
+            server_url,
+            str(tmp_path),
+            experiment_name,
+            child_exit,
+        ],
         stdout=subprocess.PIPE,
         text=True,
         env={**os.environ, "TRACKLANE_SENDER": "process"},
@@ -216,19 +233,23 @@ def test_a_forked_child_of_an_async_client_does_not_keep_the_sender_from_its_par
             parent.kill()
     assert parent.returncode == -signal.SIGKILL, out
     run_id, took_over, child_pid, sender_pid = out.split()
-    child, sender = psutil.Process(int(child_pid)), psutil.Process(int(sender_pid))
+    sender = psutil.Process(int(sender_pid))
+    child = psutil.Process(int(child_pid)) if child_exit == "lingers" else None  # (else reaped)
     try:
         assert took_over == "1.0", "the sender process never took the log over"
-        assert child.is_running(), "the forked child is not alive: the test proves nothing"
+        if child is not None:
+            assert child.is_running(), "the forked child is not alive: the test proves nothing"
         _gone, alive = psutil.wait_procs([sender], timeout=60)
         assert not alive, "the sender process is still waiting for a parent that is gone"
-        assert child.is_running()
+        if child is not None:
+            assert child.is_running()
         steps = sorted({s for _, s, _ in reader.history(run_id, "x")})
         assert steps == list(range(2001))
     finally:
         for p in (child, sender):
-            with contextlib.suppress(psutil.Error):
-                p.kill()
+            if p is not None:
+                with contextlib.suppress(psutil.Error):
+                    p.kill()
 
 
 def test_a_frozen_application_delivers_its_events_itself_and_starts_nothing(
@@ -270,3 +291,37 @@ def test_a_client_that_only_reads_starts_no_sender_process(
             tc.log_metric("loss", 0.5, step=0)
         _wait_for_the_sender(tc)
         assert len(_senders()) == 1
+
+
+def test_a_stopped_sender_does_not_hang_an_unbounded_flush(
+    process_client: TrackingClient,
+    reader: Reader,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``flush()`` with no timeout waits on the sender's reply. A sender that is stopped (SIGSTOP,
+    a debugger) or hung never replies and never exits: once it has been silent for ``STALL``
+    seconds (it beats every second otherwise), it is ended and this process takes its records back
+    and delivers them itself: every point once."""
+    monkeypatch.setattr(relay_module, "STALL", 3.0)
+    tc = process_client
+    _sender_up(tc)
+    [sender] = _senders()
+    with caplog.at_level(logging.WARNING, logger="tracklane"):
+        run = tc.start_run(log_system_metrics=False)
+        for step in range(3_000):
+            tc.log_metric("loss", step * 0.5, step=step)
+        sender.send_signal(signal.SIGSTOP)
+        for step in range(3_000, 6_000):
+            tc.log_metric("loss", step * 0.5, step=step)
+        flushed: list[bool] = []
+        flusher = threading.Thread(target=lambda: flushed.append(tc.flush()), daemon=True)
+        flusher.start()
+        flusher.join(120)
+        assert not flusher.is_alive(), "flush() is still waiting on a stopped sender"
+        assert flushed == [True]
+        tc.end_run()
+    assert "silent: stopped or hung" in caplog.text
+    assert not sender.is_running() or sender.status() == psutil.STATUS_ZOMBIE
+    steps = [s for _, s, _ in reader.history(run.info.run_id, "loss")]
+    assert sorted(steps) == list(range(6_000))

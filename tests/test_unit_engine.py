@@ -443,3 +443,27 @@ def test_a_blocked_producer_resumes_when_the_worker_makes_room() -> None:
     done, stats = _run(scenario)
     assert done and stats["dropped"] == 0
     assert server.steps("m") == list(range(1_000))
+
+
+def test_a_failing_first_events_hook_costs_no_event() -> None:
+    """The worker's first take tells ``State.on_first_events`` (the sender process starts there).
+    If that fails, the worker here delivers the events, none of them lost with the hook."""
+    server = ScriptedServer()
+
+    def cannot_start() -> None:
+        raise RuntimeError("can't start new thread")
+
+    async def scenario() -> tuple[bool, dict[str, float]]:
+        engine = await _engine(server, _config(), None)
+        engine.state.on_first_events = cannot_start
+        for step in range(100):
+            engine.buffer.log_metric("r", "loss", float(step), step=step)
+        done = await engine.flush(_deadline())
+        stats = engine.stats()
+        await engine.shutdown(_deadline())
+        return done, stats
+
+    done, stats = _run(scenario)
+    assert done
+    assert server.steps("loss") == list(range(100))
+    assert (stats["delivered"], stats["enqueued"]) == (100, 100)

@@ -43,6 +43,9 @@ logger = logging.getLogger("tracklane")
 
 #: How long the sender may take to start and read its configuration before it is taken for dead.
 START_WAIT = 30.0
+#: A sender that says nothing for this long while this process waits on it is taken for hung
+#: (stopped, deadlocked): it says something at least every ``sender_process.BEAT`` seconds.
+STALL = 15.0
 
 
 class SenderGone(Exception):
@@ -77,6 +80,10 @@ class Relay:
         #: Called on the loop when the sender dies unasked (the engine takes the log back).
         self.on_gone: Callable[[], None] | None = None
         self._closing = False
+        #: This is a forked child's copy: the sender and its log are the parent's.
+        self.forked = False
+        #: When the sender last said anything (monotonic).
+        self.heard = time.monotonic()
 
     def start(self, loop: asyncio.AbstractEventLoop, workspace_id: str | None) -> bool:
         """Start the sender; False (said at WARNING) if it cannot start here."""
@@ -171,6 +178,9 @@ class Relay:
                 loop.call_soon_threadsafe(self._gone)
 
     def _received(self, message: dict[str, Any]) -> None:
+        self.heard = time.monotonic()
+        if "beat" in message:
+            return
         said = message.get("log")
         if said is not None:  # the sender's own log line, said here where the user's handlers are
             level, text = said
@@ -209,17 +219,30 @@ class Relay:
         future: asyncio.Future[dict[str, Any]] = self.loop.create_future()
         self._replies[number] = future
         self._write(orjson.dumps({**message, "id": number}) + b"\n")
-        # The sender bounds its own waits by ``timeout`` and its retry window; this bound only
-        # covers a sender that stops answering without exiting.
-        bound = None if timeout is None else timeout + self.config.retry_window + START_WAIT
-        try:
-            return await asyncio.wait_for(asyncio.shield(future), bound)
-        except asyncio.TimeoutError:
-            self._replies.pop(number, None)
-            # Ended before anyone takes its log back: a sender left running would deliver the
-            # same records again (and an old tag value after a new one).
-            self.abandon()
-            raise SenderGone("the sender process did not answer") from None
+        # The sender bounds its own waits by ``timeout`` and its retry window; these bounds only
+        # cover a sender that stops answering without exiting (stopped, or hung): the whole wait
+        # (with a timeout), and a silence longer than ``STALL`` (it beats every second, busy or not).
+        asked = time.monotonic()
+        ends = None if timeout is None else asked + timeout + self.config.retry_window + START_WAIT
+        while not future.done():
+            now = time.monotonic()
+            # Silence counts from the ask at the earliest: this loop may have been busy before.
+            silent = now - max(self.heard, asked)
+            if (ends is not None and now >= ends) or silent > STALL:
+                self._replies.pop(number, None)
+                # Ended before anyone takes its log back: a sender left running would deliver the
+                # same records again (and an old tag value after a new one).
+                self.abandon()
+                logger.warning(
+                    "tracklane: the sender process did not answer in %.0f s (%s); it is ended, and "
+                    "this process delivers its events itself.",
+                    now - asked,
+                    "silent: stopped or hung" if silent > STALL else "past the wait's bound",
+                )
+                raise SenderGone("the sender process did not answer")
+            wait = STALL if ends is None else min(STALL, ends - now)
+            await asyncio.wait({future}, timeout=max(0.0, wait))
+        return future.result()
 
     # -- what the engine asks --------------------------------------------------------------------
 
@@ -328,6 +351,7 @@ class Relay:
         pipes are closed: a child holding the sender's stdin open would keep it from ever seeing
         its parent's end."""
         self.alive = False
+        self.forked = True
         proc, self.proc, self.loop = self.proc, None, None
         if proc is not None:
             # Each descriptor now points at /dev/null: the pipe is let go, and the file objects,

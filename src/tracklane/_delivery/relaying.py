@@ -53,8 +53,10 @@ class Relaying:
         self.gone_enqueued = 0
 
     def start(self, loop: asyncio.AbstractEventLoop, workspace_id: str | None) -> None:
+        """Start the sender process (the worker's first events); not if it is ended already."""
         relay = self.relay
-        assert relay is not None
+        if relay is None or self.state.closing:
+            return
         relay.on_gone = self.take_back
         relay.on_ready = self.hand_over
         if not relay.start(loop, workspace_id):
@@ -63,7 +65,7 @@ class Relaying:
     @property
     def active(self) -> bool:
         """The sender process has the log (the hand-over happened and it is not gone)."""
-        return self.relay is not None and self.relay.handed_over
+        return self.relay is not None and self.relay.handed_over and not self.relay.forked
 
     # -- the switches ----------------------------------------------------------------------------
 
@@ -119,7 +121,9 @@ class Relaying:
             relay = self.relay
         if relay is self.relay:
             self.relay = None
-        if relay is None or not relay.handed_over:  # (it never had the log: the worker has it all)
+        if relay is None or not relay.handed_over or relay.forked:
+            # It never had the log (the worker has it all), or it is a forked child's copy of
+            # the parent's: what the sender holds is the parent's to deliver, not this child's.
             self._release()
             return
         self._fold_counts(relay, settled_only=True)

@@ -59,6 +59,8 @@ logger = logging.getLogger("tracklane")
 
 #: Records read from the log at a time (each read stops at the sender buffer's room too).
 READ_CHUNK = 10_000
+#: Seconds between the beats that tell the parent this process is alive (``_beat``).
+BEAT = 1.0
 
 
 class ForwardedOrdinals(EventLog):
@@ -146,7 +148,7 @@ class SenderProcess:
         sender spilled: the watermark does not move then, yet the parent's progress lines and
         stats() must), at most four times a second; and once more a quarter second after any
         report, if they have moved since: with the server down, nothing else may come to correct
-        a report taken in the middle of a change."""
+        a report taken in the middle of a change (a request moving from flight to the journal)."""
         signals = self.engine.state.signals
         assert signals is not None
         moved = signals.journal_moved
@@ -325,6 +327,9 @@ async def serve(config: dict[str, Any], lines: asyncio.Queue[bytes | None]) -> i
         message = orjson.loads(line) if line.strip() != b"w" else {}
         if message.get("op") == "from":
             break
+        if message.get("op") == "workspace":  # (set before the hand-over: it applies all the same)
+            sender.rest.workspace_id = message.get("value")
+            continue
         if message.get("op") in ("stop", "close"):
             await sender.engine.shutdown(time.monotonic() + 1.0, notice=False)
             sender._send({"id": message.get("id"), "lost": 0, "acked": 0})
@@ -333,6 +338,7 @@ async def serve(config: dict[str, Any], lines: asyncio.Queue[bytes | None]) -> i
     lock = hold_for_sender(sender.directory, sender.token)
     pump = loop.create_task(sender.pump(), name="tracklane-sender-pump")
     reporter = loop.create_task(sender.report_progress(), name="tracklane-sender-progress")
+    beat = loop.create_task(_beat(), name="tracklane-sender-beat")
     handling: set[asyncio.Task[None]] = set()
     parent_alive = True
     lost = 0
@@ -377,12 +383,21 @@ async def serve(config: dict[str, Any], lines: asyncio.Queue[bytes | None]) -> i
     finally:
         pump.cancel()
         reporter.cancel()
+        beat.cancel()
         if parent_alive:
             sender.tail.close()
         else:
             sender.release_log(lost)
         release_for_sender(sender.directory, sender.token, lock)
     return lost
+
+
+async def _beat() -> None:
+    """Say something every ``BEAT`` seconds: a parent waiting on this process tells a hung one
+    (stopped, deadlocked: ``relay.STALL``) from one that is busy or waiting on the server."""
+    while True:
+        await asyncio.sleep(BEAT)
+        _to_parent(b'{"beat":1}\n')
 
 
 def _read_lines(loop: asyncio.AbstractEventLoop, lines: asyncio.Queue[bytes | None]) -> None:

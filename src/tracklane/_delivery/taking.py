@@ -83,12 +83,11 @@ class Taker:
                 st.start_spooling()
                 to_journal = True
             buffer.wake_at = buffer.batch_wake_at
+            if st.on_first_events is not None and len(buffer):
+                self._first_events()  # (before the take: a chunk in hand is never at risk)
             events, marker = buffer.take(st.take_size)
             if not events and marker is None:
                 return
-            if events and st.on_first_events is not None:
-                first, st.on_first_events = st.on_first_events, None
-                first()
             self.partial_at = time.monotonic() + st.config.flush_interval
             partial = False
             batches = list(pack(events, time.time_ns()))
@@ -119,6 +118,18 @@ class Taker:
             if marker is not None:
                 st.hand.append(marker)
                 st.signal_hand()
+
+    def _first_events(self) -> None:
+        """Events to deliver for the first time: tell ``State.on_first_events`` (once)."""
+        first, self.state.on_first_events = self.state.on_first_events, None
+        if first is None:
+            return
+        try:
+            first()
+        except Exception:  # (the sender process): the worker here delivers, as it does anyway
+            logger.exception(
+                "tracklane: cannot start the sender process; this process delivers its events itself"
+            )
 
     def _ticket(self, batches: list[Batch], events: list[Event]) -> None:
         """Each request of this chunk settles its share of the event log's record range; the

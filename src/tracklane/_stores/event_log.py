@@ -67,6 +67,7 @@ import secrets
 import struct
 import threading
 import time
+import weakref
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -153,6 +154,7 @@ class EventLog:
 
     # Slots: the hot path reads and writes five of these per record.
     __slots__ = (
+        "__weakref__",  # (the fork hook's registry)
         "_check_at",
         "_done",
         "_end",
@@ -194,6 +196,7 @@ class EventLog:
         self.segment_bytes = segment_bytes
         self.lock = threading.Lock()
         self.token = f"{os.getpid()}-{secrets.token_hex(4)}"
+        _WRITERS.add(self)
         #: This log's token and those of the logs it was forked from: never recovered by this
         #: process while it has their pid (after an in-process reset the lock alone cannot tell).
         self.lineage = frozenset({self.token})
@@ -471,6 +474,19 @@ class EventLog:
                         d.rmdir()  # only if empty: nothing else was written there
             self._made_dirs = []
 
+    def _drop_after_fork(self) -> None:
+        """Drop the parent's mappings and descriptors (closing our copy of a descriptor leaves the
+        parent's lock held); nothing of the parent's files is written or deleted from here on."""
+        self.closed = True
+        self._mm, self._end, self._limit = None, 0, 0
+        for s in self._segments:
+            with contextlib.suppress(Exception):
+                s.mm.close()
+            with contextlib.suppress(OSError):
+                os.close(s.fd)
+        self._segments = []
+        self._made_dirs = []
+
     @property
     def taking(self) -> bool:
         """Whether the next record would be written (not closed, not off for now)."""
@@ -481,16 +497,29 @@ class EventLog:
         return bool(self._segments)
 
     def after_fork(self) -> EventLog:
-        """In a forked child: drop the parent's mappings and descriptors (closing our copy of a
-        descriptor leaves the parent's lock held) and start a log of our own."""
-        for s in self._segments:
-            with contextlib.suppress(Exception):
-                s.mm.close()
-            with contextlib.suppress(OSError):
-                os.close(s.fd)
+        """In a forked child: the parent's mappings are dropped (``_drop_after_fork``) and the
+        child starts a log of its own."""
+        self._drop_after_fork()
         child = EventLog(self.directory, self.server, self.max_bytes, self.segment_bytes)
         child.lineage = self.lineage | child.lineage
         return child
+
+
+#: Every writer made in this process, for the fork hook below.
+_WRITERS: weakref.WeakSet[EventLog] = weakref.WeakSet()
+
+
+def _inert_in_child() -> None:
+    """In a child made by ``os.fork``: the parent's logs are the parent's. The child's copies
+    of their mappings are shared with the parent (a store would write into the parent's file, an
+    acknowledgement would delete its segments), so each is dropped and the log is closed here,
+    whichever face holds it (``TrackingClient`` then starts a log of its own: ``after_fork``)."""
+    for log in list(_WRITERS):
+        log._drop_after_fork()
+    _WRITERS.clear()
+
+
+os.register_at_fork(after_in_child=_inert_in_child)
 
 
 def _reserve(fd: int, size: int) -> None:
