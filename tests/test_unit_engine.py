@@ -130,22 +130,32 @@ async def _engine(server: ScriptedServer, config: EngineConfig, storage: Path | 
     return engine
 
 
-def test_flush_delivers_every_event_logged_before_it_in_order() -> None:
-    server = ScriptedServer()
+def _flushed(server: ScriptedServer, log: Callable[[Engine], None]) -> tuple[bool, dict[str, float]]:
+    """An engine delivering to ``server``: ``log`` logs, then one flush; its result and the
+    counters after it (the engine is shut down)."""
 
     async def scenario() -> tuple[bool, dict[str, float]]:
         engine = await _engine(server, _config(), None)
-        engine.buffer.log_params("r", {"lr": 0.1}, {})
-        for step in range(2_500):
-            engine.buffer.log_metric("r", "loss", float(step), step=step)
-        engine.buffer.set_tags("r", {"state": "training"})
-        engine.buffer.set_tags("r", {"state": "done"})
+        log(engine)
         done = await engine.flush(_deadline())
         stats = engine.stats()
         await engine.shutdown(_deadline())
         return done, stats
 
-    done, stats = _run(scenario)
+    return _run(scenario)
+
+
+def test_flush_delivers_every_event_logged_before_it_in_order() -> None:
+    server = ScriptedServer()
+
+    def log(engine: Engine) -> None:
+        engine.buffer.log_params("r", {"lr": 0.1}, {})
+        for step in range(2_500):
+            engine.buffer.log_metric("r", "loss", float(step), step=step)
+        engine.buffer.set_tags("r", {"state": "training"})
+        engine.buffer.set_tags("r", {"state": "done"})
+
+    done, stats = _flushed(server, log)
     assert done
     assert server.steps("loss") == list(range(2_500))
     assert server.last_text(PARAM, "lr") == "0.1" and server.last_text(TAG, "state") == "done"
@@ -453,17 +463,12 @@ def test_a_failing_first_events_hook_costs_no_event() -> None:
     def cannot_start() -> None:
         raise RuntimeError("can't start new thread")
 
-    async def scenario() -> tuple[bool, dict[str, float]]:
-        engine = await _engine(server, _config(), None)
+    def log(engine: Engine) -> None:
         engine.state.on_first_events = cannot_start
         for step in range(100):
             engine.buffer.log_metric("r", "loss", float(step), step=step)
-        done = await engine.flush(_deadline())
-        stats = engine.stats()
-        await engine.shutdown(_deadline())
-        return done, stats
 
-    done, stats = _run(scenario)
+    done, stats = _flushed(server, log)
     assert done
     assert server.steps("loss") == list(range(100))
     assert (stats["delivered"], stats["enqueued"]) == (100, 100)
