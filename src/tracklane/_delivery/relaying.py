@@ -23,17 +23,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Callable
 
 from .._exceptions import AuthenticationError
 from .._stores.event_log import EventLog, LogTail
-from .buffer import Buffer
+from .buffer import Buffer, now_ms
 from .relay import Relay, SenderGone
 from .state import Mode, State, time_left_at_most
 
 logger = logging.getLogger("tracklane")
 
 _COUNTED = ("delivered", "spilled", "rejected", "enqueued")
+#: Write marks kept for the age of the sender's oldest unread record; more are thinned out.
+_MARKS = 1024
 
 
 class Relaying:
@@ -51,6 +54,10 @@ class Relaying:
         self.retiring: asyncio.Task[None] | None = None
         #: Events a sender that is gone had accepted (its counts are folded into the engine's).
         self.gone_enqueued = 0
+        #: (ordinal, wall ms): records from that ordinal on were written at or after that time.
+        #: One per wake-up of the sender (a batch of records), so stats() can tell how old the
+        #: records are that the sender has not read (an outage it waits out: they wait in the log).
+        self.marks: deque[tuple[int, int]] = deque()
 
     def start(self, loop: asyncio.AbstractEventLoop, workspace_id: str | None) -> None:
         """Start the sender process (the worker's first events); not if it is ended already."""
@@ -84,13 +91,33 @@ class Relaying:
             except SenderGone:
                 self._abandon()
                 return
-            buffer.relay_notify = relay.wake
+            self.marks.append((log.ordinal, now_ms()))
+            buffer.relay_notify = self._notify
             buffer.relay_failed = self._retire_threadsafe
             buffer.relay_wake_at = log.ordinal + buffer.batch_wake_at
             buffer.relayed = True
             log.on_acked = self._settled
             self.state.on_all_delivered = self._may_go
             self._may_go()
+
+    def _notify(self) -> None:
+        """A logging call (holding the log's lock): a batch of records is written; wake the
+        sender, and mark when."""
+        marks = self.marks
+        if len(marks) >= _MARKS:  # (a long outage: half the precision, the same span)
+            marks = self.marks = deque(list(marks)[::2])
+        marks.append((self.log.ordinal, now_ms()))
+        relay = self.relay
+        if relay is not None:
+            relay.wake()
+
+    def _unread_since(self, read: int) -> int | None:
+        """When the oldest record the sender has not read (ordinal ``read``) was written, at the
+        earliest (wall ms); None if no mark covers it."""
+        marks = self.marks
+        while len(marks) >= 2 and marks[1][0] <= read:
+            marks.popleft()
+        return marks[0][1] if marks and marks[0][0] <= read else None
 
     def _settled(self, acked: int) -> None:
         self._may_go()
@@ -308,9 +335,11 @@ class Relaying:
         out["enqueued"] += unread
         out["buffer_depth"] += unread
         out["sender_process"] = 1.0
-        out["oldest_undelivered_age_s"] = max(
-            own["oldest_undelivered_age_s"], theirs.get("oldest_undelivered_age_s", 0.0)
-        )
+        ages = [own["oldest_undelivered_age_s"], theirs.get("oldest_undelivered_age_s", 0.0)]
+        since = self._unread_since(self.log.ordinal - unread) if unread else None
+        if since is not None:
+            ages.append(max(0.0, (now_ms() - since) / 1000))
+        out["oldest_undelivered_age_s"] = max(ages)
         return out
 
     def give_up(self) -> None:
